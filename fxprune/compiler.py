@@ -1,0 +1,275 @@
+"""``fxprune.compile``: trace -> dependency -> cost -> score -> select -> rewrite -> verify."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxprune.data import PrunePlan
+from fxprune.errors import InputError
+from fxprune.passes.cost import CostModel, CostPass
+from fxprune.passes.dependency import DependencyPass, DependencyResult
+from fxprune.passes.rewrite import RewritePass, build_plan
+from fxprune.passes.score import GroupScore, get_score
+from fxprune.select import resolve_target, select
+from fxprune.trace import as_example_tuple, shape_propagate, trace
+from fxprune.verify import Verification, verify_onnx
+
+__all__ = ["STAGES", "CompileResult", "compile", "count_flops", "count_params", "dependency_graph"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("trace", "dependency", "cost", "score", "select", "rewrite", "verify")
+
+
+def count_flops(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> int:
+    """FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(*example)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of parameters (each shared tensor once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@dataclass
+class CompileResult:
+    """What ``compile`` returns. ``graph_module`` is new; the user's model is untouched."""
+
+    graph_module: fx.GraphModule
+    plan: PrunePlan
+    dependency: DependencyResult
+    cost: CostModel
+    scores: dict[int, GroupScore]
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    target_flops: float
+    verification: Verification | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_after / self.flops_before if self.flops_before else 1.0
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def groups(self) -> tuple[Any, ...]:
+        return self.dependency.groups
+
+    @property
+    def report(self) -> str:
+        return _report(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"CompileResult(flops {self.flops_before:,} -> {self.flops_after:,} ({self.flops_ratio:.3f}), "
+            f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.3f}))"
+        )
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t
+
+
+def _prepare(model: Any, example_input: Any) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
+    """A private eval-mode copy of the model and the example as a tuple; checks both."""
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in an nn.Module")
+    example = as_example_tuple(example_input)
+    work = copy.deepcopy(model)
+    if model.training:
+        warnings.warn(
+            "model is in training mode; fxprune compiles an eval-mode copy (your model is unchanged). "
+            "Call model.eval() first to silence this.",
+            stacklevel=3,
+        )
+    work.eval()
+    return work, example
+
+
+def _check_runs(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> int:
+    try:
+        return count_flops(model, example)
+    except Exception as exc:
+        shapes = ", ".join(f"{tuple(t.shape)} {t.dtype} on {t.device}" for t in example)
+        raise InputError(
+            f"example_input ({shapes}) does not run through the model: {type(exc).__name__}: {exc}; "
+            "pass an input the model accepts (shape, dtype and device of its first layer)"
+        ) from exc
+
+
+def _analyse(
+    work: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    timings: dict[str, float],
+    leaf_modules: Sequence[type | str],
+    concrete_args: dict[str, Any] | None,
+    strict: bool,
+) -> tuple[fx.GraphModule, DependencyResult]:
+    with _timed(timings, "trace"):
+        gm = trace(work, leaf_modules, concrete_args)
+        shape_propagate(gm, example)
+    with _timed(timings, "dependency"):
+        dep = DependencyPass(strict=strict)(gm)
+    return gm, dep
+
+
+def dependency_graph(
+    model: torch.nn.Module,
+    example_input: Any,
+    *,
+    leaf_modules: Sequence[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    strict: bool = False,
+) -> DependencyResult:
+    """Channel groups of ``model`` (``.groups``; ``.to_networkx()`` for a graph of them)."""
+    work, example = _prepare(model, example_input)
+    _check_runs(work, example)
+    return _analyse(work, example, {}, leaf_modules, concrete_args, strict)[1]
+
+
+def compile(  # noqa: A001 - the product's name for it
+    model: torch.nn.Module,
+    example_input: Any,
+    target_flops: float,
+    *,
+    score: str = "magnitude",
+    min_channels: int = 1,
+    round_to: int = 1,
+    cost_exponent: float | None = None,
+    leaf_modules: Sequence[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    strict: bool = False,
+    verify: bool = True,
+    rtol: float = 1e-4,
+    latency_runs: int = 10,
+    **score_options: Any,
+) -> CompileResult:
+    """Prune ``model`` to about ``target_flops`` of its FLOPs; return a new, physically smaller model.
+
+    Args:
+        model: any ``nn.Module`` that torch.fx can trace (never modified; compiled in eval mode).
+        example_input: a tensor or tuple of tensors the model accepts; shapes come from it.
+        target_flops: fraction of the original FLOPs in (0, 1], or an absolute FLOPs count (> 1).
+        score: name of the scoring pass (``fxprune.passes.score.SCORES``).
+        min_channels: every group keeps at least this many channels (never removed whole).
+        round_to: kept counts are multiples of this (or the original count).
+        cost_exponent: priority = score / FLOPs_saved ** cost_exponent (default: the score's own).
+        leaf_modules: module types or qualified names to keep opaque (their channels are pinned).
+        concrete_args: passed to torch.fx to specialise non-tensor forward arguments.
+        strict: raise ``UnsupportedOpError`` for an op without a rule instead of pinning its channels.
+        verify: export to ONNX and compare ONNX Runtime with eager (``rtol`` x max |output|).
+        latency_runs: ONNX Runtime timing runs for original and pruned (0 to skip timing).
+
+    Raises:
+        InputError, TraceError, TargetError: see ``fxprune.errors``.
+    """
+    timings: dict[str, float] = {}
+    work, example = _prepare(model, example_input)
+    if min_channels < 1 or round_to < 1:
+        raise InputError(f"min_channels and round_to must be >= 1, got {min_channels} and {round_to}")
+    score_cls = get_score(score)
+    flops_before = _check_runs(work, example)
+    resolve_target(target_flops, max(flops_before, 1))  # argument errors before any heavy work
+    gm, dep = _analyse(work, example, timings, leaf_modules, concrete_args, strict)
+    with _timed(timings, "cost"):
+        cost = CostPass({g.id: g.size for g in dep.groups})(gm)
+        if cost.total != flops_before:
+            log.warning("per-node FLOPs sum to %d but the whole model counts %d", cost.total, flops_before)
+        target = resolve_target(target_flops, flops_before)
+    with _timed(timings, "score"):
+        scores = score_cls(dep.groups, **score_options)(gm)
+    with _timed(timings, "select"):
+        chosen = select(dep.groups, {g: s.mean for g, s in scores.items()}, cost, target, min_channels=min_channels, round_to=round_to,
+                        cost_exponent=score_cls.cost_exponent if cost_exponent is None else cost_exponent)  # fmt: skip
+        plan = build_plan(dep.groups, chosen.kept)
+    with _timed(timings, "rewrite"):
+        pruned = RewritePass(dep.groups, chosen.kept)(gm) if chosen.kept else _fresh_copy(gm)
+    flops_after = count_flops(pruned, example)
+    verification = None
+    if verify:
+        with _timed(timings, "verify"):
+            verification = verify_onnx(pruned, example, gm, rtol=rtol, latency_runs=latency_runs)
+    return CompileResult(
+        graph_module=pruned,
+        plan=plan,
+        dependency=dep,
+        cost=cost,
+        scores=scores,
+        flops_before=flops_before,
+        flops_after=flops_after,
+        params_before=count_params(work),
+        params_after=count_params(pruned),
+        target_flops=target,
+        verification=verification,
+        timings=timings,
+    )
+
+
+def _fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    new = copy.deepcopy(gm)
+    new.recompile()
+    return new
+
+
+def _report(r: CompileResult) -> str:
+    lines = [
+        "# fxprune report",
+        f"FLOPs   {r.flops_before:>16,} -> {r.flops_after:>16,}  ({r.flops_ratio:.4f}; requested {r.target_flops / max(r.flops_before, 1):.4f})",
+        f"params  {r.params_before:>16,} -> {r.params_after:>16,}  ({r.params_ratio:.4f})",
+    ]
+    groups = r.dependency.groups
+    pruned = [g for g in groups if g.id in r.plan.kept]
+    lines.append(
+        f"groups  {len(groups)} total, {len(r.dependency.prunable)} prunable, {len(pruned)} pruned, "
+        f"{r.plan.removed_channels} channels removed"
+    )
+    if r.verification is not None:
+        v = r.verification
+        lines.append(
+            f"verify  ONNX Runtime ({v.exporter}, opset {v.opset}) max abs err {v.max_abs_error:.3g} "
+            f"(rel {v.max_rel_error:.3g}, tol {v.rtol:g}) -> {'PASS' if v.passed else 'FAIL'}"
+            + (f"; {v.error}" if v.error else "")
+        )
+        if v.ort_ms_before is not None and v.ort_ms_after is not None:
+            lines.append(f"latency ORT {v.ort_ms_before:.2f} ms -> {v.ort_ms_after:.2f} ms")
+    lines.append("timings " + ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items()))
+    lines.append("")
+    lines.append("## pruned modules (kept / original)")
+    for name, e in r.plan.modules.items():
+        parts = []
+        if "out" in e:
+            parts.append(f"out {len(e['out'])}")
+        if "in" in e:
+            parts.append(f"in {len(e['in'])}")
+        lines.append(f"- {name}: {', '.join(parts)}")
+    lines.append("")
+    lines.append("## pinned groups")
+    for g in groups:
+        if g.pinned:
+            lines.append(f"- group {g.id} ({g.size} ch, nodes {', '.join(g.nodes[:3])}{'...' if len(g.nodes) > 3 else ''}): {'; '.join(g.pinned)}")
+    return "\n".join(lines)
+
+

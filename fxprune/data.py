@@ -1,0 +1,147 @@
+"""The data model shared by the passes: frozen values, no references back to modules or graphs.
+
+Metadata keys written into ``node.meta`` are the module constants ``META_*`` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "META_CHANNELS",
+    "META_COST_DIMS",
+    "META_FLOPS",
+    "META_LITERALS",
+    "META_VALUE",
+    "ChannelDim",
+    "ChannelGroup",
+    "LiteralFix",
+    "PrunePlan",
+    "Site",
+    "TensorValue",
+]
+
+#: ``TensorValue`` (or a tuple of them / None) describing a node's output, written by shape propagation.
+META_VALUE = "fxprune.value"
+#: FLOPs of the node at full width, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+META_FLOPS = "fxprune.flops"
+#: ``ChannelDim`` (or tuple of them / None): which groups' channels flow through the node's output.
+META_CHANNELS = "fxprune.channels"
+#: tuple of segment tuples: the channel dims whose kept sizes scale the node's FLOPs multiplicatively.
+META_COST_DIMS = "fxprune.cost_dims"
+#: tuple of ``LiteralFix``: literal arguments that the rewrite must recompute from kept channel counts.
+META_LITERALS = "fxprune.literals"
+
+#: A channel dimension's layout: consecutive segments ``(group_id, repeat)``; group channel ``i`` of a
+#: segment occupies ``repeat`` consecutive positions ``[offset + i*repeat, offset + (i+1)*repeat)``.
+Segments = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class TensorValue:
+    """Shape and dtype of a tensor produced by a node."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass(frozen=True)
+class ChannelDim:
+    """Dimension ``dim`` of a tensor carries the channels of ``segments`` (in order)."""
+
+    dim: int
+    segments: Segments
+
+    def size(self, sizes: Mapping[int, int]) -> int:
+        """Length of the dimension when group ``g`` keeps ``sizes[g]`` channels."""
+        return sum(sizes[g] * r for g, r in self.segments)
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place where a group's channels index a parameter or buffer.
+
+    Group channel ``i`` selects positions ``offset + i*repeat + j`` (``0 <= j < repeat``) of dimension
+    ``dim`` of tensor ``param`` (a qualified name in the traced module). ``role`` is ``"out"`` for producer
+    rows (conv/linear output), ``"in"`` for consumer columns (conv/linear input) and ``"norm"`` for
+    per-channel parameters (BatchNorm statistics, scales) that are sliced without computing anything new.
+    """
+
+    param: str
+    dim: int
+    offset: int
+    repeat: int
+    role: str
+    node: str
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that must be removed together: one union-find class of channel spaces.
+
+    Attributes:
+        id: stable index in the order the graph first produces the group.
+        size: number of channels (every member space has this many, aligned index by index).
+        sites: every parameter slice the group's channels select.
+        nodes: names of the nodes whose outputs carry the group's channels.
+        pinned: reasons the group may not be pruned; empty when prunable.
+    """
+
+    id: int
+    size: int
+    sites: tuple[Site, ...]
+    nodes: tuple[str, ...]
+    pinned: tuple[str, ...] = ()
+
+    @property
+    def prunable(self) -> bool:
+        return not self.pinned
+
+    @property
+    def producers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s.node for s in self.sites if s.role == "out"))
+
+    @property
+    def consumers(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s.node for s in self.sites if s.role == "in"))
+
+
+@dataclass(frozen=True)
+class LiteralFix:
+    """Argument ``index`` (an int, or position ``item`` of a list/tuple argument) of a node equals the
+    size of a channel dimension; the rewrite replaces it with ``sum(kept[g] * repeat)`` of ``segments``,
+    divided by ``divisor``."""
+
+    index: int | str
+    item: int | None
+    segments: Segments
+    divisor: int = 1
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What to keep: the result of selection, independent of any module or graph.
+
+    Attributes:
+        kept: group id -> sorted kept channel indices (only for groups that lose channels).
+        group_sizes: group id -> original channel count, for every group.
+        params: parameter/buffer qualified name -> {dim: sorted kept indices along that dim}.
+        inputs: consumer parameter name -> (dim, kept indices): the input columns a consumer keeps.
+        modules: module qualified name -> {"out": kept output rows, "in": kept input columns} (each
+            optional), a per-module view of ``params`` for people and the masked oracle.
+    """
+
+    kept: Mapping[int, tuple[int, ...]]
+    group_sizes: Mapping[int, int]
+    params: Mapping[str, Mapping[int, tuple[int, ...]]] = field(default_factory=dict)
+    inputs: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
+    modules: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)
+
+    def kept_sizes(self) -> dict[int, int]:
+        """Kept channel count of every group."""
+        return {g: len(self.kept[g]) if g in self.kept else n for g, n in self.group_sizes.items()}
+
+    @property
+    def removed_channels(self) -> int:
+        return sum(self.group_sizes[g] - len(k) for g, k in self.kept.items())

@@ -1,0 +1,30 @@
+"""Typed errors. Every message names the node or argument at fault and says what to do about it."""
+
+from __future__ import annotations
+
+__all__ = ["FxpruneError", "InputError", "TargetError", "TraceError"]
+
+
+class FxpruneError(Exception):
+    """Base class of every error fxprune raises on purpose."""
+
+
+class TraceError(FxpruneError, RuntimeError):
+    """torch.fx could not capture the model, or the captured graph does not run.
+
+    The message names the offending call (file:line and source) and the module being traced, and suggests
+    ``leaf_modules=`` (keep that module opaque; its channels are then pinned) or ``concrete_args=``.
+    """
+
+
+class TargetError(FxpruneError, ValueError):
+    """``target_flops`` is malformed or cannot be reached; the message gives the smallest reachable FLOPs."""
+
+    def __init__(self, message: str, *, min_flops: int | None = None, total_flops: int | None = None) -> None:
+        super().__init__(message)
+        self.min_flops = min_flops
+        self.total_flops = total_flops
+
+
+class InputError(FxpruneError, ValueError):
+    """An argument passed to fxprune is unusable (wrong type, or the example input does not run)."""

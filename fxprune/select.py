@@ -1,0 +1,141 @@
+"""Stage 4: global channel selection under a FLOPs budget. A pure function of groups, scores and costs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fxprune.data import ChannelGroup
+from fxprune.errors import TargetError
+from fxprune.passes.cost import CostModel
+
+__all__ = ["Selection", "allowed_sizes", "resolve_target", "select"]
+
+
+@dataclass(frozen=True)
+class Selection:
+    kept: dict[int, tuple[int, ...]]
+    predicted_flops: float
+    min_flops: float
+
+
+def allowed_sizes(n: int, min_channels: int, round_to: int) -> list[int]:
+    """Kept counts a group of ``n`` channels may have, largest first: ``n`` itself, then multiples of
+    ``round_to`` below it, never fewer than ``min_channels`` (a group is never removed whole)."""
+    lo = max(1, min_channels)
+    if n <= lo:
+        return [n]
+    if round_to <= 1:
+        return list(range(n, lo - 1, -1))
+    sizes = [n] + [k for k in range((n - 1) // round_to * round_to, 0, -round_to) if k >= lo]
+    return sizes
+
+
+def resolve_target(target_flops: float, total: int) -> float:
+    """A fraction in (0, 1] of ``total``, or an absolute FLOPs count (> 1)."""
+    if isinstance(target_flops, bool) or not isinstance(target_flops, (int, float)):
+        raise TargetError(f"target_flops must be a number, got {type(target_flops).__name__}; pass e.g. 0.5")
+    t = float(target_flops)
+    if math.isnan(t) or math.isinf(t) or t <= 0:
+        raise TargetError(
+            f"target_flops={target_flops!r} is out of range: pass a fraction in (0, 1] of the original FLOPs "
+            f"or an absolute FLOPs count up to {total}"
+        )
+    if t <= 1.0:
+        return t * total
+    if t > total:
+        raise TargetError(f"target_flops={t:.0f} exceeds the model's {total} FLOPs; pass at most {total} or a fraction")
+    return t
+
+
+def select(
+    groups: Sequence[ChannelGroup],
+    scores: Mapping[int, np.ndarray],
+    cost: CostModel,
+    target: float,
+    *,
+    min_channels: int = 1,
+    round_to: int = 1,
+    cost_exponent: float = 1.0,
+) -> Selection:
+    """Remove the channels of least score per FLOP saved until ``cost.flops() <= target``.
+
+    Each group removes channels in ascending score order, in steps that respect ``allowed_sizes``. A step's
+    priority is ``sum(scores of its channels) / (FLOPs it saves) ** cost_exponent``; priorities are made
+    non-decreasing along each group so the global order respects every group's order. In each round all
+    steps are ranked with the FLOPs savings linearised at the current sizes and the cheapest steps covering
+    half of the remaining excess are taken; the exact cost is then recomputed, so the last rounds take one
+    step at a time and the result lands just under the target.
+
+    Raises:
+        TargetError: the target is below the FLOPs left with every prunable group at its minimum.
+    """
+    sizes = dict(cost.group_sizes)
+    prunable = [g for g in groups if g.prunable and g.id in scores]
+    ladders = {g.id: allowed_sizes(g.size, min_channels, round_to) for g in prunable}
+    order = {g.id: np.argsort(np.asarray(scores[g.id], dtype=np.float64), kind="stable") for g in prunable}
+    step = {gid: 0 for gid in ladders}
+
+    min_sizes = dict(sizes)
+    min_sizes.update({gid: lad[-1] for gid, lad in ladders.items()})
+    min_flops = cost.flops(min_sizes)
+    if min_flops > target * (1 + 1e-12):
+        raise TargetError(
+            f"target of {target:.4g} FLOPs is unreachable: the smallest model fxprune can make has "
+            f"{min_flops:.4g} FLOPs ({min_flops / cost.total:.3f} of {cost.total}); pinned groups and "
+            f"min_channels={min_channels} set that floor — pass a target >= {math.ceil(min_flops)}",
+            min_flops=int(math.ceil(min_flops)),
+            total_flops=cost.total,
+        )
+    touching = cost.touching()
+    flops = cost.flops(sizes)
+    while flops > target:
+        cand_gid: list[int] = []
+        cand_pri: list[float] = []
+        cand_save: list[float] = []
+        for gid, lad in ladders.items():
+            if step[gid] + 1 >= len(lad):
+                continue
+            per_channel = _marginal(cost, touching.get(gid, []), sizes, gid)
+            if per_channel <= 0:
+                continue
+            n = ladders[gid][0]
+            lad = np.asarray(ladders[gid][step[gid] :])
+            hi, lo = lad[:-1], lad[1:]
+            cs = np.concatenate([[0.0], np.cumsum(np.asarray(scores[gid], dtype=np.float64)[order[gid]])])
+            saved = per_channel * (hi - lo)
+            pri = np.maximum.accumulate((cs[n - lo] - cs[n - hi]) / saved**cost_exponent)
+            cand_gid.extend([gid] * len(pri))
+            cand_pri.extend(pri.tolist())
+            cand_save.extend(saved.tolist())
+        if not cand_gid:
+            break
+        excess = flops - target
+        idx = np.argsort(np.asarray(cand_pri), kind="stable")
+        budget, taken = 0.5 * excess, 0.0
+        for i in idx:
+            gid = cand_gid[i]
+            step[gid] += 1
+            sizes[gid] = ladders[gid][step[gid]]
+            taken += cand_save[i]
+            if taken >= budget:
+                break
+        flops = cost.flops(sizes)
+    kept = {}
+    for gid, lad in ladders.items():
+        k = lad[step[gid]]
+        if k < lad[0]:
+            kept[gid] = tuple(sorted(int(i) for i in order[gid][lad[0] - k :]))
+    return Selection(kept, flops, min_flops)
+
+
+def _marginal(cost: CostModel, node_ids: list[int], sizes: dict[int, int], gid: int) -> float:
+    """FLOPs saved by removing one channel of group ``gid`` at the current sizes."""
+    before = math.fsum(cost.nodes[i].at(sizes) for i in node_ids)
+    sizes[gid] -= 1
+    after = math.fsum(cost.nodes[i].at(sizes) for i in node_ids)
+    sizes[gid] += 1
+    return before - after

@@ -1,0 +1,150 @@
+"""Stage 1: capture the model with torch.fx and annotate every node with its output shape and FLOPs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from fxprune.data import META_FLOPS, META_VALUE, TensorValue
+from fxprune.errors import InputError, TraceError
+
+__all__ = ["as_example_tuple", "shape_propagate", "trace"]
+
+log = logging.getLogger(__name__)
+
+_OWN_DIR = os.path.dirname(__file__)
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class _Tracer(fx.Tracer):
+    """A tracer that keeps user-chosen modules opaque and remembers which module it is inside."""
+
+    def __init__(self, leaf_modules: Iterable[type | str]) -> None:
+        super().__init__()
+        leaves = list(leaf_modules)
+        self._leaf_types = tuple(t for t in leaves if isinstance(t, type))
+        self._leaf_names = {t for t in leaves if isinstance(t, str)}
+        self.fxprune_scope: list[str] = []
+
+    def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+        if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
+        self.fxprune_scope.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.fxprune_scope.pop()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch: where the user's code made tracing fail."""
+    frames = [
+        f
+        for f in traceback.extract_tb(exc.__traceback__)
+        if not f.filename.startswith((_TORCH_DIR, _OWN_DIR))
+    ]
+    if not frames:
+        return "<inside torch>"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
+def as_example_tuple(example_input: Any) -> tuple[torch.Tensor, ...]:
+    """Normalise ``example_input`` (a tensor or a tuple/list of tensors) into a tuple, checking types."""
+    items = (example_input,) if isinstance(example_input, torch.Tensor) else example_input
+    if not isinstance(items, (tuple, list)) or not items:
+        raise InputError(
+            f"example_input must be a tensor or a non-empty tuple of tensors, got {type(example_input).__name__}; "
+            "pass e.g. torch.randn(1, 3, 224, 224)"
+        )
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(
+                f"example_input[{i}] is a {type(t).__name__}, not a tensor; fxprune traces tensor inputs only "
+                "(bind other arguments with concrete_args=)"
+            )
+    return tuple(items)
+
+
+def trace(
+    model: torch.nn.Module,
+    leaf_modules: Sequence[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> fx.GraphModule:
+    """Symbolically trace ``model``; never mutates it.
+
+    Raises:
+        TraceError: naming the call that broke tracing and the module being traced, with the fix.
+    """
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as exc:  # torch.fx raises many types here; all mean "not capturable"
+        inside = tracer.fxprune_scope[-1] if tracer.fxprune_scope else ""
+        where = f"module '{inside}' ({type(model.get_submodule(inside)).__name__})" if inside else "the top-level forward"
+        hint = (
+            f"pass leaf_modules=['{inside}'] to keep it opaque (its channels are then pinned)"
+            if inside
+            else "bind the offending argument with concrete_args={...}"
+        )
+        raise TraceError(
+            f"torch.fx could not trace {where}: {type(exc).__name__}: {exc}\n  at {_user_frame(exc)}\n"
+            f"  fix: {hint}, or make the control flow independent of tensor values"
+        ) from exc
+    name = type(model).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _describe(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return TensorValue(tuple(int(s) for s in value.shape), str(value.dtype).removeprefix("torch."))
+    if isinstance(value, (tuple, list)):
+        return tuple(_describe(v) for v in value)
+    return None
+
+
+class _ShapeFlopProp(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, count_flops: bool) -> None:
+        super().__init__(gm)
+        self.count_flops = count_flops
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            if self.count_flops and n.op in ("call_module", "call_function", "call_method"):
+                with FlopCounterMode(display=False) as counter:
+                    out = super().run_node(n)
+                n.meta[META_FLOPS] = int(counter.get_total_flops())
+            else:
+                out = super().run_node(n)
+                n.meta[META_FLOPS] = 0
+        except Exception as exc:
+            raise TraceError(
+                f"the traced graph fails at node {n.format_node()}: {type(exc).__name__}: {exc}\n"
+                "  fix: the model likely specialises on a traced value; keep that module opaque with "
+                "leaf_modules=[...] or pass concrete_args="
+            ) from exc
+        n.meta[META_VALUE] = _describe(out)
+        return out
+
+
+@torch.no_grad()
+def shape_propagate(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], count_flops: bool = True) -> Any:
+    """Run ``gm`` on ``example``, writing ``META_VALUE`` and ``META_FLOPS`` into every node; returns the output."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(example):
+        names = ", ".join(p.name for p in placeholders)
+        raise InputError(
+            f"example_input has {len(example)} tensor(s) but the model's forward takes {len(placeholders)} "
+            f"({names}); pass one tensor per forward argument"
+        )
+    return _ShapeFlopProp(gm, count_flops).run(*example)

@@ -1,0 +1,148 @@
+"""Stage 6: verification. ONNX export + ONNX Runtime vs eager, latency, and the masked-equivalence oracle."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import statistics
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fxprune.data import PrunePlan
+
+__all__ = ["Verification", "export_onnx", "flatten_outputs", "masked_model", "ort_session", "verify_onnx"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """ONNX Runtime against eager on the example input.
+
+    ``max_abs_error`` is the largest |ORT - eager| over all outputs; ``max_rel_error`` divides it by
+    max |eager output|. ``passed`` is ``max_abs_error <= rtol * max|output|`` (``rtol`` recorded).
+    """
+
+    passed: bool
+    max_abs_error: float
+    max_rel_error: float
+    rtol: float
+    exporter: str
+    opset: int
+    ort_ms_before: float | None
+    ort_ms_after: float | None
+    error: str | None = None
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in flatten_outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in flatten_outputs(v)]
+    return []
+
+
+def export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int = 18) -> tuple[bytes, str]:
+    """Export with the TorchScript exporter (fast), falling back to the dynamo exporter."""
+    errors = []
+    for dynamo in (False, True):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if dynamo:
+                    prog = torch.onnx.export(model, example, dynamo=True, opset_version=opset, verbose=False)
+                    assert prog is not None
+                    return prog.model_proto.SerializeToString(), "dynamo"
+                buf = io.BytesIO()
+                torch.onnx.export(model, example, buf, dynamo=False, opset_version=opset)
+                return buf.getvalue(), "torchscript"
+        except Exception as exc:  # noqa: PERF203 - try the next exporter, report both if neither works
+            errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(exc).__name__}: {exc}")
+    raise RuntimeError("ONNX export failed: " + " | ".join(errors))
+
+
+def ort_session(onnx_bytes: bytes) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+
+
+def _ort_run(sess: Any, example: Sequence[torch.Tensor]) -> list[np.ndarray]:
+    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), example, strict=False)}
+    return sess.run(None, feeds)
+
+
+def _latency_ms(sess: Any, example: Sequence[torch.Tensor], runs: int) -> float:
+    _ort_run(sess, example)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        _ort_run(sess, example)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def verify_onnx(
+    pruned: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    original: torch.nn.Module | None = None,
+    *,
+    rtol: float = 1e-4,
+    opset: int = 18,
+    latency_runs: int = 10,
+) -> Verification:
+    """Export ``pruned`` to ONNX, run it in ONNX Runtime, compare with eager; time original and pruned."""
+    example = tuple(t.detach().cpu() for t in example)
+    pruned = pruned.cpu()
+    try:
+        blob, exporter = export_onnx(pruned, example, opset)
+        sess = ort_session(blob)
+        got = _ort_run(sess, example)
+    except Exception as exc:
+        return Verification(False, float("inf"), float("inf"), rtol, "none", opset, None, None, str(exc))
+    ref = [t.detach().float().numpy() for t in flatten_outputs(pruned(*example))]
+    if len(got) != len(ref):
+        return Verification(False, float("inf"), float("inf"), rtol, exporter, opset, None, None,
+                            f"ONNX model has {len(got)} outputs, eager has {len(ref)}")  # fmt: skip
+    abs_err = max((float(np.max(np.abs(g.astype(np.float64) - r))) if r.size else 0.0) for g, r in zip(got, ref, strict=True))
+    scale = max((float(np.max(np.abs(r))) if r.size else 0.0) for r in ref)
+    rel = abs_err / scale if scale > 0 else abs_err
+    ms_after = _latency_ms(sess, example, latency_runs) if latency_runs else None
+    ms_before = None
+    if original is not None and latency_runs:
+        try:
+            ms_before = _latency_ms(ort_session(export_onnx(original.cpu(), example, opset)[0]), example, latency_runs)
+        except Exception as exc:  # the original may use ops the exporter lacks; that is not our failure
+            log.warning("could not time the original model in ONNX Runtime: %s", exc)
+    return Verification(abs_err <= rtol * max(scale, 1e-12), abs_err, rel, rtol, exporter, opset, ms_before, ms_after)
+
+
+def masked_model(model: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:
+    """The oracle: a copy of ``model`` in which every removed channel's input columns are zeroed in every
+    consumer (``plan.inputs``). The pruned model must compute the same function (shared/DESIGN.md).
+
+    Independent of the rewrite: it only reads the plan's consumer columns and writes zeros.
+    """
+    masked = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, (dim, kept) in plan.inputs.items():
+            owner, _, leaf = name.rpartition(".")
+            t = getattr(masked.get_submodule(owner), leaf)
+            keep = torch.zeros(t.shape[dim], dtype=torch.bool, device=t.device)
+            keep[list(kept)] = True
+            shape = [1] * t.dim()
+            shape[dim] = -1
+            t.mul_(keep.view(shape).to(t.dtype))
+    return masked

@@ -1,0 +1,1 @@
+"""Model builders for tests and benchmarks (installed as ``fxprune.models_zoo``)."""

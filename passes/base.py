@@ -1,0 +1,59 @@
+"""Pass infrastructure: an analysis pass may write namespaced node metadata and nothing else."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Generic, TypeVar
+
+import torch.fx as fx
+
+__all__ = ["AnalysisPass", "PassContractError", "TransformPass"]
+
+R = TypeVar("R")
+
+
+class PassContractError(AssertionError):
+    """A pass touched what it declared it would not (a bug in fxprune, never the user's fault)."""
+
+
+def _fingerprint(gm: fx.GraphModule) -> tuple[Any, ...]:
+    nodes = tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
+    tensors = tuple((k, v.data_ptr(), tuple(v.shape), v._version) for k, v in gm.state_dict(keep_vars=True).items())
+    return nodes, tensors
+
+
+class AnalysisPass(abc.ABC, Generic[R]):
+    """Reads a GraphModule, writes only ``node.meta`` keys starting with ``fxprune.``, returns a result.
+
+    ``__call__`` verifies the contract: graph structure, parameters (identity, shape and version counter)
+    and non-fxprune metadata are unchanged after ``run``.
+    """
+
+    def __call__(self, gm: fx.GraphModule) -> R:
+        before = _fingerprint(gm)
+        foreign = {n.name: {k: id(v) for k, v in n.meta.items() if not k.startswith("fxprune.")} for n in gm.graph.nodes}
+        result = self.run(gm)
+        if _fingerprint(gm) != before:
+            raise PassContractError(f"analysis pass {type(self).__name__} modified the graph or its parameters")
+        for n in gm.graph.nodes:
+            now = {k: id(v) for k, v in n.meta.items() if not k.startswith("fxprune.")}
+            if now != foreign.get(n.name, {}):
+                raise PassContractError(f"analysis pass {type(self).__name__} wrote non-fxprune meta on {n.name}")
+        return result
+
+    @abc.abstractmethod
+    def run(self, gm: fx.GraphModule) -> R: ...
+
+
+class TransformPass(abc.ABC):
+    """Returns a new GraphModule; ``__call__`` checks that the input GraphModule is left untouched."""
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        before = _fingerprint(gm)
+        out = self.run(gm)
+        if out is gm or _fingerprint(gm) != before:
+            raise PassContractError(f"transform pass {type(self).__name__} modified its input")
+        return out
+
+    @abc.abstractmethod
+    def run(self, gm: fx.GraphModule) -> fx.GraphModule: ...

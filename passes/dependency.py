@@ -1,0 +1,331 @@
+"""Dependency analysis: which channels must be removed together, and which may not be removed at all.
+
+Each node's output is described by an *info*: ``Tracked(dim, segs)`` for a tensor dimension carrying
+channel spaces, ``ParamRef(name)`` for a parameter read by ``get_attr``, a tuple of infos for tuple/list
+outputs, or None (no prunable channels flow there). Op rules (``op_rules``) compute a node's info from its
+inputs' infos, unify spaces that must match, record which parameter slices a space cuts (*claims*), which
+channel dims scale the node's FLOPs, and which literal arguments depend on channel counts. An op without a
+rule pins every space it reads, with the reason, so a missing rule costs prunability, never correctness.
+
+The pass writes ``META_CHANNELS``, ``META_COST_DIMS`` and ``META_LITERALS`` into node metadata and returns
+a ``DependencyResult`` with the ``ChannelGroup``s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from fxprune.data import (
+    META_CHANNELS,
+    META_COST_DIMS,
+    META_LITERALS,
+    META_VALUE,
+    ChannelDim,
+    ChannelGroup,
+    LiteralFix,
+    Segments,
+    Site,
+    TensorValue,
+)
+from fxprune.errors import FxpruneError
+from fxprune.passes.base import AnalysisPass
+from fxprune.passes.spaces import Seg, SpaceTable
+
+__all__ = ["DependencyPass", "DependencyResult", "ParamRef", "RuleContext", "Tracked", "UnsupportedOpError"]
+
+
+@dataclass(frozen=True)
+class Tracked:
+    """Dimension ``dim`` (non-negative) of a tensor carries the channel segments ``segs``."""
+
+    dim: int
+    segs: tuple[Seg, ...]
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A parameter or buffer read with ``get_attr``."""
+
+    name: str
+
+
+class UnsupportedOpError(FxpruneError, NotImplementedError):
+    """With ``strict=True``: an op without a rule touches channels (names the node and the op)."""
+
+
+_MISSING = object()
+
+
+@dataclass
+class _Claim:
+    param: str
+    dim: int
+    segs: tuple[Seg, ...]
+    role: str
+    node: str
+
+
+@dataclass
+class _LiteralClaim:
+    index: int | str
+    item: int | None
+    segs: tuple[Seg, ...]
+    divisor: int
+
+
+class RuleContext:
+    """What an op rule sees of one node, and the only ways it may record facts."""
+
+    def __init__(self, analysis: _Analysis, node: fx.Node, module: torch.nn.Module | None) -> None:
+        self._a = analysis
+        self.node = node
+        self.module = module
+        self.spaces = analysis.spaces
+
+    # ------------------------------------------------------------- reading
+    def arg(self, pos: int, name: str, default: Any = _MISSING) -> Any:
+        """Positional argument ``pos`` (counting the tensor ``self`` of a method) or keyword ``name``."""
+        if pos < len(self.node.args):
+            return self.node.args[pos]
+        if name in self.node.kwargs:
+            return self.node.kwargs[name]
+        if default is _MISSING:
+            raise KeyError(name)
+        return default
+
+    def info(self, a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return self._a.env.get(a)
+        if isinstance(a, (list, tuple)):
+            return tuple(self.info(x) for x in a)
+        return None
+
+    def value(self, a: Any) -> Any:
+        """``TensorValue`` (or tuple) of a node argument; None for non-tensors and literals."""
+        return a.meta.get(META_VALUE) if isinstance(a, fx.Node) else None
+
+    @property
+    def out(self) -> Any:
+        return self.node.meta.get(META_VALUE)
+
+    def tracked(self, a: Any) -> Tracked | None:
+        i = self.info(a)
+        return i if isinstance(i, Tracked) else None
+
+    def size(self, segs: Sequence[Seg]) -> int:
+        return self.spaces.size(segs)
+
+    # ------------------------------------------------------------ recording
+    def new_space(self, length: int, pin: str | None = None) -> tuple[Seg, ...]:
+        return ((self.spaces.new(length, self.node.name, pin), 1),)
+
+    def pin(self, info: Any, reason: str) -> None:
+        """Pin every space inside ``info`` (a Tracked, or nested tuples of them)."""
+        if isinstance(info, Tracked):
+            self.spaces.pin(info.segs, f"{reason} at node '{self.node.name}'")
+        elif isinstance(info, tuple):
+            for i in info:
+                self.pin(i, reason)
+
+    def pin_inputs(self, reason: str) -> None:
+        for a in (*self.node.args, *self.node.kwargs.values()):
+            self.pin(self.info(a), reason)
+
+    def unify(self, s1: Sequence[Seg], s2: Sequence[Seg], why: str) -> bool:
+        if self.spaces.unify(s1, s2):
+            return True
+        self.spaces.pin(s1, f"{why}: channel layouts cannot be aligned at node '{self.node.name}'")
+        self.spaces.pin(s2, f"{why}: channel layouts cannot be aligned at node '{self.node.name}'")
+        return False
+
+    def claim(self, param: str | None, dim: int, segs: Sequence[Seg], role: str) -> None:
+        """Channels ``segs`` index dimension ``dim`` of parameter/buffer ``param`` (None: nothing)."""
+        if param is None:
+            return
+        self._a.claim(_Claim(param, dim, tuple(segs), role, self.node.name), self)
+
+    def cost(self, *dims: Sequence[Seg] | None) -> None:
+        """The node's FLOPs scale with the kept size of each (non-None) channel dim in ``dims``."""
+        self._a.cost_dims[self.node] = tuple(tuple(d) for d in dims if d is not None)
+
+    def literal(self, index: int | str, item: int | None, segs: Sequence[Seg], divisor: int = 1) -> None:
+        """Argument ``index`` (or its element ``item``) must become the kept size of ``segs`` / divisor."""
+        self._a.literals.setdefault(self.node, []).append(_LiteralClaim(index, item, tuple(segs), divisor))
+
+
+Rule = Callable[[RuleContext], Any]
+
+
+@dataclass
+class _Analysis:
+    gm: fx.GraphModule
+    strict: bool
+    spaces: SpaceTable = field(default_factory=SpaceTable)
+    env: dict[fx.Node, Any] = field(default_factory=dict)
+    claims: dict[tuple[str, int], list[_Claim]] = field(default_factory=dict)
+    cost_dims: dict[fx.Node, tuple[tuple[Seg, ...], ...]] = field(default_factory=dict)
+    literals: dict[fx.Node, list[_LiteralClaim]] = field(default_factory=dict)
+
+    def claim(self, c: _Claim, ctx: RuleContext) -> None:
+        key = (c.param, c.dim)
+        if key in self.claims:  # a shared parameter: every use must keep the same rows/columns
+            ctx.unify(self.claims[key][0].segs, c.segs, f"parameter '{c.param}' is used twice")
+        self.claims.setdefault(key, []).append(c)
+
+
+@dataclass(frozen=True)
+class DependencyResult:
+    """The channel groups of a graph; node metadata holds the per-node channel layouts."""
+
+    groups: tuple[ChannelGroup, ...]
+
+    @property
+    def prunable(self) -> tuple[ChannelGroup, ...]:
+        return tuple(g for g in self.groups if g.prunable)
+
+    def pinned_reasons(self) -> dict[int, tuple[str, ...]]:
+        return {g.id: g.pinned for g in self.groups if g.pinned}
+
+    def to_networkx(self) -> nx.DiGraph:
+        """Bipartite graph: ``group:<id>`` nodes and parameter nodes, edges labelled with the role."""
+        g = nx.DiGraph()
+        for grp in self.groups:
+            gid = f"group:{grp.id}"
+            g.add_node(gid, kind="group", size=grp.size, prunable=grp.prunable, pinned="; ".join(grp.pinned))
+            for s in grp.sites:
+                g.add_node(s.param, kind="param")
+                g.add_edge(gid, s.param, role=s.role, dim=s.dim, offset=s.offset, repeat=s.repeat, node=s.node)
+        return g
+
+
+class DependencyPass(AnalysisPass[DependencyResult]):
+    """Builds channel groups with the op rule table (``fxprune.passes.op_rules``)."""
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = strict
+
+    def run(self, gm: fx.GraphModule) -> DependencyResult:
+        from fxprune.passes import op_rules
+
+        a = _Analysis(gm, self.strict)
+        modules = dict(gm.named_modules())
+        for node in gm.graph.nodes:
+            module = modules.get(node.target) if node.op == "call_module" else None
+            ctx = RuleContext(a, node, module)
+            rule = op_rules.lookup(node, module)
+            if rule is None:
+                info = _no_rule(ctx, self.strict)
+            else:
+                info = rule(ctx)
+            a.env[node] = info
+        return _finalize(a)
+
+
+def describe_target(node: fx.Node, module: torch.nn.Module | None) -> str:
+    if node.op == "call_module" and module is not None:
+        return f"module {type(module).__name__} '{node.target}'"
+    if node.op == "call_method":
+        return f"method Tensor.{node.target}"
+    t = node.target
+    return f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', str(t))}".lstrip(".")
+
+
+def _no_rule(ctx: RuleContext, strict: bool) -> Any:
+    touches = any(ctx.tracked(x) is not None for x in _flat_args(ctx.node))
+    if touches and strict:
+        raise UnsupportedOpError(
+            f"no channel rule for {describe_target(ctx.node, ctx.module)} at node {ctx.node.format_node()}; "
+            "use strict=False to pin its channels instead, or register a rule in fxprune.passes.op_rules"
+        )
+    ctx.pin_inputs(f"no rule for {describe_target(ctx.node, ctx.module)}")
+    return None
+
+
+def _flat_args(node: fx.Node) -> list[Any]:
+    out: list[Any] = []
+
+    def walk(a: Any) -> None:
+        if isinstance(a, (list, tuple)):
+            for x in a:
+                walk(x)
+        elif isinstance(a, dict):
+            for x in a.values():
+                walk(x)
+        else:
+            out.append(a)
+
+    walk((node.args, node.kwargs))
+    return out
+
+
+def _finalize(a: _Analysis) -> DependencyResult:
+    sp = a.spaces
+    gid: dict[int, int] = {}
+
+    def group_of(atom: int) -> int:
+        root = sp.find(atom)
+        if root not in gid:
+            gid[root] = len(gid)
+        return gid[root]
+
+    def segments(segs: Sequence[Seg]) -> Segments:
+        return tuple((group_of(x), r) for x, r in sp.leaves(segs))
+
+    def convert(info: Any) -> Any:
+        if isinstance(info, Tracked):
+            return ChannelDim(info.dim, segments(info.segs))
+        if isinstance(info, tuple):
+            return tuple(convert(i) for i in info)
+        return None
+
+    nodes_of: dict[int, list[str]] = {}
+    for node in a.gm.graph.nodes:
+        ch = convert(a.env.get(node))
+        node.meta[META_CHANNELS] = ch
+        for cd in _channel_dims(ch):
+            for g, _ in cd.segments:
+                lst = nodes_of.setdefault(g, [])
+                if not lst or lst[-1] != node.name:
+                    lst.append(node.name)
+        node.meta[META_COST_DIMS] = tuple(segments(d) for d in a.cost_dims.get(node, ()))
+        node.meta[META_LITERALS] = tuple(
+            LiteralFix(lc.index, lc.item, segments(lc.segs), lc.divisor) for lc in a.literals.get(node, [])
+        )
+
+    sites: dict[int, list[Site]] = {}
+    for (param, dim), claims in a.claims.items():
+        for c in claims:
+            offset = 0
+            for atom, r in sp.leaves(c.segs):
+                sites.setdefault(group_of(atom), []).append(Site(param, dim, offset, r, c.role, c.node))
+                offset += sp.length[atom] * r
+
+    roots = {sp.find(leaf) for members in sp.classes().values() for leaf in members}
+    for root in sorted(roots, key=lambda r: (gid.get(r, len(gid) + r))):
+        group_of(root)
+    groups = []
+    for root, g in sorted(gid.items(), key=lambda kv: kv[1]):
+        reasons = list(sp.reasons(root))
+        gsites = tuple(sites.get(g, ()))
+        if not reasons and not any(s.role == "out" for s in gsites):
+            reasons.append("no producer: no conv/linear output rows create these channels")
+        groups.append(ChannelGroup(g, sp.length[root], gsites, tuple(nodes_of.get(g, ())), tuple(reasons)))
+    return DependencyResult(tuple(groups))
+
+
+def _channel_dims(ch: Any) -> list[ChannelDim]:
+    if isinstance(ch, ChannelDim):
+        return [ch]
+    if isinstance(ch, tuple):
+        return [d for c in ch for d in _channel_dims(c)]
+    return []
+
+
+def is_tensor_value(v: Any) -> bool:
+    return isinstance(v, TensorValue)

@@ -1,0 +1,639 @@
+"""The op rule table: how channels flow through each supported op.
+
+A rule takes a ``RuleContext`` and returns the node's info (see ``dependency``). Rules are registered by
+exact module type, by function object, or by Tensor method name; ``lookup`` finds them. Every rule here
+has a test in ``tests/passes/test_op_rules.py``. An op with no rule pins the channels it reads.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune.data import TensorValue
+from fxprune.passes.dependency import ParamRef, RuleContext, Tracked
+from fxprune.passes.spaces import Seg
+
+__all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "lookup", "register"]
+
+Rule = Callable[[RuleContext], Any]
+
+MODULE_RULES: dict[type, Rule] = {}
+FUNCTION_RULES: dict[Any, Rule] = {}
+METHOD_RULES: dict[str, Rule] = {}
+
+
+def register(*targets: Any) -> Callable[[Rule], Rule]:
+    """Register a rule for module types (exact type match), functions, or method names (strings)."""
+
+    def deco(fn: Rule) -> Rule:
+        for t in targets:
+            if isinstance(t, str):
+                METHOD_RULES[t] = fn
+            elif isinstance(t, type) and issubclass(t, nn.Module):
+                MODULE_RULES[t] = fn
+            else:
+                FUNCTION_RULES[t] = fn
+        return fn
+
+    return deco
+
+
+def lookup(node: fx.Node, module: nn.Module | None) -> Rule | None:
+    if node.op == "call_module":
+        return MODULE_RULES.get(type(module))
+    if node.op == "call_function":
+        return FUNCTION_RULES.get(node.target)
+    if node.op == "call_method":
+        return METHOD_RULES.get(str(node.target))
+    return _STRUCTURAL[node.op]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _shape(v: Any) -> tuple[int, ...] | None:
+    return v.shape if isinstance(v, TensorValue) else None
+
+
+def _norm_dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _self_arg(ctx: RuleContext) -> Any:
+    """The primary tensor: the module input, or the first argument of a function/method."""
+    return ctx.arg(0, "input") if ctx.node.args or "input" in ctx.node.kwargs else ctx.arg(0, "self")
+
+
+# ------------------------------------------------------------------------------------------- structure
+def _placeholder(ctx: RuleContext) -> Any:
+    return None
+
+
+def _get_attr(ctx: RuleContext) -> Any:
+    return ParamRef(str(ctx.node.target)) if isinstance(ctx.out, TensorValue) else None
+
+
+def _output(ctx: RuleContext) -> Any:
+    ctx.pin_inputs("reaches the graph output")
+    return None
+
+
+_STRUCTURAL: dict[str, Rule] = {"placeholder": _placeholder, "get_attr": _get_attr, "output": _output}
+
+
+# ----------------------------------------------------------------------------------- channel-wise ops
+def _passthrough(spatial: int = 0) -> Rule:
+    """Channel-wise op: output keeps the input's channel dim; the last ``spatial`` dims may be pooled."""
+
+    def rule(ctx: RuleContext) -> Any:
+        x = _self_arg(ctx)
+        t = ctx.tracked(x)
+        if t is None:
+            return None
+        si, so = _shape(ctx.value(x)), _shape(ctx.out)
+        if si is None or so is None or len(si) != len(so) or so[t.dim] != si[t.dim] or t.dim >= len(si) - spatial:
+            ctx.pin(t, "channel dim is pooled or reshaped")
+            return None
+        return t
+
+    return rule
+
+
+_UNARY_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+)  # fmt: skip
+_UNARY_FUNCTIONS = (
+    F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
+    F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.interpolate, F.upsample, torch.clamp,
+    torch.clip, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, operator.neg, operator.pos,
+    torch.nn.functional.logsigmoid, torch.erf, torch.square,
+)  # fmt: skip
+_UNARY_METHODS = (
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clip", "clip_", "exp", "abs",
+    "neg", "sqrt", "rsqrt", "square", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
+    "to", "type_as", "cpu", "cuda", "requires_grad_", "erf", "hardtanh_",
+)  # fmt: skip
+register(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)(_passthrough())
+
+_POOL_MODULES = {
+    1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d),
+    2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d),
+    3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d),
+}
+_POOL_FUNCTIONS = {
+    1: (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, torch.max_pool1d, torch.avg_pool1d),
+    2: (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.max_pool2d, F.lp_pool2d),
+    3: (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d),
+}
+for _k in (1, 2, 3):
+    register(*_POOL_MODULES[_k], *_POOL_FUNCTIONS[_k])(_passthrough(spatial=_k))
+
+
+@register(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+def _softmax(ctx: RuleContext) -> Any:
+    x = _self_arg(ctx)
+    t = ctx.tracked(x)
+    if t is None:
+        return None
+    shape = _shape(ctx.value(x)) or ()
+    dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim", None)
+    if dim is None or _norm_dim(dim, len(shape)) == t.dim:
+        ctx.pin(t, "softmax normalises across the channels")
+        return None
+    return t
+
+
+# ------------------------------------------------------------------------------------- elementwise ops
+def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
+    """Broadcasting op: channels of every operand aligned with the output's channel dim are unified.
+
+    Operands aligned from the right. A parameter operand (``x * self.scale``) is sliced with the channels;
+    an untracked tensor that spans the channel dim pins it; a size-1 (broadcast) dim couples nothing.
+    """
+
+    def rule(ctx: RuleContext) -> Any:
+        ops = list(operands(ctx))
+        so = _shape(ctx.out)
+        if so is None:
+            return None
+        n = len(so)
+        tracked = [(x, ctx.tracked(x)) for x in ops if ctx.tracked(x) is not None]
+        if not tracked:
+            return None
+        dims = {t.dim + n - len(_shape(ctx.value(x)) or ()) for x, t in tracked}
+        if len(dims) != 1:
+            for _, t in tracked:
+                ctx.pin(t, "operands carry channels on different dims")
+            return None
+        (D,) = dims
+        ref = tracked[0][1].segs
+        for x, t in tracked[1:]:
+            ctx.unify(ref, t.segs, "elementwise op")
+        for x in ops:
+            if not isinstance(x, fx.Node) or ctx.tracked(x) is not None:
+                continue
+            s = _shape(ctx.value(x))
+            if s is None:
+                continue
+            d = D - (n - len(s))
+            if d < 0 or s[d] == 1:
+                continue
+            info = ctx.info(x)
+            if isinstance(info, ParamRef):
+                ctx.claim(info.name, d, ref, "norm")
+            else:
+                ctx.spaces.pin(ref, f"an untracked tensor '{x.name}' spans the channel dim at node '{ctx.node.name}'")
+        return Tracked(D, ref)
+
+    return rule
+
+
+def _two_operands(ctx: RuleContext) -> Sequence[Any]:
+    return [ctx.arg(0, "input"), ctx.arg(1, "other")]
+
+
+register(
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub, operator.imul,
+    operator.itruediv, torch.add, torch.sub, torch.subtract, torch.mul, torch.multiply, torch.div, torch.divide,
+    torch.true_divide, torch.maximum, torch.minimum, torch.pow,
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow",
+)(_elementwise(_two_operands))  # fmt: skip
+register(torch.where)(_elementwise(lambda ctx: [ctx.arg(0, "condition"), ctx.arg(1, "input"), ctx.arg(2, "other")]))
+register(torch.addcmul, torch.addcdiv)(
+    _elementwise(lambda ctx: [ctx.arg(0, "input"), ctx.arg(1, "tensor1"), ctx.arg(2, "tensor2")])
+)
+
+
+# --------------------------------------------------------------------------------- concat, split, index
+@register(torch.cat, torch.concat, torch.concatenate)
+def _cat(ctx: RuleContext) -> Any:
+    xs = list(ctx.arg(0, "tensors"))
+    so = _shape(ctx.out)
+    if so is None:
+        return None
+    dim = _norm_dim(ctx.arg(1, "dim", 0), len(so))
+    infos = [ctx.tracked(x) for x in xs]
+    tracked = [t for t in infos if t is not None]
+    if not tracked:
+        return None
+    if any(t.dim != tracked[0].dim for t in tracked):
+        for t in tracked:
+            ctx.pin(t, "cat operands carry channels on different dims")
+        return None
+    D = tracked[0].dim
+    if dim != D:  # cat along another dim: channels are aligned like an elementwise op
+        for t in tracked[1:]:
+            ctx.unify(tracked[0].segs, t.segs, "cat along a non-channel dim")
+        for x, t in zip(xs, infos, strict=True):
+            if t is None:
+                ctx.spaces.pin(tracked[0].segs, f"untracked tensor '{getattr(x, 'name', x)}' in cat")
+        return Tracked(D, tracked[0].segs)
+    segs: list[Seg] = []
+    for x, t in zip(xs, infos, strict=True):
+        if t is not None:
+            segs.extend(t.segs)
+        else:
+            s = _shape(ctx.value(x))
+            if s is None:
+                return None
+            segs.extend(ctx.new_space(s[D], pin=f"untracked tensor '{getattr(x, 'name', x)}' concatenated at node '{ctx.node.name}'"))
+    return Tracked(D, tuple(segs))
+
+
+def _pieces(ctx: RuleContext, x: Any, dim: int) -> Any:
+    """Outputs of split/chunk/tensor_split along ``dim``: slices of the channel segments."""
+    t = ctx.tracked(x)
+    outs = ctx.out
+    if t is None or not isinstance(outs, tuple):
+        return None
+    ndim = len(_shape(ctx.value(x)) or ())
+    dim = _norm_dim(dim, ndim)
+    if dim != t.dim:
+        return tuple(t for _ in outs)
+    result = []
+    start = 0
+    for v in outs:
+        stop = start + v.shape[dim]
+        piece = ctx.spaces.slice(t.segs, start, stop) if stop > start else None
+        if piece is None and stop > start:
+            ctx.pin(t, "split inside a repeated channel block")
+            return tuple(None for _ in outs)
+        result.append(Tracked(dim, piece) if piece else None)
+        start = stop
+    return tuple(result)
+
+
+@register(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split")
+def _split(ctx: RuleContext) -> Any:
+    return _pieces(ctx, ctx.arg(0, "input"), ctx.arg(2, "dim", 0))
+
+
+@register(torch.unbind, "unbind")
+def _unbind(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    t = ctx.tracked(x)
+    outs = ctx.out
+    if t is None or not isinstance(outs, tuple):
+        return None
+    dim = _norm_dim(ctx.arg(1, "dim", 0), len(_shape(ctx.value(x)) or ()))
+    if dim == t.dim:
+        ctx.pin(t, "unbind along the channel dim")
+        return tuple(None for _ in outs)
+    return tuple(Tracked(t.dim - (dim < t.dim), t.segs) for _ in outs)
+
+
+@register(operator.getitem)
+def _getitem(ctx: RuleContext) -> Any:
+    obj, idx = ctx.node.args[0], ctx.node.args[1]
+    info = ctx.info(obj)
+    if isinstance(info, tuple):
+        return info[idx] if isinstance(idx, int) and -len(info) <= idx < len(info) else None
+    if not isinstance(info, Tracked):
+        return None
+    shape = _shape(ctx.value(obj))
+    if shape is None:
+        return None
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
+        ctx.pin(info, "advanced indexing")
+        return None
+    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    expanded: list[Any] = []
+    for i in items:
+        if i is Ellipsis:
+            expanded.extend([slice(None)] * (len(shape) - n_real))
+        else:
+            expanded.append(i)
+    expanded.extend([slice(None)] * (len(shape) - sum(1 for i in expanded if i is not None)))
+    in_dim = out_dim = 0
+    new_dim, segs = None, info.segs
+    for i in expanded:
+        if i is None:
+            out_dim += 1
+            continue
+        if in_dim == info.dim:
+            if isinstance(i, int):
+                ctx.pin(info, "indexing a single channel")
+                return None
+            start, stop, step = i.indices(shape[in_dim])
+            if step != 1:
+                ctx.pin(info, "strided slice of the channel dim")
+                return None
+            if (start, stop) != (0, shape[in_dim]):
+                piece = ctx.spaces.slice(info.segs, start, stop) if stop > start else None
+                if piece is None:
+                    ctx.pin(info, "slice inside a repeated channel block")
+                    return None
+                segs = piece
+            new_dim = out_dim
+        in_dim += 1
+        if not isinstance(i, int):
+            out_dim += 1
+    return Tracked(new_dim, segs) if new_dim is not None else None
+
+
+# ------------------------------------------------------------------------------------ shape-moving ops
+def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] | None) -> Rule:
+    """view/reshape/flatten/squeeze/unsqueeze, decided from the input and output shapes alone.
+
+    The channel dim survives when the output keeps the same prefix before it and either keeps it whole
+    (``[N, C, H, W] -> [N, C, H*W]``) or merges it with following dims (flatten: repeat ``H*W``). Splitting
+    the channel dim (heads, channel shuffle) is left to dedicated rules and pins here.
+    """
+
+    def rule(ctx: RuleContext) -> Any:
+        x = ctx.arg(0, "input")
+        t = ctx.tracked(x)
+        si, so = _shape(ctx.value(x)), _shape(ctx.out)
+        if t is None or si is None or so is None:
+            return None
+        d, C = t.dim, si[t.dim]
+        prefix, suffix_in = math.prod(si[:d]), math.prod(si[d + 1 :])
+        for e in range(len(so)):
+            if math.prod(so[:e]) != prefix:
+                continue
+            if so[e] % C:
+                continue
+            m = so[e] // C
+            # m must be a product of the dims right after d
+            j, acc = d + 1, 1
+            while acc < m and j < len(si):
+                acc *= si[j]
+                j += 1
+            if acc != m or math.prod(so[e + 1 :]) * m != suffix_in:
+                continue
+            segs = ctx.spaces.scale(t.segs, m) if m > 1 else t.segs
+            if literal_args is not None:
+                _literal_at(ctx, literal_args, e, so[e], segs)
+            return Tracked(e, segs)
+        ctx.pin(t, "reshape splits or scatters the channel dim")
+        return None
+
+    return rule
+
+
+def _literal_at(ctx: RuleContext, where: Callable[[RuleContext], tuple[int | str, bool]], e: int, size: int, segs: Sequence[Seg]) -> None:
+    """Record that the literal for output dim ``e`` of view/reshape/expand must follow the channel count."""
+    index, packed = where(ctx)
+    if packed:
+        arg = ctx.node.args[index] if isinstance(index, int) else ctx.node.kwargs[index]
+        if isinstance(arg, (list, tuple)) and e < len(arg) and isinstance(arg[e], int) and arg[e] == size:
+            ctx.literal(index, e, segs)
+    else:
+        pos = int(index) + e
+        if pos < len(ctx.node.args) and isinstance(ctx.node.args[pos], int) and ctx.node.args[pos] == size:
+            ctx.literal(pos, None, segs)
+
+
+def _method_sizes(ctx: RuleContext) -> tuple[int | str, bool]:
+    """``x.view(a, b)`` (varargs from position 1) or ``x.view((a, b))`` / ``x.view(size=...)`` (packed)."""
+    if len(ctx.node.args) == 2 and isinstance(ctx.node.args[1], (list, tuple)):
+        return 1, True
+    if "size" in ctx.node.kwargs or "shape" in ctx.node.kwargs:
+        return ("size" if "size" in ctx.node.kwargs else "shape"), True
+    return 1, False
+
+
+def _function_shape(ctx: RuleContext) -> tuple[int | str, bool]:
+    return (1 if len(ctx.node.args) > 1 else "shape"), True
+
+
+register("view", "reshape", "expand")(_reshape_like(_method_sizes))
+register(torch.reshape)(_reshape_like(_function_shape))
+register(
+    torch.flatten, "flatten", nn.Flatten, torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", nn.Unflatten,
+    "unflatten", torch.unflatten, "view_as", "reshape_as", "expand_as",
+)(_reshape_like(None))  # fmt: skip
+
+
+@register(torch.permute, "permute")
+def _permute(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    t = ctx.tracked(x)
+    if t is None:
+        return None
+    dims = ctx.node.args[1:] if len(ctx.node.args) > 2 or isinstance(ctx.node.args[1], int) else ctx.node.args[1]
+    ndim = len(_shape(ctx.value(x)) or ())
+    perm = [_norm_dim(int(d), ndim) for d in dims]
+    return Tracked(perm.index(t.dim), t.segs)
+
+
+@register(torch.transpose, "transpose", torch.swapaxes, "swapaxes", torch.swapdims, "swapdims")
+def _transpose(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    t = ctx.tracked(x)
+    if t is None:
+        return None
+    ndim = len(_shape(ctx.value(x)) or ())
+    a, b = _norm_dim(ctx.arg(1, "dim0"), ndim), _norm_dim(ctx.arg(2, "dim1"), ndim)
+    return Tracked(b if t.dim == a else a if t.dim == b else t.dim, t.segs)
+
+
+@register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, "mean", "sum", "amax", "amin", "std", "var")
+def _reduce(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    t = ctx.tracked(x)
+    if t is None:
+        return None
+    ndim = len(_shape(ctx.value(x)) or ())
+    dim = ctx.arg(1, "dim", None)
+    if dim is None:
+        ctx.pin(t, "reduction over all dims")
+        return None
+    dims = {_norm_dim(d, ndim) for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
+    if t.dim in dims:
+        ctx.pin(t, "reduction over the channel dim")
+        return None
+    keepdim = ctx.arg(2, "keepdim", False) if ctx.node.target not in (torch.std, torch.var, "std", "var") else ctx.node.kwargs.get("keepdim", False)
+    return Tracked(t.dim if keepdim else t.dim - sum(1 for d in dims if d < t.dim), t.segs)
+
+
+# --------------------------------------------------------------------------------- shape queries
+@register(builtins.getattr, "size", "dim", "numel", "type", "stride", "is_contiguous", "get_device")
+def _query(ctx: RuleContext) -> Any:
+    """Metadata of a tensor (``x.shape``, ``x.size(1)``): no channels flow into the result."""
+    return None
+
+
+def _scalar_math(ctx: RuleContext) -> Any:
+    """Python arithmetic and comparisons: fine on sizes, elementwise on a tracked tensor."""
+    if any(isinstance(a, fx.Node) and ctx.tracked(a) is not None for a in ctx.node.args):
+        return _elementwise(_two_operands)(ctx)
+    return None
+
+
+register(
+    operator.floordiv, operator.mod, operator.lt, operator.le, operator.gt, operator.ge, operator.eq, operator.ne,
+    "lt", "le", "gt", "ge", "eq", "ne",
+)(_scalar_math)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------- conv, linear, norm
+def _param_name(ctx: RuleContext, attr: str) -> str | None:
+    m = ctx.module
+    if m is not None:
+        return f"{ctx.node.target}.{attr}" if getattr(m, attr, None) is not None else None
+    a = ctx.info(ctx.arg(*_FUNCTIONAL_PARAM_POS[attr], None)) if attr in _FUNCTIONAL_PARAM_POS else None
+    return a.name if isinstance(a, ParamRef) else None
+
+
+def _conv(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Sequence[int], groups: int, groups_literal: int | str | None) -> Any:
+    """Convolution: ``weight`` is ``[C_out, C_in/groups, *k]``.
+
+    Cases: (1) ``groups == 1``: input channels cut weight columns, a new space of ``C_out`` rows;
+    (2) depthwise (``C_in/groups == 1``): output channel ``c*m + r`` belongs to input channel ``c``
+    (repeat ``m = C_out/C_in``), ``groups`` becomes the kept input count; (3) grouped: slot ``j`` of every
+    input group is tied (so every group keeps the same slots), and the output is ``groups`` copies of one
+    new space of ``C_out/groups`` — the group structure is never broken.
+    """
+    t = ctx.tracked(x)
+    xs = _shape(ctx.value(x))
+    ch = 1 if xs is not None and len(xs) == len(w_shape) else 0
+    if t is not None and t.dim != ch:
+        ctx.pin(t, "conv input carries channels on a non-channel dim")
+        t = None
+    c_out, per_group = w_shape[0], w_shape[1]
+    if groups == 1:
+        out = ctx.new_space(c_out)
+        if t is not None:
+            ctx.claim(weight, 1, t.segs, "in")
+        ctx.claim(weight, 0, out, "out")
+        ctx.claim(bias, 0, out, "out")
+        ctx.cost(t.segs if t is not None else None, out)
+        return Tracked(ch, out)
+    if per_group == 1:
+        if t is None:
+            return None
+        out = ctx.spaces.scale(t.segs, c_out // groups)
+        ctx.claim(weight, 0, out, "out")
+        ctx.claim(bias, 0, out, "out")
+        ctx.cost(out)
+        if groups_literal is not None:
+            ctx.literal(groups_literal, None, t.segs)
+        return Tracked(ch, out)
+    slot = None
+    if t is not None:
+        pieces = [ctx.spaces.slice(t.segs, i * per_group, (i + 1) * per_group) for i in range(groups)]
+        if any(p is None for p in pieces):
+            ctx.pin(t, "grouped conv cuts a repeated channel block")
+        else:
+            slot = pieces[0]
+            for p in pieces[1:]:
+                ctx.unify(slot, p, "grouped conv slots")  # type: ignore[arg-type]
+            ctx.claim(weight, 1, slot, "in")  # type: ignore[arg-type]
+    out = ctx.new_space(c_out // groups) * groups
+    ctx.claim(weight, 0, out, "out")
+    ctx.claim(bias, 0, out, "out")
+    ctx.cost(slot, out)
+    return Tracked(ch, out)
+
+
+@register(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def _conv_module(ctx: RuleContext) -> Any:
+    m = ctx.module
+    assert isinstance(m, nn.modules.conv._ConvNd)
+    return _conv(ctx, ctx.arg(0, "input"), f"{ctx.node.target}.weight", _param_name(ctx, "bias"), m.weight.shape, m.groups, None)
+
+
+_FUNCTIONAL_PARAM_POS = {"weight": (1, "weight"), "bias": (2, "bias")}
+
+
+@register(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d)
+def _conv_functional(ctx: RuleContext) -> Any:
+    w = ctx.info(ctx.arg(1, "weight"))
+    groups = ctx.arg(6, "groups", 1)
+    if not isinstance(w, ParamRef) or not isinstance(groups, int):
+        ctx.pin_inputs("functional conv with a computed weight or groups")
+        return None
+    b = ctx.arg(2, "bias", None)
+    if b is not None and not isinstance(ctx.info(b), ParamRef):
+        ctx.pin_inputs("functional conv with a computed bias")
+        return None
+    w_shape = _shape(ctx.value(ctx.arg(1, "weight")))
+    assert w_shape is not None
+    literal: int | str | None = None
+    if groups > 1:
+        literal = 6 if len(ctx.node.args) > 6 else "groups"
+    return _conv(ctx, ctx.arg(0, "input"), w.name, _param_name(ctx, "bias"), w_shape, groups, literal)
+
+
+def _linear(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Sequence[int]) -> Any:
+    """Linear: the last dim of ``x`` cuts weight columns; the output's last dim is a new space."""
+    t = ctx.tracked(x)
+    xs = _shape(ctx.value(x)) or ()
+    if t is not None and t.dim != len(xs) - 1:
+        ctx.pin(t, "linear applied along a non-channel dim")
+        t = None
+    out = ctx.new_space(w_shape[0])
+    if t is not None:
+        ctx.claim(weight, 1, t.segs, "in")
+    ctx.claim(weight, 0, out, "out")
+    ctx.claim(bias, 0, out, "out")
+    ctx.cost(t.segs if t is not None else None, out)
+    return Tracked(len(xs) - 1, out)
+
+
+@register(nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+def _linear_module(ctx: RuleContext) -> Any:
+    m = ctx.module
+    assert isinstance(m, nn.Linear)
+    return _linear(ctx, ctx.arg(0, "input"), f"{ctx.node.target}.weight", _param_name(ctx, "bias"), m.weight.shape)
+
+
+@register(F.linear)
+def _linear_functional(ctx: RuleContext) -> Any:
+    w = ctx.info(ctx.arg(1, "weight"))
+    b = ctx.arg(2, "bias", None)
+    if not isinstance(w, ParamRef) or (b is not None and not isinstance(ctx.info(b), ParamRef)):
+        ctx.pin_inputs("functional linear with a computed weight or bias")
+        return None
+    w_shape = _shape(ctx.value(ctx.arg(1, "weight")))
+    assert w_shape is not None
+    return _linear(ctx, ctx.arg(0, "input"), w.name, _param_name(ctx, "bias"), w_shape)
+
+
+def _per_channel(ctx: RuleContext, x: Any, params: Iterable[str | None]) -> Any:
+    """Per-channel statistics and affine parameters along dim 1 (BatchNorm, InstanceNorm)."""
+    t = ctx.tracked(x)
+    if t is None:
+        return None
+    if t.dim != 1:
+        ctx.pin(t, "per-channel norm over a dim that is not the channel dim")
+        return None
+    for p in params:
+        ctx.claim(p, 0, t.segs, "norm")
+    return t
+
+
+_BN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
+
+
+@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+def _batchnorm_module(ctx: RuleContext) -> Any:
+    return _per_channel(ctx, ctx.arg(0, "input"), [_param_name(ctx, a) for a in _BN_BUFFERS])
+
+
+@register(F.batch_norm)
+def _batchnorm_functional(ctx: RuleContext) -> Any:
+    names = []
+    for pos, kw in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        a = ctx.arg(pos, kw, None)
+        if a is None:
+            continue
+        info = ctx.info(a)
+        if not isinstance(info, ParamRef):
+            ctx.pin_inputs("functional batch_norm with computed statistics")
+            return None
+        names.append(info.name)
+    return _per_channel(ctx, ctx.arg(0, "input"), names)

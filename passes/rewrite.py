@@ -1,0 +1,161 @@
+"""The rewrite: a new GraphModule with physically sliced parameters and recomputed shape literals.
+
+The only pass that changes weights or structure. It deep-copies its input, slices every parameter/buffer
+dimension that a pruned group indexes (``Site``), updates module attributes (``out_channels``, ``groups``,
+``num_features``...) from the new parameter shapes, rewrites literal arguments recorded by the op rules
+(``LiteralFix``), then lints and recompiles.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from fxprune.data import META_LITERALS, ChannelGroup, PrunePlan
+from fxprune.passes.base import TransformPass
+
+__all__ = ["RewritePass", "build_plan", "param_indices"]
+
+
+def param_indices(
+    groups: Sequence[ChannelGroup], kept: Mapping[int, tuple[int, ...]]
+) -> dict[tuple[str, int], tuple[np.ndarray, int]]:
+    """``(param, dim) -> (kept positions, original length)`` for every dimension a pruned group indexes.
+
+    Sites of one ``(param, dim)`` tile the dimension: each covers ``size * repeat`` positions from its offset.
+    """
+    tiles: dict[tuple[str, int], dict[int, tuple[int, int, int]]] = {}
+    for g in groups:
+        for s in g.sites:
+            tiles.setdefault((s.param, s.dim), {})[s.offset] = (g.id, g.size, s.repeat)
+    out: dict[tuple[str, int], tuple[np.ndarray, int]] = {}
+    for key, by_offset in tiles.items():
+        if not any(gid in kept for gid, _, _ in by_offset.values()):
+            continue
+        parts, pos = [], 0
+        for offset in sorted(by_offset):
+            gid, size, rep = by_offset[offset]
+            if offset != pos:
+                raise AssertionError(f"sites of {key} do not tile the dimension (gap at {pos})")
+            k = np.asarray(kept[gid], dtype=np.int64) if gid in kept else np.arange(size, dtype=np.int64)
+            parts.append((offset + k[:, None] * rep + np.arange(rep)[None, :]).reshape(-1))
+            pos = offset + size * rep
+        out[key] = (np.concatenate(parts), pos)
+    return out
+
+
+def build_plan(groups: Sequence[ChannelGroup], kept: Mapping[int, tuple[int, ...]]) -> PrunePlan:
+    """The plan: kept indices per group, per parameter dim, per consumer input, and per module."""
+    idx = param_indices(groups, kept)
+    params: dict[str, dict[int, tuple[int, ...]]] = {}
+    for (p, d), (k, _) in sorted(idx.items()):
+        params.setdefault(p, {})[d] = tuple(int(i) for i in k)
+    in_params = {(s.param, s.dim) for g in groups for s in g.sites if s.role == "in"}
+    inputs = {p: (d, params[p][d]) for p, d in sorted(in_params) if p in params and d in params[p]}
+    modules: dict[str, dict[str, tuple[int, ...]]] = {}
+    for p, dims in params.items():
+        owner, _, leaf = p.rpartition(".")
+        entry = modules.setdefault(owner, {})
+        if leaf == "weight" and 1 in dims and (p, 1) in in_params:
+            entry["in"] = dims[1]
+        if 0 in dims and leaf in ("weight", "running_mean"):
+            entry["out"] = dims[0]
+    return PrunePlan(
+        kept={g: tuple(v) for g, v in sorted(kept.items())},
+        group_sizes={g.id: g.size for g in groups},
+        params=params,
+        inputs=inputs,
+        modules={m: e for m, e in sorted(modules.items()) if e},
+    )
+
+
+def _fix_conv(m: nn.Module, before: dict[str, int]) -> None:
+    assert isinstance(m, nn.modules.conv._ConvNd)
+    c_out = m.weight.shape[0]
+    if before["groups"] > 1 and before["in_channels"] == before["groups"]:  # depthwise
+        m.groups = c_out // (before["out_channels"] // before["groups"])
+        m.in_channels = m.groups
+    else:
+        m.in_channels = m.weight.shape[1] * m.groups
+    m.out_channels = c_out
+
+
+def _fix_linear(m: nn.Module, before: dict[str, int]) -> None:
+    assert isinstance(m, nn.Linear)
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _fix_norm(m: nn.Module, before: dict[str, int]) -> None:
+    t = m.weight if getattr(m, "weight", None) is not None else m.running_mean
+    if t is not None:
+        m.num_features = t.shape[0]  # type: ignore[assignment]
+
+
+#: module type -> (attributes to remember before slicing, function that fixes them after)
+_ATTR_FIXES: dict[type, tuple[tuple[str, ...], Callable[[nn.Module, dict[str, int]], None]]] = {
+    nn.modules.conv._ConvNd: (("in_channels", "out_channels", "groups"), _fix_conv),
+    nn.Linear: ((), _fix_linear),
+    nn.modules.batchnorm._NormBase: ((), _fix_norm),
+}
+
+
+class RewritePass(TransformPass):
+    def __init__(self, groups: Sequence[ChannelGroup], kept: Mapping[int, tuple[int, ...]]) -> None:
+        self.groups = list(groups)
+        self.kept = dict(kept)
+
+    def run(self, gm: fx.GraphModule) -> fx.GraphModule:
+        new = copy.deepcopy(gm)
+        touched: set[str] = set()
+        remembered: dict[str, dict[str, int]] = {}
+        for name, m in new.named_modules():
+            for typ, (attrs, _) in _ATTR_FIXES.items():
+                if isinstance(m, typ):
+                    remembered[name] = {a: int(getattr(m, a)) for a in attrs}
+        with torch.no_grad():
+            for (param, dim), (index, length) in param_indices(self.groups, self.kept).items():
+                owner_name, _, leaf = param.rpartition(".")
+                owner = new.get_submodule(owner_name)
+                old = getattr(owner, leaf)
+                if old.shape[dim] != length:
+                    raise AssertionError(f"{param} has {old.shape[dim]} positions on dim {dim}, sites cover {length}")
+                sliced = old.index_select(dim, torch.as_tensor(index, device=old.device)).clone()
+                if isinstance(old, nn.Parameter):
+                    setattr(owner, leaf, nn.Parameter(sliced, requires_grad=old.requires_grad))
+                else:
+                    owner._buffers[leaf] = sliced
+                touched.add(owner_name)
+        for name in touched:
+            m = new.get_submodule(name)
+            for typ, (_, fix) in _ATTR_FIXES.items():
+                if isinstance(m, typ):
+                    fix(m, remembered.get(name, {}))
+        sizes = {g.id: len(self.kept[g.id]) if g.id in self.kept else g.size for g in self.groups}
+        for node in new.graph.nodes:
+            for fix in node.meta.get(META_LITERALS, ()):
+                value = sum(sizes[g] * r for g, r in fix.segments) // fix.divisor
+                if isinstance(fix.index, str):
+                    kwargs = dict(node.kwargs)
+                    kwargs[fix.index] = _put(kwargs[fix.index], fix.item, value)
+                    node.kwargs = kwargs
+                else:
+                    args = list(node.args)
+                    args[fix.index] = _put(args[fix.index], fix.item, value)
+                    node.args = tuple(args)
+        new.graph.lint()
+        new.recompile()
+        return new
+
+
+def _put(arg: object, item: int | None, value: int) -> object:
+    if item is None:
+        return value
+    assert isinstance(arg, (list, tuple))
+    seq = list(arg)
+    seq[item] = value
+    return type(arg)(seq)

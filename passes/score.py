@@ -1,0 +1,84 @@
+"""The scoring interface: a score is an analysis pass that estimates, per channel of every prunable group,
+how much the loss rises if that channel is removed (higher = keep).
+
+A score registers under a name (``register_score``); ``compile(score=NAME)`` looks it up. Its result is
+written into ``node.meta[META_SCORES]`` of each group's producer nodes and returned as a dict.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch.fx as fx
+
+from fxprune.data import ChannelGroup
+from fxprune.passes.base import AnalysisPass
+
+__all__ = ["META_SCORES", "SCORES", "GroupScore", "ScorePass", "get_score", "register_score"]
+
+#: {group id: GroupScore} on the producer nodes of each scored group.
+META_SCORES = "fxprune.scores"
+
+
+@dataclass(frozen=True)
+class GroupScore:
+    """Per-channel estimate (``mean``) and, where the score has one, its spread across batches."""
+
+    mean: np.ndarray
+    spread: np.ndarray | None = None
+
+
+SCORES: dict[str, type[ScorePass]] = {}
+
+
+def register_score(name: str) -> Callable[[type[ScorePass]], type[ScorePass]]:
+    def deco(cls: type[ScorePass]) -> type[ScorePass]:
+        cls.name = name
+        SCORES[name] = cls
+        return cls
+
+    return deco
+
+
+def get_score(name: str) -> type[ScorePass]:
+    import fxprune.passes.score_magnitude  # noqa: F401  (registers itself)
+
+    if name not in SCORES:
+        from fxprune.errors import InputError
+
+        raise InputError(f"score={name!r} is not a known score; choose one of {sorted(SCORES)}")
+    return SCORES[name]
+
+
+class ScorePass(AnalysisPass[dict[int, GroupScore]]):
+    """Base class. Subclasses implement ``score_groups`` for the prunable groups they are given.
+
+    ``comparable`` says whether values of different groups are on one scale (loss units); if False,
+    selection still compares them globally, as Torch-Pruning does with normalised importances.
+    """
+
+    name: ClassVar[str] = ""
+    comparable: ClassVar[bool] = True
+    #: default ``cost_exponent`` for selection: 1.0 for scores in loss units (loss per FLOP saved); 0.0 for
+    #: normalised importances, where dividing by FLOPs would only favour the heaviest groups.
+    cost_exponent: ClassVar[float] = 1.0
+
+    def __init__(self, groups: Sequence[ChannelGroup], **options: Any) -> None:
+        self.groups = [g for g in groups if g.prunable]
+        self.options = options
+
+    def run(self, gm: fx.GraphModule) -> dict[int, GroupScore]:
+        scores = self.score_groups(gm, self.groups)
+        by_node = {n.name: n for n in gm.graph.nodes}
+        for g in self.groups:
+            for prod in g.producers:
+                if prod in by_node:
+                    by_node[prod].meta.setdefault(META_SCORES, {})[g.id] = scores[g.id]
+        return scores
+
+    @abc.abstractmethod
+    def score_groups(self, gm: fx.GraphModule, groups: list[ChannelGroup]) -> dict[int, GroupScore]: ...
