@@ -109,14 +109,31 @@ class ChannelGroup:
 
 @dataclass(frozen=True)
 class LiteralFix:
-    """Argument ``index`` (an int, or position ``item`` of a list/tuple argument) of a node equals the
-    size of a channel dimension; the rewrite replaces it with ``sum(kept[g] * repeat)`` of ``segments``,
-    divided by ``divisor``."""
+    """A literal argument of a node that depends on channel counts; the rewrite recomputes it.
+
+    The argument is ``args[index]`` (or ``kwargs[index]`` for a str), or element ``item`` of it. With
+    ``size(s) = sum(kept[g] * repeat for g, repeat in s)`` the new value is, by ``kind``:
+
+    - ``"size"``: ``size(segments[0]) // divisor`` (view/reshape sizes, ``groups`` of a depthwise conv);
+    - ``"sizes"``: ``[size(s) for s in segments]`` (split sections);
+    - ``"slice"``: ``slice(size(segments[0]), size(segments[0]) + size(segments[1]))`` (channel slicing).
+    """
 
     index: int | str
     item: int | None
-    segments: Segments
+    kind: str
+    segments: tuple[Segments, ...]
     divisor: int = 1
+
+    def value(self, sizes: Mapping[int, int]) -> object:
+        size = [sum(sizes[g] * r for g, r in s) for s in self.segments]
+        if self.kind == "size":
+            return size[0] // self.divisor
+        if self.kind == "sizes":
+            return size
+        if self.kind == "slice":
+            return slice(size[0], size[0] + size[1])
+        raise ValueError(f"unknown LiteralFix kind {self.kind!r}")
 
 
 @dataclass(frozen=True)

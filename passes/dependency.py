@@ -75,7 +75,8 @@ class _Claim:
 class _LiteralClaim:
     index: int | str
     item: int | None
-    segs: tuple[Seg, ...]
+    kind: str
+    segs: tuple[tuple[Seg, ...], ...]
     divisor: int
 
 
@@ -154,9 +155,12 @@ class RuleContext:
         """The node's FLOPs scale with the kept size of each (non-None) channel dim in ``dims``."""
         self._a.cost_dims[self.node] = tuple(tuple(d) for d in dims if d is not None)
 
-    def literal(self, index: int | str, item: int | None, segs: Sequence[Seg], divisor: int = 1) -> None:
-        """Argument ``index`` (or its element ``item``) must become the kept size of ``segs`` / divisor."""
-        self._a.literals.setdefault(self.node, []).append(_LiteralClaim(index, item, tuple(segs), divisor))
+    def literal(
+        self, index: int | str, item: int | None, *segs: Sequence[Seg], kind: str = "size", divisor: int = 1
+    ) -> None:
+        """Argument ``index`` (or its element ``item``) is recomputed from kept counts (``LiteralFix``)."""
+        claim = _LiteralClaim(index, item, kind, tuple(tuple(s) for s in segs), divisor)
+        self._a.literals.setdefault(self.node, []).append(claim)
 
 
 Rule = Callable[[RuleContext], Any]
@@ -295,7 +299,8 @@ def _finalize(a: _Analysis) -> DependencyResult:
                     lst.append(node.name)
         node.meta[META_COST_DIMS] = tuple(segments(d) for d in a.cost_dims.get(node, ()))
         node.meta[META_LITERALS] = tuple(
-            LiteralFix(lc.index, lc.item, segments(lc.segs), lc.divisor) for lc in a.literals.get(node, [])
+            LiteralFix(lc.index, lc.item, lc.kind, tuple(segments(x) for x in lc.segs), lc.divisor)
+            for lc in a.literals.get(node, [])
         )
 
     sites: dict[int, list[Site]] = {}

@@ -251,8 +251,13 @@ def _cat(ctx: RuleContext) -> Any:
     return Tracked(D, tuple(segs))
 
 
-def _pieces(ctx: RuleContext, x: Any, dim: int) -> Any:
-    """Outputs of split/chunk/tensor_split along ``dim``: slices of the channel segments."""
+def _pieces(ctx: RuleContext, x: Any, dim: int, sections: tuple[int | str, Any] | None) -> Any:
+    """Outputs of split/chunk along ``dim``: slices of the channel segments.
+
+    ``split`` takes its sizes from a literal (``sections`` = where it is, and the value), which the rewrite
+    turns into the list of kept piece sizes. ``chunk`` always cuts equal pieces, so the
+    pieces are unified (each keeps the same channels); uneven pieces then pin.
+    """
     t = ctx.tracked(x)
     outs = ctx.out
     if t is None or not isinstance(outs, tuple):
@@ -261,22 +266,36 @@ def _pieces(ctx: RuleContext, x: Any, dim: int) -> Any:
     dim = _norm_dim(dim, ndim)
     if dim != t.dim:
         return tuple(t for _ in outs)
-    result = []
+    pieces: list[tuple[Seg, ...]] = []
     start = 0
     for v in outs:
         stop = start + v.shape[dim]
-        piece = ctx.spaces.slice(t.segs, start, stop) if stop > start else None
-        if piece is None and stop > start:
-            ctx.pin(t, "split inside a repeated channel block")
+        piece = ctx.spaces.slice(t.segs, start, stop) if stop > start else ()
+        if piece is None or not piece:
+            ctx.pin(t, "split inside a repeated channel block or into an empty piece")
             return tuple(None for _ in outs)
-        result.append(Tracked(dim, piece) if piece else None)
+        pieces.append(piece)
         start = stop
-    return tuple(result)
+    if sections is None:
+        for p in pieces[1:]:
+            ctx.unify(pieces[0], p, "chunk cuts equal pieces")
+    elif isinstance(sections[1], (int, list, tuple)):
+        ctx.literal(sections[0], None, *pieces, kind="sizes")
+    else:
+        ctx.pin(t, "split with computed sizes")
+    return tuple(Tracked(dim, p) for p in pieces)
 
 
-@register(torch.split, "split", torch.chunk, "chunk", torch.tensor_split, "tensor_split")
+@register(torch.split, "split")
 def _split(ctx: RuleContext) -> Any:
-    return _pieces(ctx, ctx.arg(0, "input"), ctx.arg(2, "dim", 0))
+    where: int | str = 1 if len(ctx.node.args) > 1 else next(k for k in ("split_size_or_sections", "split_size") if k in ctx.node.kwargs)
+    sizes = ctx.node.args[1] if isinstance(where, int) else ctx.node.kwargs[where]
+    return _pieces(ctx, ctx.arg(0, "input"), ctx.arg(2, "dim", 0), (where, sizes))
+
+
+@register(torch.chunk, "chunk")
+def _chunk(ctx: RuleContext) -> Any:
+    return _pieces(ctx, ctx.arg(0, "input"), ctx.arg(2, "dim", 0), None)
 
 
 @register(torch.unbind, "unbind")
@@ -318,7 +337,8 @@ def _getitem(ctx: RuleContext) -> Any:
     expanded.extend([slice(None)] * (len(shape) - sum(1 for i in expanded if i is not None)))
     in_dim = out_dim = 0
     new_dim, segs = None, info.segs
-    for i in expanded:
+    raw_pos = _raw_positions(items, len(shape))
+    for pos, i in enumerate(expanded):
         if i is None:
             out_dim += 1
             continue
@@ -332,15 +352,30 @@ def _getitem(ctx: RuleContext) -> Any:
                 return None
             if (start, stop) != (0, shape[in_dim]):
                 piece = ctx.spaces.slice(info.segs, start, stop) if stop > start else None
-                if piece is None:
+                before = ctx.spaces.slice(info.segs, 0, start) if start > 0 else ()
+                if piece is None or before is None or raw_pos[pos] is None:
                     ctx.pin(info, "slice inside a repeated channel block")
                     return None
                 segs = piece
+                ctx.literal(1, raw_pos[pos] if isinstance(idx, tuple) else None, before, piece, kind="slice")
             new_dim = out_dim
         in_dim += 1
         if not isinstance(i, int):
             out_dim += 1
     return Tracked(new_dim, segs) if new_dim is not None else None
+
+
+def _raw_positions(items: list[Any], ndim: int) -> list[int | None]:
+    """For each expanded index entry (Ellipsis expanded, trailing dims added), its position in ``items``."""
+    out: list[int | None] = []
+    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    for p, i in enumerate(items):
+        if i is Ellipsis:
+            out.extend([None] * (ndim - n_real))
+        else:
+            out.append(p)
+    target = ndim + sum(1 for i in items if i is None)
+    return out + [None] * (target - len(out))
 
 
 # ------------------------------------------------------------------------------------ shape-moving ops

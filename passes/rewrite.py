@@ -138,7 +138,7 @@ class RewritePass(TransformPass):
         sizes = {g.id: len(self.kept[g.id]) if g.id in self.kept else g.size for g in self.groups}
         for node in new.graph.nodes:
             for fix in node.meta.get(META_LITERALS, ()):
-                value = sum(sizes[g] * r for g, r in fix.segments) // fix.divisor
+                value = fix.value(sizes)
                 if isinstance(fix.index, str):
                     kwargs = dict(node.kwargs)
                     kwargs[fix.index] = _put(kwargs[fix.index], fix.item, value)
@@ -152,7 +152,7 @@ class RewritePass(TransformPass):
         return new
 
 
-def _put(arg: object, item: int | None, value: int) -> object:
+def _put(arg: object, item: int | None, value: object) -> object:
     if item is None:
         return value
     assert isinstance(arg, (list, tuple))

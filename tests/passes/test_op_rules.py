@@ -1,0 +1,309 @@
+"""One test per rule family: how channels flow, what is coupled, what is pinned (and why)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import assert_masked_equivalent, randomize_norms
+
+import fxprune
+from fxprune.data import META_CHANNELS
+from fxprune.passes.dependency import DependencyPass, UnsupportedOpError
+from fxprune.trace import shape_propagate, trace
+
+X = torch.randn(2, 3, 8, 8)
+
+
+def _groups(model: nn.Module, *x: torch.Tensor) -> fxprune.DependencyResult:
+    return fxprune.dependency_graph(model.eval(), x if len(x) > 1 else x[0])
+
+
+def _group_with(dep: fxprune.DependencyResult, param: str, role: str = "out") -> fxprune.ChannelGroup:
+    hits = [g for g in dep.groups if any(s.param == param and s.role == role for s in g.sites)]
+    assert len(hits) == 1, f"{param} ({role}) in {len(hits)} groups"
+    return hits[0]
+
+
+def _prune_and_check(model: nn.Module, x: torch.Tensor = X, target: float = 0.6) -> fxprune.CompileResult:
+    randomize_norms(model)
+    r = fxprune.compile(model.eval(), x, target, latency_runs=0)
+    assert r.plan.removed_channels > 0
+    assert r.verification is not None and r.verification.passed, r.verification
+    assert_masked_equivalent(model, r, x)
+    assert r.flops_after == pytest.approx(r.cost.flops(r.plan.kept_sizes()), rel=1e-9), "cost model is not exact"
+    return r
+
+
+class _Chain(nn.Module):
+    def __init__(self, mid: nn.Module | None = None, c: int = 8) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, c, 3, padding=1)
+        self.mid = mid or nn.Identity()
+        self.b = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.mid(self.a(x)))
+
+
+@pytest.mark.parametrize(
+    "mid", [nn.ReLU(), nn.GELU(), nn.Hardswish(), nn.Dropout(0.2), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(3), nn.Upsample(scale_factor=2)]
+)
+def test_passthrough_modules_keep_channels(mid: nn.Module) -> None:
+    dep = _groups(_Chain(mid), X)
+    g = _group_with(dep, "a.weight")
+    assert g.prunable and g.consumers == ("b",)
+    _prune_and_check(_Chain(mid))
+
+
+def test_softmax_over_channels_pins_other_dims_do_not() -> None:
+    class M(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.a, self.b, self.dim = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), dim
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(F.softmax(self.a(x), dim=self.dim))
+
+    assert "softmax normalises across the channels" in _group_with(_groups(M(1), X), "a.weight").pinned[0]
+    assert _group_with(_groups(M(-1), X), "a.weight").prunable
+
+
+def test_residual_add_couples_producers() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            y = y + self.b(y)
+            y += self.b(y)  # the same module twice: its weight is claimed twice, consistently
+            return self.c(y)
+
+    g = _group_with(_groups(M(), X), "a.weight")
+    assert set(g.producers) >= {"a", "b"} and "c" in g.consumers
+    _prune_and_check(M())
+
+
+def test_parameter_operand_is_sliced_and_untracked_tensor_pins() -> None:
+    class Scale(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+            self.gamma = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x) * self.gamma + 1.0)
+
+    g = _group_with(_groups(Scale(), X), "a.weight")
+    assert any(s.param == "gamma" and s.role == "norm" for s in g.sites)
+    r = _prune_and_check(Scale())
+    assert r.graph_module.gamma.shape[0] == r.graph_module.a.out_channels < 8
+
+    class Other(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.b(self.a(x) + y)
+
+    g = _group_with(_groups(Other(), X, torch.randn(2, 8, 8, 8)), "a.weight")
+    assert "untracked tensor 'y' spans the channel dim" in g.pinned[0]
+    g = _group_with(_groups(Other(), X, torch.randn(2, 1, 8, 8)), "a.weight")
+    assert g.prunable, "a broadcast (size-1) operand couples nothing"
+
+
+def test_cat_offsets_and_concat_along_other_dim() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 6, 1), nn.Conv2d(10, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.cat([self.b(x), self.a(x)], 1)
+            y = torch.cat([y, y], dim=2)  # along H: channels stay aligned
+            return self.c(y)
+
+    dep = _groups(M(), X)
+    ga, gb = _group_with(dep, "a.weight"), _group_with(dep, "b.weight")
+    assert [s.offset for s in ga.sites if s.param == "c.weight"] == [6]
+    assert [s.offset for s in gb.sites if s.param == "c.weight"] == [0]
+    _prune_and_check(M())
+
+
+def test_split_chunk_slice_literals_follow_kept_counts() -> None:
+    from fxprune.models_zoo.toy import SplitNet
+
+    r = _prune_and_check(SplitNet(), torch.randn(2, 3, 16, 16))
+    code = r.graph_module.code
+    assert "split(" in code and "16" not in code.split("split(")[1].split(")")[0], "split size not rewritten"
+
+
+def test_chunk_pieces_are_unified() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            p, q = self.a(x).chunk(2, dim=1)
+            return self.b(p * q)
+
+    dep = _groups(M(), X)
+    g = _group_with(dep, "a.weight")
+    assert g.size == 4 and [s.offset for s in g.sites if s.param == "a.weight"] == [0, 4]
+    _prune_and_check(M())
+
+
+def test_indexing_one_channel_or_strided_pins() -> None:
+    class M(nn.Module):
+        def __init__(self, mode: str) -> None:
+            super().__init__()
+            self.a, self.mode = nn.Conv2d(3, 8, 1), mode
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return y[:, 0] if self.mode == "int" else y[:, ::2]
+
+    assert "indexing a single channel" in " ".join(_group_with(_groups(M("int"), X), "a.weight").pinned)
+    assert "strided slice" in " ".join(_group_with(_groups(M("step"), X), "a.weight").pinned)
+
+
+def test_flatten_linear_repeat_and_view_literal() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8 * 4 * 4, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.adaptive_avg_pool2d(self.a(x), 4)
+            return self.fc(y.view(-1, 8 * 4 * 4))
+
+    g = _group_with(_groups(M(), X), "a.weight")
+    (site,) = [s for s in g.sites if s.param == "fc.weight"]
+    assert (site.dim, site.repeat) == (1, 16)
+    r = _prune_and_check(M())
+    assert f"view(-1, {r.graph_module.fc.in_features})" in r.graph_module.code
+
+
+def test_channel_shuffle_view_pins() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            n, c, h, w = y.shape
+            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+            return self.b(y)
+
+    assert "reshape splits" in _group_with(_groups(M(), X), "a.weight").pinned[0]
+
+
+def test_permute_transpose_and_channels_last_linear() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8, 6)
+            self.b = nn.Conv2d(6, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.fc(self.a(x).permute(0, 2, 3, 1))
+            return self.b(y.transpose(1, 3).transpose(2, 3))
+
+    dep = _groups(M(), X)
+    assert "fc" in _group_with(dep, "a.weight").consumers
+    assert "b" in _group_with(dep, "fc.weight").consumers
+    _prune_and_check(M())
+
+
+def test_reductions() -> None:
+    class M(nn.Module):
+        def __init__(self, dims: tuple[int, ...]) -> None:
+            super().__init__()
+            self.a, self.fc, self.dims = nn.Conv2d(3, 8, 1), nn.Linear(8, 2), dims
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x).mean(self.dims)
+            return self.fc(y) if len(self.dims) == 2 else y
+
+    assert _group_with(_groups(M((2, 3)), X), "a.weight").prunable
+    assert "reduction over the channel dim" in _group_with(_groups(M((1,)), X), "a.weight").pinned[0]
+    _prune_and_check(M((2, 3)))
+
+
+def test_grouped_conv_ties_slots_and_depthwise_ties_in_out() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.g = nn.Conv2d(8, 12, 3, padding=1, groups=4)  # 2 in, 3 out per group
+            self.dw = nn.Conv2d(12, 24, 3, padding=1, groups=12)  # multiplier 2
+            self.b = nn.Conv2d(24, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(self.dw(self.g(self.a(x))))
+
+    dep = _groups(M(), X)
+    ga = _group_with(dep, "a.weight")
+    assert ga.size == 2 and sorted(s.offset for s in ga.sites if s.param == "a.weight") == [0, 2, 4, 6]
+    gg = _group_with(dep, "g.weight")
+    assert gg.size == 3
+    assert {(s.param, s.repeat) for s in gg.sites if s.param in ("dw.weight", "b.weight")} == {("dw.weight", 2), ("b.weight", 2)}
+    r = _prune_and_check(M(), target=0.5)
+    gm = r.graph_module
+    assert gm.g.groups == 4 and gm.dw.groups == gm.dw.in_channels == gm.g.out_channels
+    assert gm.dw.out_channels == 2 * gm.dw.in_channels
+
+
+def test_linear_on_non_last_dim_pins() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.fc = nn.Conv2d(3, 8, 1), nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.a(x))  # mixes W (=8), not channels
+
+    assert "linear applied along a non-channel dim" in _group_with(_groups(M(), torch.randn(2, 3, 8, 8)), "a.weight").pinned[0]
+
+
+def test_functional_forms() -> None:
+    from fxprune.models_zoo.toy import FunctionalNet
+
+    r = _prune_and_check(FunctionalNet(), torch.randn(2, 3, 8, 8), target=0.5)
+    gm = r.graph_module
+    kept = gm.w_dw.shape[0]
+    assert kept < 16 and gm.scale.shape[1] == kept and gm.rm.shape[0] == kept
+    assert f", {kept})" in gm.code.split("conv2d(relu")[1].split("\n")[0], "depthwise groups literal not rewritten"
+
+
+def test_unknown_op_pins_with_reason_and_strict_raises() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.roll(self.a(x), 1, dims=1))
+
+    g = _group_with(_groups(M(), X), "a.weight")
+    assert g.pinned == ("no rule for torch.roll at node 'roll'",)
+    gm = trace(M().eval())
+    shape_propagate(gm, (X,))
+    with pytest.raises(UnsupportedOpError, match="torch.roll at node %roll"):
+        DependencyPass(strict=True)(gm)
+
+
+def test_output_is_pinned_and_node_meta_written() -> None:
+    dep = _groups(_Chain(), X)
+    assert _group_with(dep, "b.weight").pinned == ("reaches the graph output at node 'output'",)
+    gm = trace(_Chain().eval())
+    shape_propagate(gm, (X,))
+    DependencyPass()(gm)
+    metas = {n.name: n.meta[META_CHANNELS] for n in gm.graph.nodes}
+    assert metas["x"] is None and metas["a"].dim == 1 and metas["a"].segments == ((0, 1),)

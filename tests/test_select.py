@@ -1,0 +1,94 @@
+"""Selection is a pure function: properties over random groups and costs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxprune.data import ChannelGroup, Site
+from fxprune.errors import TargetError
+from fxprune.passes.cost import CostModel, NodeCost
+from fxprune.select import allowed_sizes, resolve_target, select
+
+
+def _group(gid: int, n: int, pinned: bool = False) -> ChannelGroup:
+    return ChannelGroup(gid, n, (Site(f"p{gid}", 0, 0, 1, "out", f"n{gid}"),), (f"n{gid}",), ("pin",) if pinned else ())
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> tuple[list[ChannelGroup], dict[int, np.ndarray], CostModel]:
+    n_groups = draw(st.integers(1, 6))
+    sizes = [draw(st.integers(1, 24)) for _ in range(n_groups)]
+    groups = [_group(i, n, pinned=draw(st.booleans()) and i > 0) for i, n in enumerate(sizes)]
+    scores = {i: np.asarray(draw(st.lists(st.floats(0, 10), min_size=n, max_size=n))) for i, n in enumerate(sizes)}
+    nodes = []
+    for j in range(draw(st.integers(1, 6))):
+        a = draw(st.integers(0, n_groups - 1))
+        b = draw(st.integers(0, n_groups - 1))
+        dims = ((( a, 1),), ((b, draw(st.integers(1, 3))),)) if draw(st.booleans()) else (((a, 1),),)
+        full = tuple(sum(sizes[g] * r for g, r in d) for d in dims)
+        nodes.append(NodeCost(f"c{j}", draw(st.integers(1, 10**6)), dims, full))
+    if draw(st.booleans()):
+        nodes.append(NodeCost("const", draw(st.integers(1, 10**5)), (), ()))
+    return groups, scores, CostModel(tuple(nodes), dict(enumerate(sizes)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(problem=problems(), frac=st.floats(0.05, 1.0), min_channels=st.integers(1, 3), round_to=st.sampled_from([1, 2, 4]))
+def test_selection_meets_target_and_constraints(problem, frac, min_channels, round_to) -> None:  # type: ignore[no-untyped-def]
+    groups, scores, cost = problem
+    target = frac * cost.total
+    try:
+        sel = select(groups, scores, cost, target, min_channels=min_channels, round_to=round_to)
+    except TargetError as e:
+        assert e.min_flops is not None and e.min_flops > target
+        return
+    sizes = dict(cost.group_sizes)
+    for gid, kept in sel.kept.items():
+        g = groups[gid]
+        assert g.prunable, "a pinned group lost channels"
+        assert len(kept) in allowed_sizes(g.size, min_channels, round_to)
+        assert len(kept) >= 1 and list(kept) == sorted(set(kept))
+        removed = sorted(set(range(g.size)) - set(kept))
+        assert max(scores[gid][removed]) <= min(scores[gid][list(kept)]) + 1e-12, "kept a lower score than removed"
+        sizes[gid] = len(kept)
+    assert cost.flops(sizes) == pytest.approx(sel.predicted_flops)
+    assert sel.predicted_flops <= target * (1 + 1e-9)
+
+
+def test_stops_just_under_target() -> None:
+    groups = [_group(0, 100), _group(1, 100)]
+    scores = {0: np.arange(100.0), 1: np.arange(100.0)}
+    cost = CostModel((NodeCost("a", 10**6, (((0, 1),), ((1, 1),)), (100, 100)),), {0: 100, 1: 100})
+    sel = select(groups, scores, cost, 0.5 * 10**6)
+    assert 0.49 * 10**6 <= sel.predicted_flops <= 0.5 * 10**6
+
+
+def test_unreachable_target_names_minimum() -> None:
+    groups = [_group(0, 10)]
+    cost = CostModel((NodeCost("a", 1000, (((0, 1),),), (10,)), NodeCost("k", 500, (), ())), {0: 10})
+    with pytest.raises(TargetError, match="smallest model") as info:
+        select(groups, {0: np.ones(10)}, cost, 100.0)
+    assert info.value.min_flops == 600
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, float("nan"), float("inf"), "half", True, None])
+def test_resolve_target_rejects(bad: object) -> None:
+    with pytest.raises(TargetError, match="target_flops"):
+        resolve_target(bad, 1000)  # type: ignore[arg-type]
+
+
+def test_resolve_target_fraction_and_absolute() -> None:
+    assert resolve_target(0.25, 1000) == 250
+    assert resolve_target(400, 1000) == 400
+    with pytest.raises(TargetError, match="exceeds"):
+        resolve_target(5000, 1000)
+
+
+def test_allowed_sizes() -> None:
+    assert allowed_sizes(10, 1, 4) == [10, 8, 4]
+    assert allowed_sizes(10, 5, 4) == [10, 8]
+    assert allowed_sizes(5, 2, 1) == [5, 4, 3, 2]
+    assert allowed_sizes(1, 1, 1) == [1]
