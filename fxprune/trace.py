@@ -32,6 +32,7 @@ class _Tracer(fx.Tracer):
         self._leaf_types = tuple(t for t in leaves if isinstance(t, type))
         self._leaf_names = {t for t in leaves if isinstance(t, str)}
         self.fxprune_scope: list[str] = []
+        self.failed_in: str | None = None
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if module_qualified_name in self._leaf_names or isinstance(m, self._leaf_types):
@@ -42,6 +43,10 @@ class _Tracer(fx.Tracer):
         self.fxprune_scope.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # the innermost module sees the failure first
+                self.failed_in = self.fxprune_scope[-1]
+            raise
         finally:
             self.fxprune_scope.pop()
 
@@ -90,7 +95,7 @@ def trace(
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # torch.fx raises many types here; all mean "not capturable"
-        inside = tracer.fxprune_scope[-1] if tracer.fxprune_scope else ""
+        inside = tracer.failed_in or ""
         where = f"module '{inside}' ({type(model.get_submodule(inside)).__name__})" if inside else "the top-level forward"
         hint = (
             f"pass leaf_modules=['{inside}'] to keep it opaque (its channels are then pinned)"

@@ -1,0 +1,30 @@
+"""Acceptance of the core issue: eight torchvision CNNs at 224x224, target 0.5, random init, eval mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from conftest import assert_masked_equivalent, assert_unchanged, randomize_norms, snapshot
+
+import fxprune
+
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "googlenet", "squeezenet1_1", "vgg11_bn", "alexnet"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_torchvision_at_half_flops(name: str) -> None:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None)
+    model = randomize_norms(model).eval()
+    x = torch.randn(1, 3, 224, 224)
+    snap = snapshot(model)
+    r = fxprune.compile(model, x, 0.5, latency_runs=0)
+    assert_unchanged(model, snap)
+    recount = fxprune.count_flops(r.graph_module, (x,))
+    assert recount == r.flops_after
+    assert 0.48 <= recount / r.flops_before <= 0.50
+    assert r.params_after < r.params_before
+    v = r.verification
+    assert v is not None and v.passed and v.max_rel_error <= 1e-4, v
+    assert_masked_equivalent(model, r, x)
