@@ -96,7 +96,9 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 def _prepare(model: Any, example_input: Any) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """A private eval-mode copy of the model and the example as a tuple; checks both."""
     if not isinstance(model, torch.nn.Module):
-        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in an nn.Module")
+        raise InputError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in an nn.Module"
+        )
     example = as_example_tuple(example_input)
     work = copy.deepcopy(model)
     if model.training:
@@ -269,7 +271,7 @@ def _report(r: CompileResult) -> str:
     lines.append("## pinned groups")
     for g in groups:
         if g.pinned:
-            lines.append(f"- group {g.id} ({g.size} ch, nodes {', '.join(g.nodes[:3])}{'...' if len(g.nodes) > 3 else ''}): {'; '.join(g.pinned)}")
+            lines.append(
+                f"- group {g.id} ({g.size} ch, nodes {', '.join(g.nodes[:3])}{'...' if len(g.nodes) > 3 else ''}): {'; '.join(g.pinned)}"
+            )
     return "\n".join(lines)
-
-

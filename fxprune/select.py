@@ -47,7 +47,9 @@ def resolve_target(target_flops: float, total: int) -> float:
     if t <= 1.0:
         return t * total
     if t > total:
-        raise TargetError(f"target_flops={t:.0f} exceeds the model's {total} FLOPs; pass at most {total} or a fraction")
+        raise TargetError(
+            f"target_flops={t:.0f} exceeds the model's {total} FLOPs; pass at most {total} or a fraction"
+        )
     return t
 
 
@@ -103,8 +105,8 @@ def select(
             if per_channel <= 0:
                 continue
             n = ladders[gid][0]
-            lad = np.asarray(ladders[gid][step[gid] :])
-            hi, lo = lad[:-1], lad[1:]
+            ladder = np.asarray(ladders[gid][step[gid] :])
+            hi, lo = ladder[:-1], ladder[1:]
             cs = np.concatenate([[0.0], np.cumsum(np.asarray(scores[gid], dtype=np.float64)[order[gid]])])
             saved = per_channel * (hi - lo)
             pri = np.maximum.accumulate((cs[n - lo] - cs[n - hi]) / saved**cost_exponent)

@@ -96,7 +96,11 @@ def trace(
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # torch.fx raises many types here; all mean "not capturable"
         inside = tracer.failed_in or ""
-        where = f"module '{inside}' ({type(model.get_submodule(inside)).__name__})" if inside else "the top-level forward"
+        where = (
+            f"module '{inside}' ({type(model.get_submodule(inside)).__name__})"
+            if inside
+            else "the top-level forward"
+        )
         hint = (
             f"pass leaf_modules=['{inside}'] to keep it opaque (its channels are then pinned)"
             if inside

@@ -51,7 +51,9 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
     return []
 
 
-def export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int = 18) -> tuple[bytes, str]:
+def export_onnx(
+    model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int = 18
+) -> tuple[bytes, str]:
     """Export with the TorchScript exporter (fast), falling back to the dynamo exporter."""
     errors = []
     for dynamo in (False, True):
@@ -63,7 +65,7 @@ def export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset
                     assert prog is not None
                     return prog.model_proto.SerializeToString(), "dynamo"
                 buf = io.BytesIO()
-                torch.onnx.export(model, example, buf, dynamo=False, opset_version=opset)
+                torch.onnx.export(model, example, buf, dynamo=False, opset_version=opset)  # type: ignore[arg-type]
                 return buf.getvalue(), "torchscript"
         except Exception as exc:  # noqa: PERF203 - try the next exporter, report both if neither works
             errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(exc).__name__}: {exc}")
@@ -116,17 +118,24 @@ def verify_onnx(
     if len(got) != len(ref):
         return Verification(False, float("inf"), float("inf"), rtol, exporter, opset, None, None,
                             f"ONNX model has {len(got)} outputs, eager has {len(ref)}")  # fmt: skip
-    abs_err = max((float(np.max(np.abs(g.astype(np.float64) - r))) if r.size else 0.0) for g, r in zip(got, ref, strict=True))
+    abs_err = max(
+        (float(np.max(np.abs(g.astype(np.float64) - r))) if r.size else 0.0)
+        for g, r in zip(got, ref, strict=True)
+    )
     scale = max((float(np.max(np.abs(r))) if r.size else 0.0) for r in ref)
     rel = abs_err / scale if scale > 0 else abs_err
     ms_after = _latency_ms(sess, example, latency_runs) if latency_runs else None
     ms_before = None
     if original is not None and latency_runs:
         try:
-            ms_before = _latency_ms(ort_session(export_onnx(original.cpu(), example, opset)[0]), example, latency_runs)
+            ms_before = _latency_ms(
+                ort_session(export_onnx(original.cpu(), example, opset)[0]), example, latency_runs
+            )
         except Exception as exc:  # the original may use ops the exporter lacks; that is not our failure
             log.warning("could not time the original model in ONNX Runtime: %s", exc)
-    return Verification(abs_err <= rtol * max(scale, 1e-12), abs_err, rel, rtol, exporter, opset, ms_before, ms_after)
+    return Verification(
+        abs_err <= rtol * max(scale, 1e-12), abs_err, rel, rtol, exporter, opset, ms_before, ms_after
+    )
 
 
 def masked_model(model: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:

@@ -173,7 +173,7 @@ class FunctionalNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.conv2d(x, self.w1, self.b1, 1, 1)
-        x = F.batch_norm(x, self.rm, self.rv, self.gamma, None, False, 0.1, 1e-5)
+        x = F.batch_norm(x, self.rm, self.rv, self.gamma, None, False, 0.1, 1e-5)  # type: ignore[arg-type]
         x = x.relu()
         x = F.conv2d(x, self.w_dw, None, 1, 1, 1, 16) * self.scale
         x = F.conv2d(torch.sigmoid(x), self.w2)

@@ -18,7 +18,9 @@ class PassContractError(AssertionError):
 
 def _fingerprint(gm: fx.GraphModule) -> tuple[Any, ...]:
     nodes = tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
-    tensors = tuple((k, v.data_ptr(), tuple(v.shape), v._version) for k, v in gm.state_dict(keep_vars=True).items())
+    tensors = tuple(
+        (k, v.data_ptr(), tuple(v.shape), v._version) for k, v in gm.state_dict(keep_vars=True).items()
+    )
     return nodes, tensors
 
 
@@ -31,14 +33,21 @@ class AnalysisPass(abc.ABC, Generic[R]):
 
     def __call__(self, gm: fx.GraphModule) -> R:
         before = _fingerprint(gm)
-        foreign = {n.name: {k: id(v) for k, v in n.meta.items() if not k.startswith("fxprune.")} for n in gm.graph.nodes}
+        foreign = {
+            n.name: {k: id(v) for k, v in n.meta.items() if not k.startswith("fxprune.")}
+            for n in gm.graph.nodes
+        }
         result = self.run(gm)
         if _fingerprint(gm) != before:
-            raise PassContractError(f"analysis pass {type(self).__name__} modified the graph or its parameters")
+            raise PassContractError(
+                f"analysis pass {type(self).__name__} modified the graph or its parameters"
+            )
         for n in gm.graph.nodes:
             now = {k: id(v) for k, v in n.meta.items() if not k.startswith("fxprune.")}
             if now != foreign.get(n.name, {}):
-                raise PassContractError(f"analysis pass {type(self).__name__} wrote non-fxprune meta on {n.name}")
+                raise PassContractError(
+                    f"analysis pass {type(self).__name__} wrote non-fxprune meta on {n.name}"
+                )
         return result
 
     @abc.abstractmethod

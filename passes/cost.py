@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch.fx as fx
+from fxprune.passes.base import AnalysisPass
 
 from fxprune.data import META_COST_DIMS, META_FLOPS, Segments
-from fxprune.passes.base import AnalysisPass
 
 __all__ = ["CostModel", "CostPass", "NodeCost"]
 

@@ -20,6 +20,8 @@ from typing import Any
 import networkx as nx
 import torch
 import torch.fx as fx
+from fxprune.passes.base import AnalysisPass
+from fxprune.passes.spaces import Seg, SpaceTable
 
 from fxprune.data import (
     META_CHANNELS,
@@ -34,8 +36,6 @@ from fxprune.data import (
     TensorValue,
 )
 from fxprune.errors import FxpruneError
-from fxprune.passes.base import AnalysisPass
-from fxprune.passes.spaces import Seg, SpaceTable
 
 __all__ = ["DependencyPass", "DependencyResult", "ParamRef", "RuleContext", "Tracked", "UnsupportedOpError"]
 
@@ -204,7 +204,9 @@ class DependencyResult:
             g.add_node(gid, kind="group", size=grp.size, prunable=grp.prunable, pinned="; ".join(grp.pinned))
             for s in grp.sites:
                 g.add_node(s.param, kind="param")
-                g.add_edge(gid, s.param, role=s.role, dim=s.dim, offset=s.offset, repeat=s.repeat, node=s.node)
+                g.add_edge(
+                    gid, s.param, role=s.role, dim=s.dim, offset=s.offset, repeat=s.repeat, node=s.node
+                )
         return g
 
 
@@ -223,11 +225,7 @@ class DependencyPass(AnalysisPass[DependencyResult]):
             module = modules.get(node.target) if node.op == "call_module" else None
             ctx = RuleContext(a, node, module)
             rule = op_rules.lookup(node, module)
-            if rule is None:
-                info = _no_rule(ctx, self.strict)
-            else:
-                info = rule(ctx)
-            a.env[node] = info
+            a.env[node] = _no_rule(ctx, self.strict) if rule is None else rule(ctx)
         return _finalize(a)
 
 
@@ -312,7 +310,7 @@ def _finalize(a: _Analysis) -> DependencyResult:
                 offset += sp.length[atom] * r
 
     roots = {sp.find(leaf) for members in sp.classes().values() for leaf in members}
-    for root in sorted(roots, key=lambda r: (gid.get(r, len(gid) + r))):
+    for root in sorted(roots, key=lambda r: gid.get(r, len(gid) + r)):
         group_of(root)
     groups = []
     for root, g in sorted(gid.items(), key=lambda kv: kv[1]):

@@ -17,10 +17,10 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-
-from fxprune.data import TensorValue
 from fxprune.passes.dependency import ParamRef, RuleContext, Tracked
 from fxprune.passes.spaces import Seg
+
+from fxprune.data import TensorValue
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "lookup", "register"]
 
@@ -98,7 +98,13 @@ def _passthrough(spatial: int = 0) -> Rule:
         if t is None:
             return None
         si, so = _shape(ctx.value(x)), _shape(ctx.out)
-        if si is None or so is None or len(si) != len(so) or so[t.dim] != si[t.dim] or t.dim >= len(si) - spatial:
+        if (
+            si is None
+            or so is None
+            or len(si) != len(so)
+            or so[t.dim] != si[t.dim]
+            or t.dim >= len(si) - spatial
+        ):
             ctx.pin(t, "channel dim is pooled or reshaped")
             return None
         return t
@@ -132,15 +138,38 @@ _POOL_MODULES = {
     3: (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d),
 }
 _POOL_FUNCTIONS = {
-    1: (F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool1d, F.adaptive_max_pool1d, torch.max_pool1d, torch.avg_pool1d),
-    2: (F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.max_pool2d, F.lp_pool2d),
+    1: (
+        F.max_pool1d,
+        F.avg_pool1d,
+        F.adaptive_avg_pool1d,
+        F.adaptive_max_pool1d,
+        torch.max_pool1d,
+        torch.avg_pool1d,
+    ),
+    2: (
+        F.max_pool2d,
+        F.avg_pool2d,
+        F.adaptive_avg_pool2d,
+        F.adaptive_max_pool2d,
+        torch.max_pool2d,
+        F.lp_pool2d,
+    ),
     3: (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d),
 }
 for _k in (1, 2, 3):
     register(*_POOL_MODULES[_k], *_POOL_FUNCTIONS[_k])(_passthrough(spatial=_k))
 
 
-@register(nn.Softmax, nn.LogSoftmax, F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax")
+@register(
+    nn.Softmax,
+    nn.LogSoftmax,
+    F.softmax,
+    F.log_softmax,
+    torch.softmax,
+    torch.log_softmax,
+    "softmax",
+    "log_softmax",
+)
 def _softmax(ctx: RuleContext) -> Any:
     x = _self_arg(ctx)
     t = ctx.tracked(x)
@@ -178,7 +207,7 @@ def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
             return None
         (D,) = dims
         ref = tracked[0][1].segs
-        for x, t in tracked[1:]:
+        for _, t in tracked[1:]:
             ctx.unify(ref, t.segs, "elementwise op")
         for x in ops:
             if not isinstance(x, fx.Node) or ctx.tracked(x) is not None:
@@ -193,7 +222,9 @@ def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
             if isinstance(info, ParamRef):
                 ctx.claim(info.name, d, ref, "norm")
             else:
-                ctx.spaces.pin(ref, f"an untracked tensor '{x.name}' spans the channel dim at node '{ctx.node.name}'")
+                ctx.spaces.pin(
+                    ref, f"an untracked tensor '{x.name}' spans the channel dim at node '{ctx.node.name}'"
+                )
         return Tracked(D, ref)
 
     return rule
@@ -209,7 +240,9 @@ register(
     torch.true_divide, torch.maximum, torch.minimum, torch.pow,
     "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "maximum", "minimum", "pow",
 )(_elementwise(_two_operands))  # fmt: skip
-register(torch.where)(_elementwise(lambda ctx: [ctx.arg(0, "condition"), ctx.arg(1, "input"), ctx.arg(2, "other")]))
+register(torch.where)(
+    _elementwise(lambda ctx: [ctx.arg(0, "condition"), ctx.arg(1, "input"), ctx.arg(2, "other")])
+)
 register(torch.addcmul, torch.addcdiv)(
     _elementwise(lambda ctx: [ctx.arg(0, "input"), ctx.arg(1, "tensor1"), ctx.arg(2, "tensor2")])
 )
@@ -247,7 +280,12 @@ def _cat(ctx: RuleContext) -> Any:
             s = _shape(ctx.value(x))
             if s is None:
                 return None
-            segs.extend(ctx.new_space(s[D], pin=f"untracked tensor '{getattr(x, 'name', x)}' concatenated at node '{ctx.node.name}'"))
+            segs.extend(
+                ctx.new_space(
+                    s[D],
+                    pin=f"untracked tensor '{getattr(x, 'name', x)}' concatenated at node '{ctx.node.name}'",
+                )
+            )
     return Tracked(D, tuple(segs))
 
 
@@ -288,7 +326,11 @@ def _pieces(ctx: RuleContext, x: Any, dim: int, sections: tuple[int | str, Any] 
 
 @register(torch.split, "split")
 def _split(ctx: RuleContext) -> Any:
-    where: int | str = 1 if len(ctx.node.args) > 1 else next(k for k in ("split_size_or_sections", "split_size") if k in ctx.node.kwargs)
+    where: int | str = (
+        1
+        if len(ctx.node.args) > 1
+        else next(k for k in ("split_size_or_sections", "split_size") if k in ctx.node.kwargs)
+    )
     sizes = ctx.node.args[1] if isinstance(where, int) else ctx.node.kwargs[where]
     return _pieces(ctx, ctx.arg(0, "input"), ctx.arg(2, "dim", 0), (where, sizes))
 
@@ -418,7 +460,13 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
     return rule
 
 
-def _literal_at(ctx: RuleContext, where: Callable[[RuleContext], tuple[int | str, bool]], e: int, size: int, segs: Sequence[Seg]) -> None:
+def _literal_at(
+    ctx: RuleContext,
+    where: Callable[[RuleContext], tuple[int | str, bool]],
+    e: int,
+    size: int,
+    segs: Sequence[Seg],
+) -> None:
     """Record that the literal for output dim ``e`` of view/reshape/expand must follow the channel count."""
     index, packed = where(ctx)
     if packed:
@@ -458,7 +506,9 @@ def _permute(ctx: RuleContext) -> Any:
     t = ctx.tracked(x)
     if t is None:
         return None
-    dims = ctx.node.args[1:] if len(ctx.node.args) > 2 or isinstance(ctx.node.args[1], int) else ctx.node.args[1]
+    dims = (
+        ctx.node.args[1:] if len(ctx.node.args) > 2 or isinstance(ctx.node.args[1], int) else ctx.node.args[1]
+    )
     ndim = len(_shape(ctx.value(x)) or ())
     perm = [_norm_dim(int(d), ndim) for d in dims]
     return Tracked(perm.index(t.dim), t.segs)
@@ -475,7 +525,20 @@ def _transpose(ctx: RuleContext) -> Any:
     return Tracked(b if t.dim == a else a if t.dim == b else t.dim, t.segs)
 
 
-@register(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, "mean", "sum", "amax", "amin", "std", "var")
+@register(
+    torch.mean,
+    torch.sum,
+    torch.amax,
+    torch.amin,
+    torch.std,
+    torch.var,
+    "mean",
+    "sum",
+    "amax",
+    "amin",
+    "std",
+    "var",
+)
 def _reduce(ctx: RuleContext) -> Any:
     x = ctx.arg(0, "input")
     t = ctx.tracked(x)
@@ -490,7 +553,11 @@ def _reduce(ctx: RuleContext) -> Any:
     if t.dim in dims:
         ctx.pin(t, "reduction over the channel dim")
         return None
-    keepdim = ctx.arg(2, "keepdim", False) if ctx.node.target not in (torch.std, torch.var, "std", "var") else ctx.node.kwargs.get("keepdim", False)
+    keepdim = (
+        ctx.arg(2, "keepdim", False)
+        if ctx.node.target not in (torch.std, torch.var, "std", "var")
+        else ctx.node.kwargs.get("keepdim", False)
+    )
     return Tracked(t.dim if keepdim else t.dim - sum(1 for d in dims if d < t.dim), t.segs)
 
 
@@ -523,7 +590,15 @@ def _param_name(ctx: RuleContext, attr: str) -> str | None:
     return a.name if isinstance(a, ParamRef) else None
 
 
-def _conv(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Sequence[int], groups: int, groups_literal: int | str | None) -> Any:
+def _conv(
+    ctx: RuleContext,
+    x: Any,
+    weight: str,
+    bias: str | None,
+    w_shape: Sequence[int],
+    groups: int,
+    groups_literal: int | str | None,
+) -> Any:
     """Convolution: ``weight`` is ``[C_out, C_in/groups, *k]``.
 
     Cases: (1) ``groups == 1``: input channels cut weight columns, a new space of ``C_out`` rows;
@@ -578,7 +653,15 @@ def _conv(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Sequ
 def _conv_module(ctx: RuleContext) -> Any:
     m = ctx.module
     assert isinstance(m, nn.modules.conv._ConvNd)
-    return _conv(ctx, ctx.arg(0, "input"), f"{ctx.node.target}.weight", _param_name(ctx, "bias"), m.weight.shape, m.groups, None)
+    return _conv(
+        ctx,
+        ctx.arg(0, "input"),
+        f"{ctx.node.target}.weight",
+        _param_name(ctx, "bias"),
+        m.weight.shape,
+        m.groups,
+        None,
+    )
 
 
 _FUNCTIONAL_PARAM_POS = {"weight": (1, "weight"), "bias": (2, "bias")}
@@ -623,7 +706,9 @@ def _linear(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Se
 def _linear_module(ctx: RuleContext) -> Any:
     m = ctx.module
     assert isinstance(m, nn.Linear)
-    return _linear(ctx, ctx.arg(0, "input"), f"{ctx.node.target}.weight", _param_name(ctx, "bias"), m.weight.shape)
+    return _linear(
+        ctx, ctx.arg(0, "input"), f"{ctx.node.target}.weight", _param_name(ctx, "bias"), m.weight.shape
+    )
 
 
 @register(F.linear)
@@ -654,7 +739,15 @@ def _per_channel(ctx: RuleContext, x: Any, params: Iterable[str | None]) -> Any:
 _BN_BUFFERS = ("weight", "bias", "running_mean", "running_var")
 
 
-@register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+@register(
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
 def _batchnorm_module(ctx: RuleContext) -> Any:
     return _per_channel(ctx, ctx.arg(0, "input"), [_param_name(ctx, a) for a in _BN_BUFFERS])
 

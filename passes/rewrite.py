@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from fxprune.passes.base import TransformPass
 
 from fxprune.data import META_LITERALS, ChannelGroup, PrunePlan
-from fxprune.passes.base import TransformPass
 
 __all__ = ["RewritePass", "build_plan", "param_indices"]
 
@@ -93,7 +93,7 @@ def _fix_linear(m: nn.Module, before: dict[str, int]) -> None:
 def _fix_norm(m: nn.Module, before: dict[str, int]) -> None:
     t = m.weight if getattr(m, "weight", None) is not None else m.running_mean
     if t is not None:
-        m.num_features = t.shape[0]  # type: ignore[assignment]
+        m.num_features = int(t.shape[0])  # type: ignore[index,assignment,union-attr]
 
 
 #: module type -> (attributes to remember before slicing, function that fixes them after)
@@ -123,7 +123,9 @@ class RewritePass(TransformPass):
                 owner = new.get_submodule(owner_name)
                 old = getattr(owner, leaf)
                 if old.shape[dim] != length:
-                    raise AssertionError(f"{param} has {old.shape[dim]} positions on dim {dim}, sites cover {length}")
+                    raise AssertionError(
+                        f"{param} has {old.shape[dim]} positions on dim {dim}, sites cover {length}"
+                    )
                 sliced = old.index_select(dim, torch.as_tensor(index, device=old.device)).clone()
                 if isinstance(old, nn.Parameter):
                     setattr(owner, leaf, nn.Parameter(sliced, requires_grad=old.requires_grad))

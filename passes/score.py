@@ -14,9 +14,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch.fx as fx
+from fxprune.passes.base import AnalysisPass
 
 from fxprune.data import ChannelGroup
-from fxprune.passes.base import AnalysisPass
 
 __all__ = ["META_SCORES", "SCORES", "GroupScore", "ScorePass", "get_score", "register_score"]
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.fx as fx
+from fxprune.passes.score import GroupScore, ScorePass, register_score
 
 from fxprune.data import ChannelGroup
-from fxprune.passes.score import GroupScore, ScorePass, register_score
 
 __all__ = ["MagnitudeScore", "channel_sums"]
 

@@ -60,7 +60,9 @@ def assert_masked_equivalent(
     err = (got - ref).abs().max().item()
     assert err <= rtol * scale, f"pruned differs from masked original: {err:.3g} > {rtol} x {scale:.3g}"
     if result.plan.removed_channels:
-        assert not torch.allclose(orig, ref, rtol=0, atol=1e-7 * scale), "masking changed nothing: oracle is vacuous"
+        assert not torch.allclose(orig, ref, rtol=0, atol=1e-7 * scale), (
+            "masking changed nothing: oracle is vacuous"
+        )
     return err / scale
 
 

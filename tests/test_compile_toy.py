@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_masked_equivalent, assert_unchanged, randomize_norms, snapshot
+from fxprune.models_zoo.toy import TOY_MODELS
 
 import fxprune
-from fxprune.models_zoo.toy import TOY_MODELS
 
 X = torch.randn(2, 3, 16, 16)
 
@@ -71,4 +71,6 @@ def test_dependency_graph_networkx() -> None:
     groups = [n for n, d in g.nodes(data=True) if d["kind"] == "group"]
     assert len(groups) == len(dep.groups)
     stream = next(grp for grp in dep.groups if any(s.param == "stem.0.weight" for s in grp.sites))
-    assert {"stem.0.weight", "b1.1.weight", "b2.0.0.weight", "down.0.weight"} <= set(g.successors(f"group:{stream.id}"))
+    assert {"stem.0.weight", "b1.1.weight", "b2.0.0.weight", "down.0.weight"} <= set(
+        g.successors(f"group:{stream.id}")
+    )

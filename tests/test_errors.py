@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+from fxprune.models_zoo.toy import ResidualNet
 
 import fxprune
-from fxprune.models_zoo.toy import ResidualNet
 
 X = torch.randn(1, 3, 16, 16)
 

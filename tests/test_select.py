@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fxprune.passes.cost import CostModel, NodeCost
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxprune.data import ChannelGroup, Site
 from fxprune.errors import TargetError
-from fxprune.passes.cost import CostModel, NodeCost
 from fxprune.select import allowed_sizes, resolve_target, select
 
 
 def _group(gid: int, n: int, pinned: bool = False) -> ChannelGroup:
-    return ChannelGroup(gid, n, (Site(f"p{gid}", 0, 0, 1, "out", f"n{gid}"),), (f"n{gid}",), ("pin",) if pinned else ())
+    return ChannelGroup(
+        gid, n, (Site(f"p{gid}", 0, 0, 1, "out", f"n{gid}"),), (f"n{gid}",), ("pin",) if pinned else ()
+    )
 
 
 @st.composite
@@ -22,12 +24,14 @@ def problems(draw: st.DrawFn) -> tuple[list[ChannelGroup], dict[int, np.ndarray]
     n_groups = draw(st.integers(1, 6))
     sizes = [draw(st.integers(1, 24)) for _ in range(n_groups)]
     groups = [_group(i, n, pinned=draw(st.booleans()) and i > 0) for i, n in enumerate(sizes)]
-    scores = {i: np.asarray(draw(st.lists(st.floats(0, 10), min_size=n, max_size=n))) for i, n in enumerate(sizes)}
+    scores = {
+        i: np.asarray(draw(st.lists(st.floats(0, 10), min_size=n, max_size=n))) for i, n in enumerate(sizes)
+    }
     nodes = []
     for j in range(draw(st.integers(1, 6))):
         a = draw(st.integers(0, n_groups - 1))
         b = draw(st.integers(0, n_groups - 1))
-        dims = ((( a, 1),), ((b, draw(st.integers(1, 3))),)) if draw(st.booleans()) else (((a, 1),),)
+        dims = (((a, 1),), ((b, draw(st.integers(1, 3))),)) if draw(st.booleans()) else (((a, 1),),)
         full = tuple(sum(sizes[g] * r for g, r in d) for d in dims)
         nodes.append(NodeCost(f"c{j}", draw(st.integers(1, 10**6)), dims, full))
     if draw(st.booleans()):
@@ -36,7 +40,12 @@ def problems(draw: st.DrawFn) -> tuple[list[ChannelGroup], dict[int, np.ndarray]
 
 
 @settings(max_examples=200, deadline=None)
-@given(problem=problems(), frac=st.floats(0.05, 1.0), min_channels=st.integers(1, 3), round_to=st.sampled_from([1, 2, 4]))
+@given(
+    problem=problems(),
+    frac=st.floats(0.05, 1.0),
+    min_channels=st.integers(1, 3),
+    round_to=st.sampled_from([1, 2, 4]),
+)
 def test_selection_meets_target_and_constraints(problem, frac, min_channels, round_to) -> None:  # type: ignore[no-untyped-def]
     groups, scores, cost = problem
     target = frac * cost.total
@@ -52,7 +61,9 @@ def test_selection_meets_target_and_constraints(problem, frac, min_channels, rou
         assert len(kept) in allowed_sizes(g.size, min_channels, round_to)
         assert len(kept) >= 1 and list(kept) == sorted(set(kept))
         removed = sorted(set(range(g.size)) - set(kept))
-        assert max(scores[gid][removed]) <= min(scores[gid][list(kept)]) + 1e-12, "kept a lower score than removed"
+        assert max(scores[gid][removed]) <= min(scores[gid][list(kept)]) + 1e-12, (
+            "kept a lower score than removed"
+        )
         sizes[gid] = len(kept)
     assert cost.flops(sizes) == pytest.approx(sel.predicted_flops)
     assert sel.predicted_flops <= target * (1 + 1e-9)

@@ -9,7 +9,16 @@ from conftest import assert_masked_equivalent, assert_unchanged, randomize_norms
 
 import fxprune
 
-MODELS = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "googlenet", "squeezenet1_1", "vgg11_bn", "alexnet"]
+MODELS = [
+    "resnet18",
+    "resnet50",
+    "mobilenet_v2",
+    "densenet121",
+    "googlenet",
+    "squeezenet1_1",
+    "vgg11_bn",
+    "alexnet",
+]
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_masked_equivalent, randomize_norms
+from fxprune.passes.dependency import DependencyPass, UnsupportedOpError
 
 import fxprune
 from fxprune.data import META_CHANNELS
-from fxprune.passes.dependency import DependencyPass, UnsupportedOpError
 from fxprune.trace import shape_propagate, trace
 
 X = torch.randn(2, 3, 8, 8)
@@ -32,7 +32,9 @@ def _prune_and_check(model: nn.Module, x: torch.Tensor = X, target: float = 0.6)
     assert r.plan.removed_channels > 0
     assert r.verification is not None and r.verification.passed, r.verification
     assert_masked_equivalent(model, r, x)
-    assert r.flops_after == pytest.approx(r.cost.flops(r.plan.kept_sizes()), rel=1e-9), "cost model is not exact"
+    assert r.flops_after == pytest.approx(r.cost.flops(r.plan.kept_sizes()), rel=1e-9), (
+        "cost model is not exact"
+    )
     return r
 
 
@@ -48,7 +50,16 @@ class _Chain(nn.Module):
 
 
 @pytest.mark.parametrize(
-    "mid", [nn.ReLU(), nn.GELU(), nn.Hardswish(), nn.Dropout(0.2), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(3), nn.Upsample(scale_factor=2)]
+    "mid",
+    [
+        nn.ReLU(),
+        nn.GELU(),
+        nn.Hardswish(),
+        nn.Dropout(0.2),
+        nn.MaxPool2d(2),
+        nn.AdaptiveAvgPool2d(3),
+        nn.Upsample(scale_factor=2),
+    ],
 )
 def test_passthrough_modules_keep_channels(mid: nn.Module) -> None:
     dep = _groups(_Chain(mid), X)
@@ -74,7 +85,11 @@ def test_residual_add_couples_producers() -> None:
     class M(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+            self.a, self.b, self.c = (
+                nn.Conv2d(3, 8, 3, padding=1),
+                nn.Conv2d(8, 8, 3, padding=1),
+                nn.Conv2d(8, 2, 1),
+            )
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.a(x)
@@ -253,7 +268,10 @@ def test_grouped_conv_ties_slots_and_depthwise_ties_in_out() -> None:
     assert ga.size == 2 and sorted(s.offset for s in ga.sites if s.param == "a.weight") == [0, 2, 4, 6]
     gg = _group_with(dep, "g.weight")
     assert gg.size == 3
-    assert {(s.param, s.repeat) for s in gg.sites if s.param in ("dw.weight", "b.weight")} == {("dw.weight", 2), ("b.weight", 2)}
+    assert {(s.param, s.repeat) for s in gg.sites if s.param in ("dw.weight", "b.weight")} == {
+        ("dw.weight", 2),
+        ("b.weight", 2),
+    }
     r = _prune_and_check(M(), target=0.5)
     gm = r.graph_module
     assert gm.g.groups == 4 and gm.dw.groups == gm.dw.in_channels == gm.g.out_channels
@@ -269,7 +287,10 @@ def test_linear_on_non_last_dim_pins() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(self.a(x))  # mixes W (=8), not channels
 
-    assert "linear applied along a non-channel dim" in _group_with(_groups(M(), torch.randn(2, 3, 8, 8)), "a.weight").pinned[0]
+    assert (
+        "linear applied along a non-channel dim"
+        in _group_with(_groups(M(), torch.randn(2, 3, 8, 8)), "a.weight").pinned[0]
+    )
 
 
 def test_functional_forms() -> None:
@@ -279,7 +300,9 @@ def test_functional_forms() -> None:
     gm = r.graph_module
     kept = gm.w_dw.shape[0]
     assert kept < 16 and gm.scale.shape[1] == kept and gm.rm.shape[0] == kept
-    assert f", {kept})" in gm.code.split("conv2d(relu")[1].split("\n")[0], "depthwise groups literal not rewritten"
+    assert f", {kept})" in gm.code.split("conv2d(relu")[1].split("\n")[0], (
+        "depthwise groups literal not rewritten"
+    )
 
 
 def test_unknown_op_pins_with_reason_and_strict_raises() -> None:

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from fxprune.passes.base import AnalysisPass, PassContractError
 from fxprune.passes.dependency import DependencyPass
 from fxprune.passes.rewrite import RewritePass, build_plan
+
 from fxprune.trace import shape_propagate, trace
 
 

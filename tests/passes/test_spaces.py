@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from fxprune.passes.spaces import SpaceTable
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from fxprune.passes.spaces import SpaceTable
 
 
 def _classes_by_channel(sp: SpaceTable, atoms: list[int]) -> dict[tuple[int, int], tuple[int, int]]:
@@ -72,7 +71,12 @@ def test_pin_survives_split_and_union() -> None:
 
 
 ops = st.lists(
-    st.tuples(st.sampled_from(["slice_unify", "cat_unify"]), st.integers(0, 10**6), st.integers(0, 10**6), st.integers(0, 10**6)),
+    st.tuples(
+        st.sampled_from(["slice_unify", "cat_unify"]),
+        st.integers(0, 10**6),
+        st.integers(0, 10**6),
+        st.integers(0, 10**6),
+    ),
     min_size=1,
     max_size=12,
 )
