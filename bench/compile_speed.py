@@ -74,7 +74,7 @@ def main() -> None:
         model = torchvision.models.get_model(name, weights=None).eval()
         x = torch.randn(1, 3, 224, 224)
         t = time.perf_counter()
-        r = fxprune.compile(model, x, 0.5, latency_runs=5)
+        r = fxprune.compile(model, x, 0.5, latency_runs=5, score="magnitude")
         total = time.perf_counter() - t
         row = {
             "model": name,

@@ -8,7 +8,7 @@ channel alone (no retraining; and after a fixed short warm-start retrain, relati
 nothing removed). FLOPs are counted by torch's counter for every tool; Torch-Pruning's global ratio is
 searched so that its FLOPs match the target.
 
-    python bench/quality.py                 # full run (about an hour on 2 CPU cores)
+    python bench/quality.py                 # full run (under an hour on 2 idle CPU cores)
     python bench/quality.py --quick         # one model, one target, a few criteria (a smoke run)
 """
 
@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fxprune.models_zoo.digits import DIGITS_MODELS, Digits, batches, evaluate, load_digits_32, train
+from fxprune.passes.masking import MaskedLoss
 from scipy import stats
 
 import fxprune
 from fxprune.calib import make_calibration
-from fxprune.models_zoo.digits import DIGITS_MODELS, Digits, batches, evaluate, load_digits_32, train
-from fxprune.passes.masking import MaskedLoss
 
 RESULTS = Path(__file__).parent / "results"
 FX_SCORES = ["influence", "magnitude", "taylor", "fisher", "grad_norm", "sosp_h", "inf_cp", "ifso_code"]
@@ -111,7 +111,7 @@ def tp_at_target(kind: str, base: nn.Module, x: torch.Tensor, calib: list[Any], 
     """Search Torch-Pruning's global channel ratio so that its FLOPs (torch's counter) meet the target."""
     full = fxprune.count_flops(base, (x,))
     lo, hi, best = 0.0, 0.95, None
-    for _ in range(9):
+    for _ in range(7):
         mid = (lo + hi) / 2
         m = tp_prune(kind, base, x, calib, mid)
         r = fxprune.count_flops(m, (x,)) / full
@@ -170,7 +170,9 @@ def measured_changes(gm: Any, groups: Any, calib: Any, units: list[tuple[int, in
 
     def total(w: list[torch.Tensor], m: torch.Tensor) -> float:
         with torch.no_grad():
-            return sum(float(calib.loss(loss.forward(w, m, b), b)) for b in calib.batches) / len(calib.batches)
+            return sum(float(calib.loss(loss.forward(w, m, b), b)) for b in calib.batches) / len(
+                calib.batches
+            )
 
     def retrained(m: torch.Tensor) -> float:
         w = [p.detach().clone().requires_grad_(True) for p in loss.w0]
@@ -207,10 +209,10 @@ def main() -> None:
     ap.add_argument("--models", nargs="*", default=list(DIGITS_MODELS))
     ap.add_argument("--targets", nargs="*", type=float, default=[0.7, 0.5, 0.3])
     ap.add_argument("--criteria", nargs="*", default=FX_SCORES + TP_SCORES)
-    ap.add_argument("--epochs", type=int, default=12)
-    ap.add_argument("--finetune-steps", type=int, default=40)
-    ap.add_argument("--units", type=int, default=40, help="channels sampled for the correlation study")
-    ap.add_argument("--retrain-steps", type=int, default=20)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--finetune-steps", type=int, default=20)
+    ap.add_argument("--units", type=int, default=30, help="channels sampled for the correlation study")
+    ap.add_argument("--retrain-steps", type=int, default=10)
     ap.add_argument("--calib-batches", type=int, default=4)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
@@ -261,7 +263,9 @@ def main() -> None:
                     pruned, ratio = tp_at_target(crit, model, x1, calib_batches, target)
                     secs = time.perf_counter() - t
                     acc, _ = evaluate(pruned, data.x_test, data.y_test)
-                    acc_ft, _ = evaluate(fine_tune(pruned, data, args.finetune_steps), data.x_test, data.y_test)
+                    acc_ft, _ = evaluate(
+                        fine_tune(pruned, data, args.finetune_steps), data.x_test, data.y_test
+                    )
                     rows.append({**row_common, "target": target, "flops": ratio, "acc": acc, "acc_comp": None,
                                  "acc_ft": acc_ft, "seconds": secs})  # fmt: skip
                     _print_row(rows[-1])
@@ -290,11 +294,15 @@ def main() -> None:
                 rows.append({**row_common, "target": target, "flops": results["none"].flops_ratio, "acc": acc,
                              "acc_comp": acc_b, "acc_lsq": acc_l, "acc_ft": acc_ft, "seconds": first_secs})  # fmt: skip
                 _print_row(rows[-1])
+        _write(args, rows, corr)  # after every model, so a long run leaves usable results
     _print_tables(rows, corr)
+    print(f"\nwrote {args.out}")
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], corr: list[dict[str, Any]]) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
                                     "correlations": corr}, indent=1))  # fmt: skip
-    print(f"\nwrote {args.out}")
 
 
 def _fmt(v: Any) -> str:
@@ -308,17 +316,25 @@ def _print_row(r: dict[str, Any]) -> None:
 
 
 def _print_tables(rows: list[dict[str, Any]], corr: list[dict[str, Any]]) -> None:
-    print("\n| model | target | criterion | FLOPs | acc (no FT) | acc +bias | acc +lsq | acc FT | compile s |")
+    print(
+        "\n| model | target | criterion | FLOPs | acc (no FT) | acc +bias | acc +lsq | acc FT | compile s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['target']} | {r['criterion']} | {_fmt(r['flops'])} | {_fmt(r['acc'])} | "
-              f"{_fmt(r.get('acc_comp'))} | {_fmt(r.get('acc_lsq'))} | {_fmt(r['acc_ft'])} | {r['seconds']:.1f} |")
-    print("\n| model | criterion | units | Spearman (no retrain) | Kendall | Spearman (retrained) | Kendall |")
+        print(
+            f"| {r['model']} | {r['target']} | {r['criterion']} | {_fmt(r['flops'])} | {_fmt(r['acc'])} | "
+            f"{_fmt(r.get('acc_comp'))} | {_fmt(r.get('acc_lsq'))} | {_fmt(r['acc_ft'])} | {r['seconds']:.1f} |"
+        )
+    print(
+        "\n| model | criterion | units | Spearman (no retrain) | Kendall | Spearman (retrained) | Kendall |"
+    )
     print("|---|---|---|---|---|---|---|")
     for c in corr:
         a, b = c["no_retrain"], c["retrained"]
-        print(f"| {c['model']} | {c['criterion']} | {c['units']} | {_fmt(a.get('spearman'))} | "
-              f"{_fmt(a.get('kendall'))} | {_fmt(b.get('spearman'))} | {_fmt(b.get('kendall'))} |")
+        print(
+            f"| {c['model']} | {c['criterion']} | {c['units']} | {_fmt(a.get('spearman'))} | "
+            f"{_fmt(a.get('kendall'))} | {_fmt(b.get('spearman'))} | {_fmt(b.get('kendall'))} |"
+        )
 
 
 if __name__ == "__main__":

@@ -178,7 +178,7 @@ def make_calibration(
 
 
 def _take(data: Iterable[Any], n: int) -> list[Any]:
-    out = []
+    out: list[Any] = []
     for item in data:
         if len(out) >= n:
             break
@@ -205,4 +205,3 @@ def _check_loss(model: torch.nn.Module, calib: Calibration, device: torch.device
         )
     if not math.isfinite(float(value)):
         raise InputError(f"loss_fn returned {float(value)} on data[0]; the loss must be finite")
-

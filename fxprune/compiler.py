@@ -21,8 +21,8 @@ from fxprune.errors import InputError
 from fxprune.passes.compensate import COMPENSATIONS, Compensation
 from fxprune.passes.compensate import compensate as run_compensation
 from fxprune.passes.cost import CostModel, CostPass
-from fxprune.passes.masking import default_device
 from fxprune.passes.dependency import DependencyPass, DependencyResult
+from fxprune.passes.masking import default_device
 from fxprune.passes.rewrite import RewritePass, build_plan
 from fxprune.passes.score import GroupScore, ScoreContext, get_score
 from fxprune.select import resolve_target, select
@@ -243,11 +243,11 @@ def compile(  # noqa: A001 - the product's name for it
         target = resolve_target(target_flops, flops_before)
     with _timed(timings, "score"):
         if scores is None:
-            scores = score_cls(dep.groups, ScoreContext(calib, dev, progress, seed), **score_options)(gm)
+            scored = score_cls(dep.groups, ScoreContext(calib, dev, progress, seed), **score_options)(gm)
         else:
-            scores = _check_scores(scores, dep)
+            scored = _check_scores(scores, dep)
     with _timed(timings, "select"):
-        chosen = select(dep.groups, {g: s.mean for g, s in scores.items()}, cost, target, min_channels=min_channels, round_to=round_to,
+        chosen = select(dep.groups, {g: s.mean for g, s in scored.items()}, cost, target, min_channels=min_channels, round_to=round_to,
                         cost_exponent=score_cls.cost_exponent if cost_exponent is None else cost_exponent)  # fmt: skip
         plan = build_plan(dep.groups, chosen.kept)
     comp = None
@@ -269,7 +269,7 @@ def compile(  # noqa: A001 - the product's name for it
         plan=plan,
         dependency=dep,
         cost=cost,
-        scores=scores,
+        scores=scored,
         flops_before=flops_before,
         flops_after=flops_after,
         params_before=count_params(work),

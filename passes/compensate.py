@@ -156,8 +156,14 @@ def _bias_target(gm: fx.GraphModule, c: _Consumer) -> tuple[str, float] | None:
     return None
 
 
+def _weight(mod: nn.Module) -> torch.Tensor:
+    w = mod.weight
+    assert isinstance(w, torch.Tensor)
+    return w
+
+
 def _shift_conv_weight(mod: nn.Module) -> torch.Tensor:
-    w = mod.weight.detach().double()  # type: ignore[union-attr]
+    w = _weight(mod).detach().double()
     return w.reshape(w.shape[0], w.shape[1], -1).sum(-1)  # out x in: the weight seen by a constant input
 
 
@@ -194,7 +200,7 @@ def compensate(
             result.skipped[key] = "no bias and no BatchNorm right after it to fold a shift into"
             continue
         mean = (c.sum / c.count).double()
-        w2 = c.module.weight.detach().double()  # type: ignore[union-attr]
+        w2 = _weight(c.module).detach().double()
         weight_in = w2 if isinstance(c.module, nn.Linear) else _shift_conv_weight(c.module)
         if method == "bias":
             shift = weight_in[:, c.removed] @ mean[c.removed.to(mean.device)]
@@ -206,7 +212,7 @@ def compensate(
         value = (t.detach().double() + sign * shift.to(t.device)).to(t.dtype)
         result.overrides[name] = value
         if new_weight is not None:
-            result.overrides[f"{key}.weight"] = new_weight.to(w2.device, c.module.weight.dtype)  # type: ignore[union-attr]
+            result.overrides[f"{key}.weight"] = new_weight.to(w2.device, _weight(c.module).dtype)
     _apply(new, result.overrides)
     return new, result
 
@@ -263,7 +269,9 @@ def _newton(gm: fx.GraphModule, groups: Sequence[ChannelGroup], plan: PrunePlan,
     for step in (0.0, 0.25, 0.5, 1.0):  # a line search on the calibration loss of the pruned model
         w = [p + step * d for p, d in zip(loss.w0, dw, strict=True)]
         with torch.no_grad():
-            value = sum(float(calib.loss(loss.forward(w, m, bd), bd)) for bd in (b.to(device) for b in batches))
+            value = sum(
+                float(calib.loss(loss.forward(w, m, bd), bd)) for bd in (b.to(device) for b in batches)
+            )
         if value < best_loss:
             best, best_loss = step, value
     result = Compensation("newton", step=best)

@@ -154,9 +154,9 @@ class MaskedLoss:
         w, m = self.leaves()
         b = batch.to(self.device)
         loss = self.objective(self.forward(w, m, b), w, b)
-        g = torch.autograd.grad(loss, [*w, m], create_graph=create_graph, allow_unused=True)
-        g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, [*w, m], strict=True)]
-        return w, m, (list(g[:-1]), g[-1])
+        raw = torch.autograd.grad(loss, [*w, m], create_graph=create_graph, allow_unused=True)
+        g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(raw, [*w, m], strict=True)]
+        return w, m, (g[:-1], g[-1])
 
     def grad(self, batch: Batch) -> Vec:
         """``(dL/dw, dL/dm)`` on one batch at ``m = 1``."""
@@ -179,9 +179,11 @@ class MaskedLoss:
             if not dot.requires_grad:  # the loss is linear in everything the vector touches
                 out.append(([torch.zeros_like(x) for x in w], torch.zeros_like(m)))
                 continue
-            h = torch.autograd.grad(dot, [*w, m], retain_graph=i + 1 < len(vectors), allow_unused=True)
-            h = [torch.zeros_like(x) if hi is None else hi.detach() for hi, x in zip(h, [*w, m], strict=True)]
-            out.append((list(h[:-1]), h[-1]))
+            raw = torch.autograd.grad(dot, [*w, m], retain_graph=i + 1 < len(vectors), allow_unused=True)
+            h = [
+                torch.zeros_like(x) if hi is None else hi.detach() for hi, x in zip(raw, [*w, m], strict=True)
+            ]
+            out.append((h[:-1], h[-1]))
         return out
 
     def _hvp_batched(self, w: list[torch.Tensor], m: torch.Tensor, gw: list[torch.Tensor], gm: torch.Tensor,
@@ -189,10 +191,10 @@ class MaskedLoss:
         outs = [g for g in [*gw, gm] if g.requires_grad]
         keep = [i for i, g in enumerate([*gw, gm]) if g.requires_grad]
         grads_out = [torch.stack([([*vw, vm])[i] for vw, vm in vectors]) for i in keep]
-        h = torch.autograd.grad(outs, [*w, m], grads_out, allow_unused=True, is_grads_batched=True)
+        raw = torch.autograd.grad(outs, [*w, m], grads_out, allow_unused=True, is_grads_batched=True)
         n = len(vectors)
         h = [torch.zeros((n, *x.shape), dtype=x.dtype, device=x.device) if hi is None else hi.detach()
-             for hi, x in zip(h, [*w, m], strict=True)]  # fmt: skip
+             for hi, x in zip(raw, [*w, m], strict=True)]  # fmt: skip
         return [([x[i] for x in h[:-1]], h[-1][i]) for i in range(n)]
 
     def gnvp(self, batch: Batch, vectors: Sequence[Vec]) -> list[Vec]:
@@ -208,13 +210,17 @@ class MaskedLoss:
         jt = torch.autograd.grad(outs, [*w, m], dummies, create_graph=True, allow_unused=True)
         result: list[Vec] = []
         for vw, vm in vectors:
-            dot = sum((j * v).sum() for j, v in zip(jt, [*vw, vm], strict=True) if j is not None)
-            jv = torch.autograd.grad(dot, dummies, retain_graph=True, allow_unused=True)
-            jv = [torch.zeros_like(o) if x is None else x for x, o in zip(jv, outs, strict=True)]
-            hjv = torch.autograd.grad(g_out, leaf_out, jv, retain_graph=True, allow_unused=True)
-            hjv = [torch.zeros_like(o) if x is None else x for x, o in zip(hjv, outs, strict=True)]
-            gv = torch.autograd.grad(outs, [*w, m], hjv, retain_graph=True, allow_unused=True)
-            gv = [torch.zeros_like(x) if g is None else g.detach() for g, x in zip(gv, [*w, m], strict=True)]
+            dot = torch.stack(
+                [(j * v).sum() for j, v in zip(jt, [*vw, vm], strict=True) if j is not None]
+            ).sum()
+            raw_jv = torch.autograd.grad(dot, dummies, retain_graph=True, allow_unused=True)
+            jv = [torch.zeros_like(o) if x is None else x for x, o in zip(raw_jv, outs, strict=True)]
+            raw_hjv = torch.autograd.grad(g_out, leaf_out, jv, retain_graph=True, allow_unused=True)
+            hjv = [torch.zeros_like(o) if x is None else x for x, o in zip(raw_hjv, outs, strict=True)]
+            raw_gv = torch.autograd.grad(outs, [*w, m], hjv, retain_graph=True, allow_unused=True)
+            gv = [
+                torch.zeros_like(x) if g is None else g.detach() for g, x in zip(raw_gv, [*w, m], strict=True)
+            ]
             gw = gv[:-1]
             if self.weight_decay:
                 gw = [g + self.weight_decay * v for g, v in zip(gw, vw, strict=True)]
@@ -323,7 +329,9 @@ def split_batch(batch: Batch, size: int) -> list[Batch]:
             return type(x)(cut(v, i) for v in x)
         return x
 
-    return [Batch(tuple(t[i : i + size] for t in batch.inputs), cut(batch.targets, i)) for i in range(0, n, size)]
+    return [
+        Batch(tuple(t[i : i + size] for t in batch.inputs), cut(batch.targets, i)) for i in range(0, n, size)
+    ]
 
 
 class MaskScorePass(ScorePass):
@@ -338,7 +346,9 @@ class MaskScorePass(ScorePass):
         ctx = self.context
         if ctx.calibration is None:
             raise InputError(f"score={self.name!r} needs calibration data; pass data= (or use compile())")
-        loss = MaskedLoss(gm, groups, ctx.calibration, ctx.device, float(self.options.get("weight_decay", 0.0)))
+        loss = MaskedLoss(
+            gm, groups, ctx.calibration, ctx.device, float(self.options.get("weight_decay", 0.0))
+        )
         if loss.size == 0:
             return {}
         gen = torch.Generator().manual_seed(ctx.seed)

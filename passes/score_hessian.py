@@ -48,7 +48,7 @@ class GradNormScore(MaskScorePass):
         zero_m = torch.zeros(loss.size, device=loss.device)
         for b in self.bar(loss.batches(), "H g"):
             gw, _ = loss.grad(b)
-            (hg, _), = loss.hvp(b, [(gw, zero_m)])
+            ((hg, _),) = loss.hvp(b, [(gw, zero_m)])
             acc += loss.site_reduce(hg) * (b.size / loss.calib.samples)
         return acc.abs(), None
 
@@ -63,7 +63,7 @@ class SOSPHScore(MaskScorePass):
     def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
         (_, g), _ = self.mean_grad(loss)
         ones = torch.ones(loss.size, device=loss.device)
-        (_, g1), = mask_products(loss, loss.batches(), [(loss.zeros_w(), ones)], "gn")
+        ((_, g1),) = mask_products(loss, loss.batches(), [(loss.zeros_w(), ones)], "gn")
         return (0.5 * g1 - g).abs(), None
 
 
@@ -79,8 +79,8 @@ class IFSOCodeScore(MaskScorePass):
         zero_m = torch.zeros(loss.size, device=loss.device)
         curv = str(self.options["curvature"])
         batches = loss.batches()
-        (u, _), = mask_products(loss, batches, [(loss.zeros_w(), ones)], curv)
-        (_, a1), = mask_products(loss, batches, [(u, zero_m)], curv)
+        ((u, _),) = mask_products(loss, batches, [(loss.zeros_w(), ones)], curv)
+        ((_, a1),) = mask_products(loss, batches, [(u, zero_m)], curv)
         return a1.abs() / float(self.options["damping"]), None
 
 
@@ -144,5 +144,7 @@ class InfluenceScore(MaskScorePass):
             spread = torch.zeros_like(diag)
         else:
             diag = per_probe.mean(0)
-            spread = per_probe.std(0) / len(per_probe) ** 0.5 if len(per_probe) > 1 else torch.zeros_like(diag)
+            spread = (
+                per_probe.std(0) / len(per_probe) ** 0.5 if len(per_probe) > 1 else torch.zeros_like(diag)
+            )
         return -g + diag, spread

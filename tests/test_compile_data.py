@@ -8,18 +8,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_unchanged, randomize_norms, snapshot
 from fxprune.models_zoo.toy import ConcatNet, FlattenLinearNet, ResidualNet
+from fxprune.passes.score import SCORES, get_score
 
 import fxprune
 from fxprune.errors import InputError
-from fxprune.passes.score import SCORES, get_score
-
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 def labelled(n: int = 2, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(n)]
+    return [
+        (torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(n)
+    ]
 
 
 def model(cls: type[nn.Module] = ResidualNet) -> nn.Module:
@@ -34,7 +35,9 @@ def oracle_error(m: nn.Module, r: fxprune.CompileResult, x: torch.Tensor) -> flo
         return float((masked(x) - r.graph_module(x)).abs().max() / masked(x).abs().max())
 
 
-@pytest.mark.parametrize("score", ["taylor", "fisher", "inf_cp", "grad_norm", "sosp_h", "ifso_code", "influence"])
+@pytest.mark.parametrize(
+    "score", ["taylor", "fisher", "inf_cp", "grad_norm", "sosp_h", "ifso_code", "influence"]
+)
 def test_every_data_score_compiles_to_a_verified_model(score: str) -> None:
     m = model()
     before = snapshot(m)
@@ -78,11 +81,15 @@ def test_bias_fold_matches_the_mean_activation_on_a_linear_consumer() -> None:
     with torch.no_grad():
         m.a.weight[::2] = 0  # even channels output relu(bias): constant over the data
     x = torch.randn(16, 6)
-    r = fxprune.compile(m, x, 0.75, score="magnitude", data=[x], compensate="bias", verify=False, progress=False)
+    r = fxprune.compile(
+        m, x, 0.75, score="magnitude", data=[x], compensate="bias", verify=False, progress=False
+    )
     removed = set(range(8)) - set(r.plan.modules["a"]["out"])
     assert removed and removed <= set(range(0, 8, 2))
     torch.testing.assert_close(r.graph_module(x), m(x), rtol=1e-5, atol=1e-5)
-    r0 = fxprune.compile(m, x, 0.75, score="magnitude", data=[x], compensate="none", verify=False, progress=False)
+    r0 = fxprune.compile(
+        m, x, 0.75, score="magnitude", data=[x], compensate="none", verify=False, progress=False
+    )
     assert (r0.graph_module(x) - m(x)).abs().max() > 1e-3  # without the fold the output moves
 
 
@@ -142,8 +149,13 @@ def test_scores_can_be_reused_across_targets() -> None:
         ({"data": []}, "data is empty"),
         ({"data": [torch.full((2, 3, 16, 16), float("nan"))]}, r"data\[0\] inputs contains NaN"),
         ({"data": [(X, torch.tensor([0.0, float("inf")]))], "loss_fn": F.mse_loss}, r"data\[0\] targets"),
-        ({"data": [(X, torch.tensor([1, 2]))], "loss_fn": lambda o, t: F.cross_entropy(o, t, reduction="none")},
-         "must return a scalar"),
+        (
+            {
+                "data": [(X, torch.tensor([1, 2]))],
+                "loss_fn": lambda o, t: F.cross_entropy(o, t, reduction="none"),
+            },
+            "must return a scalar",
+        ),
         ({"data": [X], "loss_fn": F.cross_entropy}, "no targets"),
         ({"data": [{"x": X}]}, r"data\[0\] is a dict"),
         ({"data": 3}, "iterable of batches"),
@@ -163,4 +175,13 @@ def test_bad_calibration_arguments_raise_input_error(kwargs: dict, match: str) -
 
 def test_every_registered_score_is_tested_here() -> None:
     get_score("magnitude")
-    assert set(SCORES) == {"magnitude", "taylor", "fisher", "inf_cp", "grad_norm", "sosp_h", "ifso_code", "influence"}
+    assert set(SCORES) == {
+        "magnitude",
+        "taylor",
+        "fisher",
+        "inf_cp",
+        "grad_norm",
+        "sosp_h",
+        "ifso_code",
+        "influence",
+    }

@@ -37,28 +37,32 @@ class Branchy(nn.Module):
 
 def test_untraceable_names_call_module_and_fix() -> None:
     with pytest.raises(fxprune.TraceError) as info:
-        fxprune.compile(DataDependent().eval(), X, 0.5)
+        fxprune.compile(DataDependent().eval(), X, 0.5, score="magnitude")
     msg = str(info.value)
     assert "test_errors.py" in msg and "if y.sum() > 0" in msg
     assert "module 'inner'" in msg and "leaf_modules=['inner']" in msg
 
 
 def test_leaf_module_fix_works_and_pins() -> None:
-    r = fxprune.compile(DataDependent().eval(), X, 1.0, leaf_modules=["inner"], verify=False)
+    r = fxprune.compile(
+        DataDependent().eval(), X, 1.0, leaf_modules=["inner"], verify=False, score="magnitude"
+    )
     assert any("no rule for module Branchy 'inner'" in p for g in r.groups for p in g.pinned)
     with pytest.raises(fxprune.TargetError, match="unreachable"):
-        fxprune.compile(DataDependent().eval(), X, 0.5, leaf_modules=[Branchy], verify=False)
+        fxprune.compile(
+            DataDependent().eval(), X, 0.5, leaf_modules=[Branchy], verify=False, score="magnitude"
+        )
 
 
 @pytest.mark.parametrize("target", [0, -1, float("nan"), 1e30, "0.5"])
 def test_bad_target_is_target_error(target: object) -> None:
     with pytest.raises(fxprune.TargetError, match="target_flops"):
-        fxprune.compile(ResidualNet().eval(), X, target)  # type: ignore[arg-type]
+        fxprune.compile(ResidualNet().eval(), X, target, score="magnitude")  # type: ignore[arg-type]
 
 
 def test_unreachable_target_reports_minimum() -> None:
     with pytest.raises(fxprune.TargetError, match="smallest model") as info:
-        fxprune.compile(ResidualNet().eval(), X, 0.001)
+        fxprune.compile(ResidualNet().eval(), X, 0.001, score="magnitude")
     e = info.value
     assert e.total_flops and e.min_flops and e.min_flops > 0.001 * e.total_flops
     assert str(e.min_flops) in str(e)
@@ -66,7 +70,7 @@ def test_unreachable_target_reports_minimum() -> None:
 
 def test_not_a_module() -> None:
     with pytest.raises(fxprune.InputError, match="model must be a torch.nn.Module"):
-        fxprune.compile(lambda x: x, X, 0.5)  # type: ignore[arg-type]
+        fxprune.compile(lambda x: x, X, 0.5, score="magnitude")  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -81,14 +85,14 @@ def test_not_a_module() -> None:
 )
 def test_bad_example_input(example: object, match: str) -> None:
     with pytest.raises(fxprune.InputError, match=match):
-        fxprune.compile(ResidualNet().eval(), example, 0.5)
+        fxprune.compile(ResidualNet().eval(), example, 0.5, score="magnitude")
 
 
 def test_unknown_score_and_bad_options() -> None:
     with pytest.raises(fxprune.InputError, match="score='nope'.*magnitude"):
         fxprune.compile(ResidualNet().eval(), X, 0.5, score="nope")
     with pytest.raises(fxprune.InputError, match="min_channels"):
-        fxprune.compile(ResidualNet().eval(), X, 0.5, min_channels=0)
+        fxprune.compile(ResidualNet().eval(), X, 0.5, min_channels=0, score="magnitude")
 
 
 def test_strict_mode_raises_on_missing_rule() -> None:
@@ -101,7 +105,7 @@ def test_strict_mode_raises_on_missing_rule() -> None:
             return self.b(torch.flip(self.a(x), [1]))
 
     with pytest.raises(fxprune.UnsupportedOpError, match="torch.flip"):
-        fxprune.compile(M().eval(), X, 0.5, strict=True)
+        fxprune.compile(M().eval(), X, 0.5, strict=True, score="magnitude")
 
 
 def test_errors_share_a_base_class() -> None:

@@ -28,7 +28,7 @@ def _group_with(dep: fxprune.DependencyResult, param: str, role: str = "out") ->
 
 def _prune_and_check(model: nn.Module, x: torch.Tensor = X, target: float = 0.6) -> fxprune.CompileResult:
     randomize_norms(model)
-    r = fxprune.compile(model.eval(), x, target, latency_runs=0)
+    r = fxprune.compile(model.eval(), x, target, latency_runs=0, score="magnitude")
     assert r.plan.removed_channels > 0
     assert r.verification is not None and r.verification.passed, r.verification
     assert_masked_equivalent(model, r, x)

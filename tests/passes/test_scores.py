@@ -72,7 +72,7 @@ def setup():
 
 
 def run(setup, name: str, **options) -> np.ndarray:
-    model, gm, dep, calib, *_ , order, _, _, _, _, _ = setup
+    model, gm, dep, calib, *_, order, _, _, _, _, _ = setup
     scores = get_score(name)(dep.groups, ScoreContext(calib, torch.device("cpu")), **options)(gm)
     return np.concatenate([scores[g.id].mean for g in order])
 
@@ -84,7 +84,7 @@ def test_taylor_is_the_mask_gradient(setup) -> None:
 
 
 def test_inf_cp_mean_and_spread_over_batches(setup) -> None:
-    model, gm, dep, calib, batches, order, nw, *_ , grads, hess = setup
+    model, gm, dep, calib, batches, order, nw, *_, grads, hess = setup
     per_batch = -grads[:, nw:]
     scores = get_score("inf_cp")(dep.groups, ScoreContext(calib, torch.device("cpu")))(gm)
     got_mean = np.concatenate([scores[g.id].mean for g in order])
@@ -109,7 +109,7 @@ def test_grad_norm_is_w_times_hessian_gradient_over_consumer_columns(setup) -> N
     # channel c of conv1 is read by conv2's input columns c; of conv2, by fc's input column c
     acc = torch.zeros(9, dtype=torch.float64)
     for g, h in zip(grads, hess, strict=True):
-        hg = (h[:nw, :nw] @ g[:nw])
+        hg = h[:nw, :nw] @ g[:nw]
         prod = z0[:nw] * hg
         acc += _consumer_sums(model, prod) / len(batches)
     np.testing.assert_allclose(run(setup, "grad_norm"), acc.abs().numpy(), rtol=1e-5, atol=1e-12)
@@ -147,17 +147,17 @@ def test_influence_exact_diag_is_the_schur_complement(setup) -> None:
     hww = h[:nw, :nw] + damping * torch.eye(nw, dtype=h.dtype)
     schur = h[nw:, nw:] - h[nw:, :nw] @ torch.linalg.solve(hww, h[:nw, nw:])
     expected = (-grads.mean(0)[nw:] + 0.5 * schur.diagonal()).numpy()
-    got = run(setup, "influence", diag="exact", damping=damping, cg_iters=400)
+    got = run(setup, "influence", diag="exact", damping=damping, cg_iters=400, hessian_batches=None)
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-8)
-    no_retrain = run(setup, "influence", diag="exact", retrained=False)
+    no_retrain = run(setup, "influence", diag="exact", retrained=False, hessian_batches=None)
     np.testing.assert_allclose(no_retrain, (-grads.mean(0)[nw:] + 0.5 * h[nw:, nw:].diagonal()).numpy(),
                                rtol=1e-5, atol=1e-10)  # fmt: skip
 
 
 def test_influence_hutchinson_converges_to_the_exact_diagonal(setup) -> None:
-    exact = run(setup, "influence", diag="exact", retrained=False)  # the probes estimate diag(H_mm) here
-    few = run(setup, "influence", probes=2, retrained=False)
-    many = run(setup, "influence", probes=400, retrained=False)
+    exact = run(setup, "influence", diag="exact", retrained=False, hessian_batches=None)  # the probes estimate diag(H_mm) here
+    few = run(setup, "influence", probes=2, retrained=False, hessian_batches=None)
+    many = run(setup, "influence", probes=400, retrained=False, hessian_batches=None)
     err_few, err_many = np.abs(few - exact).max(), np.abs(many - exact).max()
     assert err_many < err_few and err_many < 0.35 * np.abs(exact).max(), (err_few, err_many)
 
@@ -173,6 +173,7 @@ def test_sosp_h_uses_the_gauss_newton_product(setup) -> None:
     model, gm, dep, calib, batches, order, nw, z0, loss, grads, hess = setup
     acc = torch.zeros(9, dtype=torch.float64)
     for x, y in batches:
+
         def logits(z: torch.Tensor, x=x) -> torch.Tensor:
             w, m = z[:nw], z[nw:]
             params, i = {}, 0
@@ -183,7 +184,7 @@ def test_sosp_h_uses_the_gauss_newton_product(setup) -> None:
 
         j = jacobian(logits, z0)[:, nw:]  # outputs x masks
         out = logits(z0).detach().requires_grad_()
-        h_out = hessian(lambda o: F.cross_entropy(o.reshape(len(x), -1), y), out)
+        h_out = hessian(lambda o, x=x, y=y: F.cross_entropy(o.reshape(len(x), -1), y), out)
         acc += (j.T @ h_out @ j @ torch.ones(9, dtype=torch.float64)) / len(batches)
     expected = (0.5 * acc - grads.mean(0)[nw:]).abs().numpy()
     np.testing.assert_allclose(run(setup, "sosp_h"), expected, rtol=1e-5, atol=1e-12)
