@@ -155,7 +155,9 @@ def test_influence_exact_diag_is_the_schur_complement(setup) -> None:
 
 
 def test_influence_hutchinson_converges_to_the_exact_diagonal(setup) -> None:
-    exact = run(setup, "influence", diag="exact", retrained=False, hessian_batches=None)  # the probes estimate diag(H_mm) here
+    exact = run(
+        setup, "influence", diag="exact", retrained=False, hessian_batches=None
+    )  # the probes estimate diag(H_mm) here
     few = run(setup, "influence", probes=2, retrained=False, hessian_batches=None)
     many = run(setup, "influence", probes=400, retrained=False, hessian_batches=None)
     err_few, err_many = np.abs(few - exact).max(), np.abs(many - exact).max()
