@@ -43,11 +43,12 @@ class _Steps:
     def __init__(self, total: int, quiet: bool) -> None:
         from tqdm import tqdm
 
-        self.quiet = quiet
+        self.quiet = quiet or not sys.stderr.isatty()  # bars only for a person watching a terminal
         self.bar = tqdm(
             total=total,
-            disable=quiet,
+            disable=self.quiet,
             file=sys.stderr,
+            leave=False,
             bar_format="{desc:<28}{bar:20} {n}/{total} [{elapsed}]",
         )
 
@@ -219,7 +220,7 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
     from fxprune.verify import export_onnx
 
     with steps.step("load model"):
-        spec = load_spec(args.spec, args.input_shape)
+        spec = load_spec(args.spec, args.input_shape, need_example=not args.data)
     data = None
     if args.data:
         with steps.step(f"data {args.data}"):

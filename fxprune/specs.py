@@ -108,7 +108,7 @@ def _models_zoo(name: str, input_shape: str | None) -> ModelSpec:
     return ModelSpec(f"models_zoo:{name}", model, (torch.randn(_shape(input_shape, shape)),), f"zoo-{name}")
 
 
-def _from_file(path_s: str, factory: str, input_shape: str | None) -> ModelSpec:
+def _from_file(path_s: str, factory: str, input_shape: str | None, need_example: bool) -> ModelSpec:
     path = Path(path_s)
     if not path.is_file():
         raise SpecError(f"model file '{path}' not found; {SPEC_HELP}")
@@ -139,7 +139,9 @@ def _from_file(path_s: str, factory: str, input_shape: str | None) -> ModelSpec:
         raise SpecError(
             f"{path}:{factory}() returned {type(built).__name__}; return an nn.Module or (module, example_input)"
         )
-    if example is None:
+    if example is None and input_shape is None and not need_example:
+        example = ()
+    elif example is None:
         if input_shape is None:
             raise SpecError(
                 f"{path}:{factory}() returned no example input; return (module, example) or pass --input-shape"
@@ -152,8 +154,11 @@ def _from_file(path_s: str, factory: str, input_shape: str | None) -> ModelSpec:
     return ModelSpec(f"{path}:{factory}", built, ex, f"file-{path.stem}-{factory}-{digest}")
 
 
-def load_spec(spec: str, input_shape: str | None = None) -> ModelSpec:
-    """Build the model a SPEC names (see the module docstring); ``SpecError`` says what is wrong."""
+def load_spec(spec: str, input_shape: str | None = None, need_example: bool = True) -> ModelSpec:
+    """Build the model a SPEC names (see the module docstring); ``SpecError`` says what is wrong.
+
+    With ``need_example=False`` a file factory may return a bare module (the data supplies the input).
+    """
     kind, sep, name = spec.rpartition(":")
     if not sep or not kind or not name:
         raise SpecError(f"bad SPEC {spec!r}: {SPEC_HELP}")
@@ -162,7 +167,7 @@ def load_spec(spec: str, input_shape: str | None = None) -> ModelSpec:
     if kind in ("models_zoo", "fxprune.models_zoo"):
         return _models_zoo(name, input_shape)
     if kind.endswith(".py"):
-        return _from_file(kind, name, input_shape)
+        return _from_file(kind, name, input_shape, need_example)
     raise SpecError(f"bad SPEC {spec!r}: unknown source '{kind}'; {SPEC_HELP}")
 
 
