@@ -6,7 +6,7 @@ import copy
 import logging
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,12 +15,16 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxprune.calib import Calibration, LossFn, make_calibration
 from fxprune.data import PrunePlan
 from fxprune.errors import InputError
+from fxprune.passes.compensate import COMPENSATIONS, Compensation
+from fxprune.passes.compensate import compensate as run_compensation
 from fxprune.passes.cost import CostModel, CostPass
+from fxprune.passes.masking import default_device
 from fxprune.passes.dependency import DependencyPass, DependencyResult
 from fxprune.passes.rewrite import RewritePass, build_plan
-from fxprune.passes.score import GroupScore, get_score
+from fxprune.passes.score import GroupScore, ScoreContext, get_score
 from fxprune.select import resolve_target, select
 from fxprune.trace import as_example_tuple, shape_propagate, trace
 from fxprune.verify import Verification, verify_onnx
@@ -29,7 +33,7 @@ __all__ = ["STAGES", "CompileResult", "compile", "count_flops", "count_params", 
 
 log = logging.getLogger(__name__)
 
-STAGES = ("trace", "dependency", "cost", "score", "select", "rewrite", "verify")
+STAGES = ("trace", "dependency", "cost", "score", "select", "compensate", "rewrite", "verify")
 
 
 def count_flops(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> int:
@@ -60,6 +64,9 @@ class CompileResult:
     target_flops: float
     verification: Verification | None
     timings: dict[str, float] = field(default_factory=dict)
+    score: str = "magnitude"
+    compensation: Compensation | None = None
+    calibration: Calibration | None = None
 
     @property
     def flops_ratio(self) -> float:
@@ -157,7 +164,15 @@ def compile(  # noqa: A001 - the product's name for it
     example_input: Any,
     target_flops: float,
     *,
-    score: str = "magnitude",
+    score: str = "influence",
+    data: Iterable[Any] | None = None,
+    loss_fn: LossFn | None = None,
+    compensate: str | None = None,
+    device: str | torch.device | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    max_batches: int | None = None,
+    scores: Mapping[int, GroupScore] | None = None,
     min_channels: int = 1,
     round_to: int = 1,
     cost_exponent: float | None = None,
@@ -175,7 +190,23 @@ def compile(  # noqa: A001 - the product's name for it
         model: any ``nn.Module`` that torch.fx can trace (never modified; compiled in eval mode).
         example_input: a tensor or tuple of tensors the model accepts; shapes come from it.
         target_flops: fraction of the original FLOPs in (0, 1], or an absolute FLOPs count (> 1).
-        score: name of the scoring pass (``fxprune.passes.score.SCORES``).
+        score: name of the scoring pass (``fxprune.passes.score.SCORES``): ``influence`` (default, the
+            retrained loss change), ``magnitude``, ``taylor``, ``fisher``, ``grad_norm``, ``sosp_h``,
+            ``inf_cp``, ``ifso_code``. Score-specific options (``probes=``, ``damping=``...) go in
+            ``**score_options``.
+        data: calibration batches for data-driven scores and compensation: an iterable of model inputs, or
+            of ``(inputs, targets)`` pairs. Without targets (or without data: the example input is then the
+            only batch) scores use the label-free output-matching loss (``fxprune.calib``).
+        loss_fn: ``loss_fn(output, targets) -> scalar`` for labelled data (default: cross-entropy for integer
+            targets, MSE otherwise).
+        compensate: ``"bias"`` (mean-value fold), ``"lsq"`` (layer-wise least squares), ``"newton"``
+            (influence update) or ``"none"``; default ``"bias"`` when ``data`` is given, else ``"none"``.
+        device: where scoring runs (default: CUDA if available, else CPU); the result is on the CPU.
+        seed: seeds random probes, so the same inputs give the same plan.
+        progress: show progress bars over calibration batches.
+        max_batches: use at most this many batches of ``data``.
+        scores: reuse ``result.scores`` of an earlier compile of the same model and input (same groups)
+            instead of scoring again: score once, then sweep targets or compensation methods.
         min_channels: every group keeps at least this many channels (never removed whole).
         round_to: kept counts are multiples of this (or the original count).
         cost_exponent: priority = score / FLOPs_saved ** cost_exponent (default: the score's own).
@@ -193,8 +224,17 @@ def compile(  # noqa: A001 - the product's name for it
     if min_channels < 1 or round_to < 1:
         raise InputError(f"min_channels and round_to must be >= 1, got {min_channels} and {round_to}")
     score_cls = get_score(score)
+    score_cls.check_options(score_options)  # argument errors before any heavy work
+    method = compensate if compensate is not None else ("bias" if data is not None else "none")
+    if method not in COMPENSATIONS:
+        raise InputError(f"compensate={method!r} is not a method; choose one of {', '.join(COMPENSATIONS)}")
     flops_before = _check_runs(work, example)
     resolve_target(target_flops, max(flops_before, 1))  # argument errors before any heavy work
+    dev = default_device(device)
+    calib = None
+    if score_cls.uses_data or method != "none":
+        with _timed(timings, "score"):
+            calib = make_calibration(work, example, data, loss_fn, max_batches=max_batches)
     gm, dep = _analyse(work, example, timings, leaf_modules, concrete_args, strict)
     with _timed(timings, "cost"):
         cost = CostPass({g.id: g.size for g in dep.groups})(gm)
@@ -202,13 +242,23 @@ def compile(  # noqa: A001 - the product's name for it
             log.warning("per-node FLOPs sum to %d but the whole model counts %d", cost.total, flops_before)
         target = resolve_target(target_flops, flops_before)
     with _timed(timings, "score"):
-        scores = score_cls(dep.groups, **score_options)(gm)
+        if scores is None:
+            scores = score_cls(dep.groups, ScoreContext(calib, dev, progress, seed), **score_options)(gm)
+        else:
+            scores = _check_scores(scores, dep)
     with _timed(timings, "select"):
         chosen = select(dep.groups, {g: s.mean for g, s in scores.items()}, cost, target, min_channels=min_channels, round_to=round_to,
                         cost_exponent=score_cls.cost_exponent if cost_exponent is None else cost_exponent)  # fmt: skip
         plan = build_plan(dep.groups, chosen.kept)
+    comp = None
+    source = gm
+    if method != "none" and chosen.kept:
+        assert calib is not None
+        with _timed(timings, "compensate"):
+            source, comp = run_compensation(gm, dep.groups, plan, calib, method, device=dev,
+                                            newton_options=score_options)  # fmt: skip
     with _timed(timings, "rewrite"):
-        pruned = RewritePass(dep.groups, chosen.kept)(gm) if chosen.kept else _fresh_copy(gm)
+        pruned = RewritePass(dep.groups, chosen.kept)(source) if chosen.kept else _fresh_copy(gm)
     flops_after = count_flops(pruned, example)
     verification = None
     if verify:
@@ -227,7 +277,21 @@ def compile(  # noqa: A001 - the product's name for it
         target_flops=target,
         verification=verification,
         timings=timings,
+        score=score,
+        compensation=comp,
+        calibration=calib,
     )
+
+
+def _check_scores(scores: Mapping[int, GroupScore], dep: DependencyResult) -> dict[int, GroupScore]:
+    expected = {g.id: g.size for g in dep.prunable}
+    got = {g: len(s.mean) for g, s in scores.items()}
+    if got != expected:
+        raise InputError(
+            "scores= does not match this model's prunable groups (ids/sizes differ); pass the .scores of a "
+            "compile of the same model with the same example input, or drop scores="
+        )
+    return dict(scores)
 
 
 def _fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:

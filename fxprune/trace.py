@@ -150,10 +150,11 @@ class _ShapeFlopProp(fx.Interpreter):
 def shape_propagate(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], count_flops: bool = True) -> Any:
     """Run ``gm`` on ``example``, writing ``META_VALUE`` and ``META_FLOPS`` into every node; returns the output."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != len(example):
+    required = [p for p in placeholders if not p.args]  # concrete_args leave placeholders with defaults
+    if not len(required) <= len(example) <= len(placeholders):
         names = ", ".join(p.name for p in placeholders)
         raise InputError(
-            f"example_input has {len(example)} tensor(s) but the model's forward takes {len(placeholders)} "
+            f"example_input has {len(example)} tensor(s) but the model's forward takes {len(required)} "
             f"({names}); pass one tensor per forward argument"
         )
     return _ShapeFlopProp(gm, count_flops).run(*example)

@@ -8,7 +8,7 @@ import logging
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,14 +138,21 @@ def verify_onnx(
     )
 
 
-def masked_model(model: torch.nn.Module, plan: PrunePlan) -> torch.nn.Module:
+def masked_model(
+    model: torch.nn.Module, plan: PrunePlan, overrides: Mapping[str, torch.Tensor] | None = None
+) -> torch.nn.Module:
     """The oracle: a copy of ``model`` in which every removed channel's input columns are zeroed in every
     consumer (``plan.inputs``). The pruned model must compute the same function (shared/DESIGN.md).
 
-    Independent of the rewrite: it only reads the plan's consumer columns and writes zeros.
+    ``overrides`` (``result.compensation.overrides``: full-size tensors by qualified name) are written first,
+    so the oracle covers compensated weights, folded biases and BatchNorm shifts too.
+    Independent of the rewrite: it only reads the plan's consumer columns and writes values.
     """
     masked = copy.deepcopy(model)
     with torch.no_grad():
+        for name, value in (overrides or {}).items():
+            owner, _, leaf = name.rpartition(".")
+            getattr(masked.get_submodule(owner), leaf).copy_(value)
         for name, (dim, kept) in plan.inputs.items():
             owner, _, leaf = name.rpartition(".")
             t = getattr(masked.get_submodule(owner), leaf)

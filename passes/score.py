@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 import torch.fx as fx
 from fxprune.passes.base import AnalysisPass
 
+from fxprune.calib import Calibration
 from fxprune.data import ChannelGroup
 
-__all__ = ["META_SCORES", "SCORES", "GroupScore", "ScorePass", "get_score", "register_score"]
+__all__ = ["META_SCORES", "SCORES", "GroupScore", "ScoreContext", "ScorePass", "get_score", "register_score"]
 
 #: {group id: GroupScore} on the producer nodes of each scored group.
 META_SCORES = "fxprune.scores"
@@ -30,6 +32,16 @@ class GroupScore:
 
     mean: np.ndarray
     spread: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ScoreContext:
+    """What a data-driven score needs besides the graph: calibration batches and where to compute."""
+
+    calibration: Calibration | None = None
+    device: torch.device = torch.device("cpu")
+    progress: bool = False
+    seed: int = 0
 
 
 SCORES: dict[str, type[ScorePass]] = {}
@@ -45,7 +57,9 @@ def register_score(name: str) -> Callable[[type[ScorePass]], type[ScorePass]]:
 
 
 def get_score(name: str) -> type[ScorePass]:
-    import fxprune.passes.score_magnitude  # noqa: F401  (registers itself)
+    import fxprune.passes.score_gradient  # noqa: F401  (each module registers its scores)
+    import fxprune.passes.score_hessian  # noqa: F401
+    import fxprune.passes.score_magnitude  # noqa: F401
 
     if name not in SCORES:
         from fxprune.errors import InputError
@@ -66,10 +80,18 @@ class ScorePass(AnalysisPass[dict[int, GroupScore]]):
     #: default ``cost_exponent`` for selection: 1.0 for scores in loss units (loss per FLOP saved); 0.0 for
     #: normalised importances, where dividing by FLOPs would only favour the heaviest groups.
     cost_exponent: ClassVar[float] = 1.0
+    #: whether the score reads calibration data (``ScoreContext.calibration``).
+    uses_data: ClassVar[bool] = False
+    #: the score's own options and their defaults; anything else passed to ``compile`` is an error.
+    defaults: ClassVar[dict[str, Any]] = {}
 
-    def __init__(self, groups: Sequence[ChannelGroup], **options: Any) -> None:
+    def __init__(
+        self, groups: Sequence[ChannelGroup], context: ScoreContext | None = None, **options: Any
+    ) -> None:
+        self.check_options(options)
         self.groups = [g for g in groups if g.prunable]
-        self.options = options
+        self.context = context or ScoreContext()
+        self.options = {**self.defaults, **options}
 
     def run(self, gm: fx.GraphModule) -> dict[int, GroupScore]:
         scores = self.score_groups(gm, self.groups)
@@ -79,6 +101,18 @@ class ScorePass(AnalysisPass[dict[int, GroupScore]]):
                 if prod in by_node:
                     by_node[prod].meta.setdefault(META_SCORES, {})[g.id] = scores[g.id]
         return scores
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Raise ``InputError`` naming any option the score does not have."""
+        unknown = sorted(set(options) - set(cls.defaults))
+        if unknown:
+            from fxprune.errors import InputError
+
+            known = ", ".join(sorted(cls.defaults)) or "none"
+            raise InputError(
+                f"option(s) {', '.join(unknown)} are not options of score={cls.name!r} (its options: {known})"
+            )
 
     @abc.abstractmethod
     def score_groups(self, gm: fx.GraphModule, groups: list[ChannelGroup]) -> dict[int, GroupScore]: ...

@@ -1,0 +1,325 @@
+"""Pruning quality on real data: fxprune's scores vs Torch-Pruning's importances on scikit-learn digits.
+
+For each models_zoo digits net (trained from scratch here, cached under bench/results/cache/), each FLOPs
+target and each criterion, report test accuracy with no fine-tuning (fxprune: with and without
+compensation), after a fixed short fine-tune, and the compile time; and, per model, the Spearman / Kendall
+correlation between each criterion's per-channel prediction and the loss change measured by removing that
+channel alone (no retraining; and after a fixed short warm-start retrain, relative to the same retrain with
+nothing removed). FLOPs are counted by torch's counter for every tool; Torch-Pruning's global ratio is
+searched so that its FLOPs match the target.
+
+    python bench/quality.py                 # full run (about an hour on 2 CPU cores)
+    python bench/quality.py --quick         # one model, one target, a few criteria (a smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from scipy import stats
+
+import fxprune
+from fxprune.calib import make_calibration
+from fxprune.models_zoo.digits import DIGITS_MODELS, Digits, batches, evaluate, load_digits_32, train
+from fxprune.passes.masking import MaskedLoss
+
+RESULTS = Path(__file__).parent / "results"
+FX_SCORES = ["influence", "magnitude", "taylor", "fisher", "grad_norm", "sosp_h", "inf_cp", "ifso_code"]
+TP_SCORES = ["tp_magnitude", "tp_taylor", "tp_hessian"]
+WEIGHT_DECAY = 5e-4
+
+
+def trained(name: str, data: Digits, epochs: int) -> nn.Module:
+    cache = RESULTS / "cache" / f"{name}-e{epochs}.pt"
+    model = DIGITS_MODELS[name]()
+    if cache.exists():
+        model.load_state_dict(torch.load(cache))
+        return model.eval()
+    torch.manual_seed(0)
+    model = DIGITS_MODELS[name]()
+    train(model, data, epochs=epochs, weight_decay=WEIGHT_DECAY)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), cache)
+    return model.eval()
+
+
+def fine_tune(model: nn.Module, data: Digits, steps: int, lr: float = 0.01) -> nn.Module:
+    model = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=WEIGHT_DECAY)
+    model.train()
+    done = 0
+    for epoch in range(100):
+        for xb, yb in batches(data.x_train, data.y_train, 64, seed=100 + epoch):
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+            done += 1
+            if done >= steps:
+                return model.eval()
+    return model.eval()
+
+
+# --- Torch-Pruning -----------------------------------------------------------------------------------------
+
+
+def tp_importance(kind: str, model: nn.Module, calib: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    import torch_pruning as tp
+
+    if kind == "tp_magnitude":
+        return tp.importance.MagnitudeImportance(p=2)
+    if kind == "tp_taylor":
+        imp = tp.importance.TaylorImportance()
+        model.zero_grad()
+        for xb, yb in calib:
+            F.cross_entropy(model(xb), yb).backward()
+        return imp
+    imp = tp.importance.HessianImportance()
+    xb, yb = calib[0]
+    for i in range(len(xb)):  # per-sample gradients, as Torch-Pruning's examples do
+        model.zero_grad()
+        F.cross_entropy(model(xb[i : i + 1]), yb[i : i + 1]).backward()
+        imp.accumulate_grad(model)
+    return imp
+
+
+def tp_prune(kind: str, base: nn.Module, x: torch.Tensor, calib: list[Any], ratio: float) -> nn.Module:
+    import torch_pruning as tp
+
+    model = copy.deepcopy(base).eval()
+    imp = tp_importance(kind, model, calib)
+    fc = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    pruner = tp.pruner.MetaPruner(model, x, importance=imp, pruning_ratio=ratio, global_pruning=True,
+                                  ignored_layers=fc)  # fmt: skip
+    pruner.step()
+    model.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+def tp_at_target(kind: str, base: nn.Module, x: torch.Tensor, calib: list[Any], target: float) -> tuple[
+    nn.Module, float
+]:  # fmt: skip
+    """Search Torch-Pruning's global channel ratio so that its FLOPs (torch's counter) meet the target."""
+    full = fxprune.count_flops(base, (x,))
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(9):
+        mid = (lo + hi) / 2
+        m = tp_prune(kind, base, x, calib, mid)
+        r = fxprune.count_flops(m, (x,)) / full
+        if r <= target:
+            best, hi = (m, r), mid
+        else:
+            lo = mid
+    if best is None:
+        m = tp_prune(kind, base, x, calib, hi)
+        best = (m, fxprune.count_flops(m, (x,)) / full)
+    return best
+
+
+def tp_channel_scores(kind: str, base: nn.Module, x: torch.Tensor, calib: list[Any],
+                      groups: list[Any]) -> dict[tuple[int, int], float]:  # fmt: skip
+    """Torch-Pruning's per-channel importance, mapped onto fxprune's (group, channel) units."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(base).eval()
+    imp = tp_importance(kind, model, calib)
+    names = {m: n for n, m in model.named_modules()}
+    fc = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    pruner = tp.pruner.MetaPruner(model, x, importance=imp, pruning_ratio=0.5, global_pruning=True,
+                                  ignored_layers=fc)  # fmt: skip
+    by_producer = {}
+    for g in groups:
+        for s in g.sites:
+            if s.role == "out" and s.dim == 0 and s.param.endswith(".weight"):
+                by_producer[s.param[: -len(".weight")]] = (g.id, s.offset)
+    out: dict[tuple[int, int], float] = {}
+    for group in pruner.DG.get_all_groups(ignored_layers=pruner.ignored_layers,
+                                          root_module_types=pruner.root_module_types):  # fmt: skip
+        values = imp(group)
+        if values is None:
+            continue
+        root = group[0].dep.target.module
+        idxs = group[0].idxs
+        name = names.get(root)
+        if name not in by_producer:
+            continue
+        gid, offset = by_producer[name]
+        for i, v in zip(idxs, values.tolist(), strict=False):
+            out[(gid, int(i) - offset)] = float(v)
+    del tp
+    return out
+
+
+# --- the correlation oracle --------------------------------------------------------------------------------
+
+
+def measured_changes(gm: Any, groups: Any, calib: Any, units: list[tuple[int, int]], retrain_steps: int,
+                     lr: float) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Loss change of removing each unit alone: without retraining, and after a warm-start retrain of
+    ``retrain_steps`` SGD steps (minus the same retrain with nothing removed)."""
+    loss = MaskedLoss(gm, groups, calib, torch.device("cpu"), WEIGHT_DECAY)
+
+    def total(w: list[torch.Tensor], m: torch.Tensor) -> float:
+        with torch.no_grad():
+            return sum(float(calib.loss(loss.forward(w, m, b), b)) for b in calib.batches) / len(calib.batches)
+
+    def retrained(m: torch.Tensor) -> float:
+        w = [p.detach().clone().requires_grad_(True) for p in loss.w0]
+        opt = torch.optim.SGD(w, lr=lr, momentum=0.9)
+        for step in range(retrain_steps):
+            b = calib.batches[step % len(calib.batches)]
+            opt.zero_grad()
+            loss.objective(loss.forward(w, m, b), w, b).backward()
+            opt.step()
+        return total([p.detach() for p in w], m)
+
+    ones = torch.ones(loss.size)
+    base, base_rt = total(loss.w0, ones), retrained(ones)
+    d_now, d_rt = [], []
+    for gid, c in units:
+        m = ones.clone()
+        m[loss.slices[gid].start + c] = 0
+        d_now.append(total(loss.w0, m) - base)
+        d_rt.append(retrained(m) - base_rt)
+    return np.array(d_now), np.array(d_rt)
+
+
+def correlations(pred: np.ndarray, measured: np.ndarray) -> dict[str, float]:
+    rho = stats.spearmanr(pred, measured).statistic
+    tau = stats.kendalltau(pred, measured).statistic
+    return {"spearman": float(rho), "kendall": float(tau)}
+
+
+# --- main --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="*", default=list(DIGITS_MODELS))
+    ap.add_argument("--targets", nargs="*", type=float, default=[0.7, 0.5, 0.3])
+    ap.add_argument("--criteria", nargs="*", default=FX_SCORES + TP_SCORES)
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--finetune-steps", type=int, default=40)
+    ap.add_argument("--units", type=int, default=40, help="channels sampled for the correlation study")
+    ap.add_argument("--retrain-steps", type=int, default=20)
+    ap.add_argument("--calib-batches", type=int, default=4)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    args = ap.parse_args()
+    if args.quick:
+        args.models, args.targets = args.models[:1], [0.5]
+        args.criteria = ["influence", "magnitude", "tp_magnitude"]
+        args.units, args.retrain_steps, args.finetune_steps = 12, 5, 10
+    torch.manual_seed(0)
+    data = load_digits_32()
+    x1 = data.x_test[:1]
+    calib_batches = list(batches(data.x_train, data.y_train, 64, seed=7))[: args.calib_batches]
+    rows: list[dict[str, Any]] = []
+    corr: list[dict[str, Any]] = []
+    for name in args.models:
+        t = time.perf_counter()
+        model = trained(name, data, args.epochs)
+        acc0, loss0 = evaluate(model, data.x_test, data.y_test)
+        print(f"## {name}: test accuracy {acc0:.4f}, loss {loss0:.4f} (trained/loaded in "
+              f"{time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
+        dep = fxprune.dependency_graph(model, x1)
+        prunable = [g for g in dep.groups if g.prunable]
+        rng = np.random.default_rng(0)
+        all_units = [(g.id, c) for g in prunable for c in range(g.size)]
+        units = [all_units[i] for i in sorted(rng.choice(len(all_units), min(args.units, len(all_units)),
+                                                          replace=False))]  # fmt: skip
+        from fxprune.trace import shape_propagate, trace
+
+        gm = trace(copy.deepcopy(model).eval(), (), None)
+        shape_propagate(gm, (x1,))
+        calib = make_calibration(gm, (x1,), calib_batches, None)
+        t = time.perf_counter()
+        d_now, d_rt = measured_changes(gm, dep.groups, calib, units, args.retrain_steps, lr=0.01)
+        print(f"measured {len(units)} single-channel removals in {time.perf_counter() - t:.0f}s "
+              f"(retrain {args.retrain_steps} steps)", flush=True)  # fmt: skip
+        for crit in args.criteria:
+            row_common = {"model": name, "criterion": crit, "acc_full": acc0}
+            if crit.startswith("tp_"):
+                t = time.perf_counter()
+                ch = tp_channel_scores(crit, model, x1, calib_batches, dep.groups)
+                pred = np.array([ch.get(u, np.nan) for u in units])
+                ok = ~np.isnan(pred)
+                c_now = correlations(pred[ok], d_now[ok]) if ok.sum() > 2 else {}
+                c_rt = correlations(pred[ok], d_rt[ok]) if ok.sum() > 2 else {}
+                corr.append({**row_common, "units": int(ok.sum()), "no_retrain": c_now, "retrained": c_rt})
+                for target in args.targets:
+                    t = time.perf_counter()
+                    pruned, ratio = tp_at_target(crit, model, x1, calib_batches, target)
+                    secs = time.perf_counter() - t
+                    acc, _ = evaluate(pruned, data.x_test, data.y_test)
+                    acc_ft, _ = evaluate(fine_tune(pruned, data, args.finetune_steps), data.x_test, data.y_test)
+                    rows.append({**row_common, "target": target, "flops": ratio, "acc": acc, "acc_comp": None,
+                                 "acc_ft": acc_ft, "seconds": secs})  # fmt: skip
+                    _print_row(rows[-1])
+                continue
+            options: dict[str, Any] = {"weight_decay": WEIGHT_DECAY} if crit != "magnitude" else {}
+            first = None
+            for target in args.targets:
+                results = {}
+                for comp in ("none", "bias", "lsq"):
+                    t = time.perf_counter()
+                    r = fxprune.compile(model, x1, target, score=crit, data=calib_batches, compensate=comp,
+                                        verify=False, progress=False, scores=first.scores if first else None,
+                                        **options)  # fmt: skip
+                    secs = time.perf_counter() - t
+                    if first is None:
+                        first, first_secs = r, secs
+                        pred = np.array([first.scores[g].mean[c] for g, c in units])
+                        corr.append({**row_common, "units": len(units), "no_retrain": correlations(pred, d_now),
+                                     "retrained": correlations(pred, d_rt)})  # fmt: skip
+                    results[comp] = r
+                acc = evaluate(results["none"].graph_module, data.x_test, data.y_test)[0]
+                acc_b = evaluate(results["bias"].graph_module, data.x_test, data.y_test)[0]
+                acc_l = evaluate(results["lsq"].graph_module, data.x_test, data.y_test)[0]
+                ft = fine_tune(results["none"].graph_module, data, args.finetune_steps)
+                acc_ft = evaluate(ft, data.x_test, data.y_test)[0]
+                rows.append({**row_common, "target": target, "flops": results["none"].flops_ratio, "acc": acc,
+                             "acc_comp": acc_b, "acc_lsq": acc_l, "acc_ft": acc_ft, "seconds": first_secs})  # fmt: skip
+                _print_row(rows[-1])
+    _print_tables(rows, corr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
+                                    "correlations": corr}, indent=1))  # fmt: skip
+    print(f"\nwrote {args.out}")
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _print_row(r: dict[str, Any]) -> None:
+    print("  ", " ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k not in ("acc_full",)), flush=True)
+
+
+def _print_tables(rows: list[dict[str, Any]], corr: list[dict[str, Any]]) -> None:
+    print("\n| model | target | criterion | FLOPs | acc (no FT) | acc +bias | acc +lsq | acc FT | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['target']} | {r['criterion']} | {_fmt(r['flops'])} | {_fmt(r['acc'])} | "
+              f"{_fmt(r.get('acc_comp'))} | {_fmt(r.get('acc_lsq'))} | {_fmt(r['acc_ft'])} | {r['seconds']:.1f} |")
+    print("\n| model | criterion | units | Spearman (no retrain) | Kendall | Spearman (retrained) | Kendall |")
+    print("|---|---|---|---|---|---|---|")
+    for c in corr:
+        a, b = c["no_retrain"], c["retrained"]
+        print(f"| {c['model']} | {c['criterion']} | {c['units']} | {_fmt(a.get('spearman'))} | "
+              f"{_fmt(a.get('kendall'))} | {_fmt(b.get('spearman'))} | {_fmt(b.get('kendall'))} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Calibration data for the data-driven scores and for compensation.
+
+``compile(..., data=, loss_fn=)`` takes an iterable of batches: each batch is the model's input (a tensor or a
+tuple of tensors), or a pair ``(inputs, targets)``. With targets the scores use ``loss_fn(output, targets)``
+(default: cross-entropy for integer targets, mean squared error otherwise). Without targets (or with no data
+at all, when the example input is the only batch) they use the label-free output-matching loss
+``L = 1/(2N) * sum ||f(x) - f0(x)||^2`` against the original model's outputs ``f0``: its gradient at the
+unpruned model is zero and its Hessian is the Gauss-Newton matrix, so second-order scores carry the signal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fxprune.errors import FxpruneError, InputError
+
+__all__ = ["Batch", "Calibration", "LossFn", "make_calibration"]
+
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One calibration batch: model inputs and targets (labels, or the original outputs when label-free)."""
+
+    inputs: tuple[torch.Tensor, ...]
+    targets: Any
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(tuple(t.to(device) for t in self.inputs), _to(self.targets, device))
+
+    @property
+    def size(self) -> int:
+        return int(self.inputs[0].shape[0]) if self.inputs and self.inputs[0].dim() else 1
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Validated batches and the loss they are scored on (``labelled`` tells which kind)."""
+
+    batches: tuple[Batch, ...]
+    loss: Callable[[Any, Batch], torch.Tensor]
+    labelled: bool
+
+    @property
+    def samples(self) -> int:
+        return sum(b.size for b in self.batches)
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _outputs(out: Any) -> list[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _outputs(v)]
+    if isinstance(out, (tuple, list)):
+        return [t for v in out for t in _outputs(v)]
+    return []
+
+
+def _output_matching(out: Any, batch: Batch) -> torch.Tensor:
+    got, ref = _outputs(out), batch.targets
+    n = max(batch.size, 1)
+    return sum(((g.float() - r.float()) ** 2).sum() for g, r in zip(got, ref, strict=True)) / (2 * n)
+
+
+def _default_loss(out: Any, targets: torch.Tensor) -> torch.Tensor:
+    if not isinstance(out, torch.Tensor):
+        raise InputError(
+            "the model returns several outputs, so fxprune cannot pick a default loss; pass "
+            "loss_fn=lambda output, target: ... returning a scalar"
+        )
+    if not targets.dtype.is_floating_point:
+        return F.cross_entropy(out, targets)
+    return F.mse_loss(out, targets)
+
+
+def _check_finite(i: int, what: str, tensors: Sequence[torch.Tensor]) -> None:
+    for t in tensors:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InputError(
+                f"data[{i}] {what} contains NaN or Inf; drop or clean that batch (fxprune scores on it "
+                "and would return meaningless scores)"
+            )
+
+
+def _split(i: int, item: Any, n_inputs: int) -> tuple[tuple[torch.Tensor, ...], Any]:
+    """(inputs, targets or None) from one batch as the user gave it."""
+    if isinstance(item, torch.Tensor):
+        return (item,), None
+    if isinstance(item, dict):
+        raise InputError(f"data[{i}] is a dict; give batches as inputs or (inputs, targets) tuples")
+    if isinstance(item, (tuple, list)):
+        parts = list(item)
+        if n_inputs == 1 and len(parts) == 2 and isinstance(parts[0], torch.Tensor):
+            return (parts[0],), parts[1]
+        if len(parts) == n_inputs and all(isinstance(p, torch.Tensor) for p in parts):
+            return tuple(parts), None
+        if len(parts) == 2 and isinstance(parts[0], (tuple, list)) and len(parts[0]) == n_inputs:
+            return tuple(parts[0]), parts[1]
+    raise InputError(
+        f"data[{i}] is a {type(item).__name__}; each batch must be the model input "
+        f"({n_inputs} tensor(s)) or a pair (inputs, targets)"
+    )
+
+
+def make_calibration(
+    model: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    data: Iterable[Any] | None,
+    loss_fn: LossFn | None,
+    *,
+    max_batches: int | None = None,
+) -> Calibration:
+    """Validate ``data`` (or fall back to the example input) and fix the loss scores are computed on.
+
+    Label-free targets (the original model's outputs) are computed here, once, with ``model`` in eval mode.
+
+    Raises:
+        InputError: an empty iterable, a batch of the wrong form, NaN/Inf values, a loss that is not a
+            finite scalar, or ``loss_fn`` without targets.
+    """
+    if data is None:
+        raw: list[Any] = [example]
+    elif isinstance(data, torch.Tensor):
+        raw = [data]
+    else:
+        try:
+            raw = list(data if max_batches is None else _take(data, max_batches))
+        except TypeError as exc:
+            raise InputError(
+                f"data must be an iterable of batches (a list or a DataLoader), got {type(data).__name__}"
+            ) from exc
+    if not raw:
+        raise InputError("data is empty; pass at least one batch, or data=None to score on example_input")
+    split = [_split(i, item, len(example)) for i, item in enumerate(raw)]
+    labelled = [t is not None for _, t in split]
+    if any(labelled) and not all(labelled):
+        raise InputError("data mixes batches with and without targets; give targets for all or none")
+    device = next((p.device for p in model.parameters()), example[0].device)
+    batches: list[Batch] = []
+    for i, (inputs, targets) in enumerate(split):
+        _check_finite(i, "inputs", inputs)
+        if targets is not None:
+            _check_finite(i, "targets", _outputs(targets))
+        else:
+            with torch.no_grad():
+                targets = [t.detach() for t in _outputs(model(*(t.to(device) for t in inputs)))]
+        batches.append(Batch(tuple(t.detach() for t in inputs), targets))
+    if all(labelled):
+        fn = loss_fn or _default_loss
+
+        def loss(out: Any, batch: Batch) -> torch.Tensor:
+            return fn(out, batch.targets)
+    else:
+        if loss_fn is not None:
+            raise InputError(
+                "loss_fn was given but data has no targets; pass (inputs, targets) batches, or drop loss_fn "
+                "to use the label-free output-matching loss"
+            )
+        loss = _output_matching
+    calib = Calibration(tuple(batches), loss, all(labelled))
+    _check_loss(model, calib, device)
+    return calib
+
+
+def _take(data: Iterable[Any], n: int) -> list[Any]:
+    out = []
+    for item in data:
+        if len(out) >= n:
+            break
+        out.append(item)
+    return out
+
+
+def _check_loss(model: torch.nn.Module, calib: Calibration, device: torch.device) -> None:
+    batch = calib.batches[0].to(device)
+    with torch.no_grad():
+        try:
+            value = calib.loss(model(*batch.inputs), batch)
+        except FxpruneError:
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"loss_fn(output, targets) failed on data[0]: {type(exc).__name__}: {exc}; it must accept "
+                "the model output and the batch targets"
+            ) from exc
+    if not isinstance(value, torch.Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise InputError(
+            f"loss_fn must return a scalar tensor, got {shape} on data[0]; reduce it (e.g. .mean())"
+        )
+    if not math.isfinite(float(value)):
+        raise InputError(f"loss_fn returned {float(value)} on data[0]; the loss must be finite")
+

@@ -1,0 +1,274 @@
+"""Compensation without fine-tuning: adjust the surviving weights so the pruned model loses less.
+
+Runs between selection and the rewrite, on a copy of the traced model, in the *original* coordinates; the
+rewrite then slices the adjusted weights. Every change is also returned as ``overrides`` (qualified name ->
+new full tensor) so the masked-equivalence oracle can apply the same change to the original model
+(``fxprune.masked_model(model, plan, overrides)``). Methods (shared/METHODS.md):
+
+- ``"bias"`` — mean-value recovery (Pruning On-the-Fly): each removed input channel is replaced by its mean
+  over the calibration data, folded into the consumer's bias as ``W[:, c] . E[x_c]``.
+- ``"lsq"`` — layer-wise least squares (ThiNet / OBS family): each consumer re-fits its kept input columns
+  and its bias to reproduce its original output, ``W' = W C[:, S] (C[S, S] + delta I)^-1`` with ``C`` the
+  second-moment matrix of its (unfolded) input plus a constant row.
+- ``"newton"`` — the influence update ``dw = (H_ww + delta I)^-1 H_wm 1_S`` over all weights, the Newton step
+  retraining would take, with a line search on the calibration loss.
+
+A consumer without a bias folds its shift into the BatchNorm that follows it (``running_mean -= shift``);
+consumers where neither is possible (grouped convs, functional calls) are left as they are and listed.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxprune.calib import Calibration
+from fxprune.data import ChannelGroup, PrunePlan
+from fxprune.errors import InputError
+
+__all__ = ["COMPENSATIONS", "Compensation", "compensate"]
+
+log = logging.getLogger(__name__)
+
+COMPENSATIONS = ("none", "bias", "lsq", "newton")
+
+
+@dataclass
+class Compensation:
+    """What compensation changed: full-size new tensors by qualified name, and consumers it had to skip."""
+
+    method: str
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    step: float | None = None
+
+
+@dataclass
+class _Consumer:
+    node: fx.Node
+    module: nn.Module
+    removed: torch.Tensor  # removed input positions along the channel dim
+    kept: torch.Tensor
+    sum: torch.Tensor | None = None
+    count: int = 0
+    gram: torch.Tensor | None = None
+
+
+def _consumers(gm: fx.GraphModule, plan: PrunePlan, groups: Sequence[ChannelGroup]) -> tuple[
+    dict[str, _Consumer], dict[str, str]
+]:  # fmt: skip
+    by_name = {n.name: n for n in gm.graph.nodes}
+    pruned = {g.id for g in groups if g.id in plan.kept}
+    out: dict[str, _Consumer] = {}
+    skipped: dict[str, str] = {}
+    for g in groups:
+        if g.id not in pruned:
+            continue
+        for s in g.sites:
+            if s.role != "in" or s.param not in plan.inputs:
+                continue
+            node = by_name[s.node]
+            key = str(node.target)
+            if key in out or key in skipped:
+                continue
+            mod = gm.get_submodule(key) if node.op == "call_module" else None
+            if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                skipped[s.node] = "not an nn.Linear/nn.ConvNd module call"
+                continue
+            if isinstance(mod, nn.modules.conv._ConvNd) and (mod.groups != 1 or mod.padding_mode != "zeros"):
+                skipped[key] = f"conv with groups={mod.groups}, padding_mode={mod.padding_mode!r}"
+                continue
+            if s.param != f"{key}.weight":
+                skipped[key] = f"weight {s.param} is not the module's own"
+                continue
+            dim, kept = plan.inputs[s.param]
+            n = mod.weight.shape[dim]
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[list(kept)] = True
+            out[key] = _Consumer(node, mod, (~keep).nonzero().flatten(), keep.nonzero().flatten())
+    return out, skipped
+
+
+def _features(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Rows of the consumer's input as its weight matrix sees them: ``(positions, in_features)``."""
+    if isinstance(mod, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    assert isinstance(mod, nn.modules.conv._ConvNd)
+    if isinstance(mod, nn.Conv2d):
+        if isinstance(mod.padding, str):
+            raise NotImplementedError("string padding")
+        cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)  # N, C*k*k, L
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    raise NotImplementedError(type(mod).__name__)
+
+
+def _collect(gm: fx.GraphModule, consumers: Mapping[str, _Consumer], calib: Calibration, lsq: bool,
+             max_rows: int) -> None:  # fmt: skip
+    """One pass over the calibration inputs: per-channel input means, and (for lsq) Gram matrices."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    hooks = []
+
+    def hook(c: _Consumer):  # type: ignore[no-untyped-def]
+        def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().float()
+            chan = -1 if isinstance(c.module, nn.Linear) else 1
+            flat = x.movedim(chan, -1).reshape(-1, x.shape[chan])
+            c.sum = flat.sum(0) if c.sum is None else c.sum + flat.sum(0)
+            c.count += flat.shape[0]
+            if lsq:
+                rows = _features(c.module, x)
+                if rows.shape[0] > max_rows:
+                    idx = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]
+                    rows = rows[idx.to(rows.device)]
+                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1).double()
+                gram = rows.T @ rows
+                c.gram = gram if c.gram is None else c.gram + gram
+
+        return fn
+
+    try:
+        for c in consumers.values():
+            hooks.append(c.module.register_forward_pre_hook(hook(c)))
+        with torch.no_grad():
+            for b in calib.batches:
+                gm(*(t.to(device) for t in b.inputs))
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _bias_target(gm: fx.GraphModule, c: _Consumer) -> tuple[str, float] | None:
+    """Where a shift of the consumer's output goes: its bias (+1) or the following BatchNorm's mean (-1)."""
+    if c.module.bias is not None:  # type: ignore[union-attr]
+        return f"{c.node.target}.bias", 1.0
+    users = list(c.node.users)
+    if len(users) == 1 and users[0].op == "call_module":
+        bn = gm.get_submodule(str(users[0].target))
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
+            return f"{users[0].target}.running_mean", -1.0
+    return None
+
+
+def _shift_conv_weight(mod: nn.Module) -> torch.Tensor:
+    w = mod.weight.detach().double()  # type: ignore[union-attr]
+    return w.reshape(w.shape[0], w.shape[1], -1).sum(-1)  # out x in: the weight seen by a constant input
+
+
+def compensate(
+    gm: fx.GraphModule,
+    groups: Sequence[ChannelGroup],
+    plan: PrunePlan,
+    calib: Calibration,
+    method: str,
+    *,
+    device: torch.device | None = None,
+    damping: float = 1e-3,
+    max_rows: int = 65536,
+    newton_options: Mapping[str, object] | None = None,
+) -> tuple[fx.GraphModule, Compensation]:
+    """A copy of ``gm`` with compensated weights, and the record of what changed (``gm`` is untouched)."""
+    if method not in COMPENSATIONS:
+        raise InputError(f"compensate={method!r}: choose one of {', '.join(COMPENSATIONS)}")
+    new = copy.deepcopy(gm)
+    result = Compensation(method)
+    if method == "none" or not plan.kept:
+        return new, result
+    if method == "newton":
+        return _newton(new, groups, plan, calib, device or torch.device("cpu"), damping, newton_options or {})
+    consumers, result.skipped = _consumers(new, plan, groups)
+    _collect(new, consumers, calib, method == "lsq", max_rows)
+    state = dict(new.state_dict(keep_vars=True))
+    for key, c in consumers.items():
+        if c.count == 0 or c.sum is None:
+            result.skipped[key] = "never called on the calibration data"
+            continue
+        target = _bias_target(new, c)
+        if target is None:
+            result.skipped[key] = "no bias and no BatchNorm right after it to fold a shift into"
+            continue
+        mean = (c.sum / c.count).double()
+        w2 = c.module.weight.detach().double()  # type: ignore[union-attr]
+        weight_in = w2 if isinstance(c.module, nn.Linear) else _shift_conv_weight(c.module)
+        if method == "bias":
+            shift = weight_in[:, c.removed] @ mean[c.removed.to(mean.device)]
+            new_weight = None
+        else:
+            shift, new_weight = _lsq(c, w2, damping)
+        name, sign = target
+        t = state[name]
+        value = (t.detach().double() + sign * shift.to(t.device)).to(t.dtype)
+        result.overrides[name] = value
+        if new_weight is not None:
+            result.overrides[f"{key}.weight"] = new_weight.to(w2.device, c.module.weight.dtype)  # type: ignore[union-attr]
+    _apply(new, result.overrides)
+    return new, result
+
+
+def _lsq(c: _Consumer, w: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-fit kept columns + a bias shift: returns (output shift, new full weight)."""
+    assert c.gram is not None
+    gram = c.gram / c.count
+    out_dim = w.shape[0]
+    w_mat = w.reshape(out_dim, -1)
+    per_chan = w_mat.shape[1] // w.shape[1]  # unfolded positions per input channel (k*k for a conv)
+    kept_cols = (c.kept[:, None] * per_chan + torch.arange(per_chan)[None, :]).reshape(-1)
+    cols = torch.cat([kept_cols, torch.tensor([w_mat.shape[1]])]).to(gram.device)  # kept + constant row
+    w_ext = torch.cat([w_mat, w_mat.new_zeros(out_dim, 1)], 1).to(gram.device)  # original: bias shift 0
+    sub = gram[cols][:, cols]
+    reg = damping * float(sub.diagonal().mean()) * torch.eye(len(cols), dtype=sub.dtype, device=sub.device)
+    rhs = w_ext @ gram[:, cols]
+    fitted = torch.linalg.solve(sub + reg, rhs.T).T  # out x |S|+1
+    new_w = w_mat.clone().to(gram.device)
+    new_w[:, kept_cols.to(gram.device)] = fitted[:, :-1]
+    return fitted[:, -1], new_w.reshape(w.shape)
+
+
+def _apply(gm: fx.GraphModule, overrides: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, value in overrides.items():
+            owner, _, leaf = name.rpartition(".")
+            getattr(gm.get_submodule(owner), leaf).copy_(value)
+
+
+def _newton(gm: fx.GraphModule, groups: Sequence[ChannelGroup], plan: PrunePlan, calib: Calibration,
+            device: torch.device, damping: float, options: Mapping[str, object]) -> tuple[
+    fx.GraphModule, Compensation
+]:  # fmt: skip
+    from fxprune.passes.masking import MaskedLoss
+    from fxprune.passes.score_hessian import mask_products
+
+    curvature = str(options.get("curvature", "hessian"))
+    damping = float(options.get("damping", damping))  # type: ignore[arg-type]
+    iters = int(options.get("cg_iters", 20))  # type: ignore[call-overload]
+    loss = MaskedLoss(gm, groups, calib, device, float(options.get("weight_decay", 0.0)))  # type: ignore[arg-type]
+    removed = torch.zeros(loss.size, device=device)
+    for gid, kept in plan.kept.items():
+        if gid in loss.slices:
+            sl = loss.slices[gid]
+            mask = torch.ones(sl.stop - sl.start, device=device)
+            mask[list(kept)] = 0
+            removed[sl] = mask
+    batches = loss.batches()
+    ((hw, _),) = mask_products(loss, batches, [(loss.zeros_w(), removed)], curvature)
+    (dw,) = loss.solve_ww([hw], batches, curvature, damping, iters)
+    m = 1 - removed
+    best, best_loss = 0.0, float("inf")
+    for step in (0.0, 0.25, 0.5, 1.0):  # a line search on the calibration loss of the pruned model
+        w = [p + step * d for p, d in zip(loss.w0, dw, strict=True)]
+        with torch.no_grad():
+            value = sum(float(calib.loss(loss.forward(w, m, bd), bd)) for bd in (b.to(device) for b in batches))
+        if value < best_loss:
+            best, best_loss = step, value
+    result = Compensation("newton", step=best)
+    if best > 0:
+        for name, p, d in zip(loss.names, loss.w0, dw, strict=True):
+            result.overrides[name] = (p + best * d).detach().to("cpu")
+    _apply(gm, result.overrides)
+    return gm, result

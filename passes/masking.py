@@ -1,0 +1,387 @@
+"""The shared channel mask: the loss as a function of the weights ``w`` and one mask value per channel.
+
+Every prunable group gets a slice of one flat mask vector ``m`` (``K`` entries in all). A mask value
+multiplies its channel's input columns in *every* consumer that reads the group (``Site.role == "in"``), so
+coupled channels (a residual stream, a concat segment) share one mask. Setting ``m_c = 0`` computes exactly
+what the pruned model computes (it is the masked-equivalence oracle), so derivatives in ``m`` are
+derivatives of the loss of pruning.
+
+``MaskedLoss`` evaluates ``L(w, m)`` on calibration batches with ``torch.func.functional_call`` on a private
+copy of the GraphModule (moved to ``device``, eval mode: BatchNorm statistics are read, never updated), and
+provides the products every score needs: gradients, Hessian-vector products in ``(w, m)``, Gauss-Newton
+products, and a damped conjugate-gradient solve with ``H_ww``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from fxprune.passes.score import GroupScore, ScorePass
+from torch.func import functional_call
+
+from fxprune.calib import Batch, Calibration
+from fxprune.data import ChannelGroup
+from fxprune.errors import InputError
+
+__all__ = ["MaskScorePass", "MaskedLoss", "Vec", "default_device", "progress", "split_batch"]
+
+log = logging.getLogger(__name__)
+
+#: A vector in ``(w, m)`` space: one tensor per trainable parameter, and the flat mask part.
+Vec = tuple[list[torch.Tensor], torch.Tensor]
+
+
+def default_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as given, else CUDA when available, else CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device={str(device)!r} but this machine has no CUDA device; use device='cpu'")
+    return dev
+
+
+def progress(iterable: Sequence[Any], enabled: bool, desc: str) -> Iterator[Any]:
+    """A tqdm progress bar over ``iterable`` when ``enabled`` (and tqdm is installed)."""
+    if enabled:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            yield from iterable
+            return
+        yield from tqdm(iterable, desc=desc, leave=False)
+    else:
+        yield from iterable
+
+
+class MaskedLoss:
+    """``L(w, m)`` over calibration batches; ``w`` are the model's floating-point parameters.
+
+    Args:
+        gm: the traced model (not modified: a copy is moved to ``device``).
+        groups: channel groups; the prunable ones get mask entries (``slices[group id]``).
+        calib: batches and loss.
+        weight_decay: adds ``weight_decay/2 * ||w||^2`` to the loss (the training objective's L2 term).
+    """
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        groups: Sequence[ChannelGroup],
+        calib: Calibration,
+        device: torch.device,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self.device = device
+        self._batched = True
+        self.model = copy.deepcopy(gm).to(device).eval()
+        self.calib = calib
+        self.weight_decay = weight_decay
+        self.groups = [g for g in groups if g.prunable]
+        self.slices: dict[int, slice] = {}
+        k = 0
+        for g in self.groups:
+            self.slices[g.id] = slice(k, k + g.size)
+            k += g.size
+        self.size = k
+        named = dict(self.model.named_parameters())
+        self.names = [n for n, p in named.items() if p.dtype.is_floating_point]
+        self.w0 = [named[n].detach() for n in self.names]
+        self.buffers = {n: b for n, b in self.model.named_buffers()}
+        # (param, dim) -> index of every position into [m, 1]: the mask entry scaling it, or the constant 1.
+        index: dict[tuple[str, int], torch.Tensor] = {}
+        for g in self.groups:
+            sl = self.slices[g.id]
+            for s in g.sites:
+                if s.role != "in":
+                    continue
+                if s.param not in named:
+                    raise InputError(
+                        f"consumer parameter {s.param!r} of group {g.id} is not a parameter of the model "
+                        "(tied or non-parameter weight); score with score='magnitude'"
+                    )
+                key = (s.param, s.dim)
+                if key not in index:
+                    index[key] = torch.full((named[s.param].shape[s.dim],), k, dtype=torch.long)
+                pos = torch.arange(sl.start, sl.stop).repeat_interleave(s.repeat)
+                index[key][s.offset : s.offset + len(pos)] = pos
+        self.index = {key: v.to(device) for key, v in index.items()}
+
+    # --- evaluation -----------------------------------------------------------------------------------------
+
+    def batches(self) -> tuple[Batch, ...]:
+        return self.calib.batches
+
+    def effective(self, w: Sequence[torch.Tensor], m: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Parameters with every consumer column scaled by its channel's mask."""
+        params = dict(zip(self.names, w, strict=True))
+        ext = torch.cat([m, m.new_ones(1)])
+        for (name, dim), idx in self.index.items():
+            t = params[name]
+            shape = [1] * t.dim()
+            shape[dim] = -1
+            params[name] = t * ext[idx].view(shape).to(t.dtype)
+        return params
+
+    def forward(self, w: Sequence[torch.Tensor], m: torch.Tensor, batch: Batch) -> Any:
+        return functional_call(self.model, {**self.effective(w, m), **self.buffers}, batch.inputs)
+
+    def objective(self, out: Any, w: Sequence[torch.Tensor], batch: Batch) -> torch.Tensor:
+        loss = self.calib.loss(out, batch)
+        if self.weight_decay:
+            loss = loss + 0.5 * self.weight_decay * sum((p.float() ** 2).sum() for p in w)
+        return loss
+
+    def leaves(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        w = [p.detach().clone().requires_grad_(True) for p in self.w0]
+        m = torch.ones(self.size, device=self.device, requires_grad=True)
+        return w, m
+
+    def loss_value(self, batch: Batch, m: torch.Tensor | None = None) -> float:
+        with torch.no_grad():
+            mm = torch.ones(self.size, device=self.device) if m is None else m
+            return float(self.objective(self.forward(self.w0, mm, batch.to(self.device)), self.w0, batch))
+
+    # --- first and second order ---------------------------------------------------------------------------
+
+    def _grads(self, batch: Batch, create_graph: bool) -> tuple[list[torch.Tensor], torch.Tensor, Vec]:
+        w, m = self.leaves()
+        b = batch.to(self.device)
+        loss = self.objective(self.forward(w, m, b), w, b)
+        g = torch.autograd.grad(loss, [*w, m], create_graph=create_graph, allow_unused=True)
+        g = [torch.zeros_like(x) if gi is None else gi for gi, x in zip(g, [*w, m], strict=True)]
+        return w, m, (list(g[:-1]), g[-1])
+
+    def grad(self, batch: Batch) -> Vec:
+        """``(dL/dw, dL/dm)`` on one batch at ``m = 1``."""
+        _, _, (gw, gm) = self._grads(batch, create_graph=False)
+        return [x.detach() for x in gw], gm.detach()
+
+    def hvp(self, batch: Batch, vectors: Sequence[Vec]) -> list[Vec]:
+        """Hessian of ``L`` in ``(w, m)`` times each vector (one forward/backward shared by all)."""
+        w, m, (gw, gm) = self._grads(batch, create_graph=True)
+        if len(vectors) > 1 and self._batched:
+            try:
+                return self._hvp_batched(w, m, gw, gm, vectors)
+            except RuntimeError as exc:  # an op without a batching rule: fall back to one product at a time
+                log.debug("batched Hessian-vector products unavailable (%s); looping", exc)
+                self._batched = False
+                w, m, (gw, gm) = self._grads(batch, create_graph=True)
+        out: list[Vec] = []
+        for i, (vw, vm) in enumerate(vectors):
+            dot = (gm * vm).sum() + sum((g * v).sum() for g, v in zip(gw, vw, strict=True))
+            if not dot.requires_grad:  # the loss is linear in everything the vector touches
+                out.append(([torch.zeros_like(x) for x in w], torch.zeros_like(m)))
+                continue
+            h = torch.autograd.grad(dot, [*w, m], retain_graph=i + 1 < len(vectors), allow_unused=True)
+            h = [torch.zeros_like(x) if hi is None else hi.detach() for hi, x in zip(h, [*w, m], strict=True)]
+            out.append((list(h[:-1]), h[-1]))
+        return out
+
+    def _hvp_batched(self, w: list[torch.Tensor], m: torch.Tensor, gw: list[torch.Tensor], gm: torch.Tensor,
+                     vectors: Sequence[Vec]) -> list[Vec]:  # fmt: skip
+        outs = [g for g in [*gw, gm] if g.requires_grad]
+        keep = [i for i, g in enumerate([*gw, gm]) if g.requires_grad]
+        grads_out = [torch.stack([([*vw, vm])[i] for vw, vm in vectors]) for i in keep]
+        h = torch.autograd.grad(outs, [*w, m], grads_out, allow_unused=True, is_grads_batched=True)
+        n = len(vectors)
+        h = [torch.zeros((n, *x.shape), dtype=x.dtype, device=x.device) if hi is None else hi.detach()
+             for hi, x in zip(h, [*w, m], strict=True)]  # fmt: skip
+        return [([x[i] for x in h[:-1]], h[-1][i]) for i in range(n)]
+
+    def gnvp(self, batch: Batch, vectors: Sequence[Vec]) -> list[Vec]:
+        """Gauss-Newton matrix ``J^T H_out J`` (plus ``weight_decay * I`` on ``w``) times each vector."""
+        w, m = self.leaves()
+        b = batch.to(self.device)
+        out = self.forward(w, m, b)
+        outs, rebuild = _tensor_leaves(out)
+        leaf_out = [o.detach().requires_grad_(True) for o in outs]
+        loss = self.calib.loss(rebuild(leaf_out), b)
+        g_out = torch.autograd.grad(loss, leaf_out, create_graph=True)
+        dummies = [torch.zeros_like(o, requires_grad=True) for o in outs]
+        jt = torch.autograd.grad(outs, [*w, m], dummies, create_graph=True, allow_unused=True)
+        result: list[Vec] = []
+        for vw, vm in vectors:
+            dot = sum((j * v).sum() for j, v in zip(jt, [*vw, vm], strict=True) if j is not None)
+            jv = torch.autograd.grad(dot, dummies, retain_graph=True, allow_unused=True)
+            jv = [torch.zeros_like(o) if x is None else x for x, o in zip(jv, outs, strict=True)]
+            hjv = torch.autograd.grad(g_out, leaf_out, jv, retain_graph=True, allow_unused=True)
+            hjv = [torch.zeros_like(o) if x is None else x for x, o in zip(hjv, outs, strict=True)]
+            gv = torch.autograd.grad(outs, [*w, m], hjv, retain_graph=True, allow_unused=True)
+            gv = [torch.zeros_like(x) if g is None else g.detach() for g, x in zip(gv, [*w, m], strict=True)]
+            gw = gv[:-1]
+            if self.weight_decay:
+                gw = [g + self.weight_decay * v for g, v in zip(gw, vw, strict=True)]
+            result.append((list(gw), gv[-1]))
+        return result
+
+    def curvature(self, kind: str) -> Callable[[Batch, Sequence[Vec]], list[Vec]]:
+        if kind == "hessian":
+            return self.hvp
+        if kind == "gn":
+            return self.gnvp
+        raise InputError(f"curvature={kind!r}: choose 'hessian' or 'gn'")
+
+    # --- helpers in (w, m) space ---------------------------------------------------------------------------
+
+    def zeros_w(self) -> list[torch.Tensor]:
+        return [torch.zeros_like(p) for p in self.w0]
+
+    def site_reduce(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``sum over consumer columns of channel c`` of ``w * t`` for every channel: ``d<w*m, t>/dm``."""
+        out = torch.zeros(self.size + 1, device=self.device)
+        by_name = dict(zip(self.names, zip(self.w0, tensors, strict=True), strict=True))
+        for (name, dim), idx in self.index.items():
+            p, t = by_name[name]
+            prod = (p * t).float().movedim(dim, 0).reshape(p.shape[dim], -1).sum(1)
+            out.index_add_(0, idx, prod)
+        return out[:-1]
+
+    def solve_ww(
+        self,
+        rhs: Sequence[list[torch.Tensor]],
+        batches: Sequence[Batch],
+        curvature: str,
+        damping: float,
+        iters: int,
+        tol: float = 1e-4,
+    ) -> list[list[torch.Tensor]]:
+        """``(H_ww + damping I)^-1 b`` for each right-hand side by conjugate gradients, all in lockstep.
+
+        ``H_ww`` is averaged over ``batches``; each iteration costs one shared curvature product per batch.
+        """
+        product = self.curvature(curvature)
+        zero_m = torch.zeros(self.size, device=self.device)
+
+        def apply(vs: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+            acc = [[damping * x for x in v] for v in vs]
+            for b in batches:
+                for a, (hw, _) in zip(acc, product(b, [(v, zero_m) for v in vs]), strict=True):
+                    for x, y in zip(a, hw, strict=True):
+                        x.add_(y, alpha=1.0 / len(batches))
+            return acc
+
+        def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+            return float(sum((x * y).sum() for x, y in zip(a, b, strict=True)))
+
+        xs = [[torch.zeros_like(t) for t in b] for b in rhs]
+        rs = [[t.clone() for t in b] for b in rhs]
+        ps = [[t.clone() for t in b] for b in rhs]
+        rr = [dot(r, r) for r in rs]
+        norms = [max(v, 1e-30) for v in rr]
+        active = list(range(len(rhs)))
+        for _ in range(iters):
+            active = [i for i in active if rr[i] > tol**2 * norms[i]]
+            if not active:
+                break
+            aps = apply([ps[i] for i in active])
+            for i, ap in zip(active, aps, strict=True):
+                pap = dot(ps[i], ap)
+                if pap <= 0:  # negative curvature: stop this system where it is (damping too small)
+                    rr[i] = 0.0
+                    continue
+                alpha = rr[i] / pap
+                for x, p in zip(xs[i], ps[i], strict=True):
+                    x.add_(p, alpha=alpha)
+                for r, a in zip(rs[i], ap, strict=True):
+                    r.sub_(a, alpha=alpha)
+                new = dot(rs[i], rs[i])
+                beta = new / rr[i]
+                rr[i] = new
+                ps[i] = [r + beta * p for r, p in zip(rs[i], ps[i], strict=True)]
+        return xs
+
+
+def _tensor_leaves(out: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
+    if isinstance(out, torch.Tensor):
+        return [out], lambda ts: ts[0]
+    if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+        kind = type(out)
+        return list(out), lambda ts: kind(ts)
+    raise InputError(
+        f"curvature='gn' needs the model to return a tensor or a tuple of tensors, got {type(out).__name__}; "
+        "use curvature='hessian'"
+    )
+
+
+def split_batch(batch: Batch, size: int) -> list[Batch]:
+    """``batch`` cut into micro-batches of ``size`` samples (targets cut alike); itself if it cannot be cut."""
+    n = batch.size
+    if size >= n or any(t.dim() == 0 or t.shape[0] != n for t in batch.inputs):
+        return [batch]
+
+    def cut(x: Any, i: int) -> Any:
+        if isinstance(x, torch.Tensor):
+            return x[i : i + size] if x.dim() and x.shape[0] == n else x
+        if isinstance(x, (tuple, list)):
+            return type(x)(cut(v, i) for v in x)
+        return x
+
+    return [Batch(tuple(t[i : i + size] for t in batch.inputs), cut(batch.targets, i)) for i in range(0, n, size)]
+
+
+class MaskScorePass(ScorePass):
+    """Base of the data-driven scores: builds the ``MaskedLoss`` and cuts per-group results from ``K``-vectors.
+
+    Subclasses implement ``estimate(loss) -> (mean, spread or None)`` as flat ``K``-vectors over all channels.
+    """
+
+    uses_data = True
+
+    def score_groups(self, gm: fx.GraphModule, groups: list[ChannelGroup]) -> dict[int, GroupScore]:
+        ctx = self.context
+        if ctx.calibration is None:
+            raise InputError(f"score={self.name!r} needs calibration data; pass data= (or use compile())")
+        loss = MaskedLoss(gm, groups, ctx.calibration, ctx.device, float(self.options.get("weight_decay", 0.0)))
+        if loss.size == 0:
+            return {}
+        gen = torch.Generator().manual_seed(ctx.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)
+            mean, spread = self.estimate(loss, gen)
+        mean_np = mean.detach().double().cpu().numpy()
+        spread_np = None if spread is None else spread.detach().double().cpu().numpy()
+        if not np.isfinite(mean_np).all():
+            raise FloatingPointError(
+                f"score={self.name!r} produced non-finite values; raise damping= or check the data/loss"
+            )
+        return {
+            g.id: GroupScore(
+                mean_np[loss.slices[g.id]].copy(),
+                None if spread_np is None else spread_np[loss.slices[g.id]].copy(),
+            )
+            for g in loss.groups
+        }
+
+    def estimate(
+        self, loss: MaskedLoss, gen: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def bar(self, items: Sequence[Any], desc: str) -> Iterator[Any]:
+        return progress(items, self.context.progress, f"{self.name}: {desc}")
+
+    def mean_grad(self, loss: MaskedLoss) -> tuple[Vec, list[torch.Tensor]]:
+        """Sample-weighted mean gradient over all batches, and the per-batch mask gradients."""
+        total = loss.calib.samples
+        gw_acc = loss.zeros_w()
+        gm_acc = torch.zeros(loss.size, device=loss.device)
+        per_batch = []
+        for b in self.bar(loss.batches(), "gradient"):
+            gw, gm = loss.grad(b)
+            for a, g in zip(gw_acc, gw, strict=True):
+                a.add_(g, alpha=b.size / total)
+            gm_acc.add_(gm, alpha=b.size / total)
+            per_batch.append(gm)
+        return (gw_acc, gm_acc), per_batch
+
+    def hessian_batches(self, loss: MaskedLoss) -> tuple[Batch, ...]:
+        n = self.options.get("hessian_batches")
+        batches = loss.batches()
+        return batches if n is None else batches[: max(1, int(n))]

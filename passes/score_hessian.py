@@ -1,0 +1,148 @@
+"""Second-order data scores on the shared channel mask (shared/METHODS.md): ``grad_norm``, ``sosp_h``,
+``ifso_code`` and ``influence`` (the default: the retrained loss change of IFSO, Cheng/Zhang/Shi 2024).
+
+Notation: ``g`` = dL/dm, ``H_mm``, ``H_wm`` = the blocks of the Hessian of ``L(w, m)`` at ``m = 1``; every
+product is one extra backward pass through the gradient graph (``MaskedLoss.hvp``) or a Gauss-Newton product
+(``MaskedLoss.gnvp``), averaged over the calibration batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from fxprune.passes.masking import MaskedLoss, MaskScorePass, Vec
+from fxprune.passes.score import register_score
+
+from fxprune.calib import Batch
+
+__all__ = ["GradNormScore", "IFSOCodeScore", "InfluenceScore", "SOSPHScore", "mask_products"]
+
+
+def mask_products(
+    loss: MaskedLoss,
+    batches: Sequence[Batch],
+    vectors: Sequence[Vec],
+    curvature: str,
+) -> list[Vec]:
+    """Curvature times each vector, averaged over ``batches`` (one shared backward graph per batch)."""
+    product = loss.curvature(curvature)
+    acc: list[Vec] = [(loss.zeros_w(), torch.zeros(loss.size, device=loss.device)) for _ in vectors]
+    for b in batches:
+        for (aw, am), (hw, hm) in zip(acc, product(b, vectors), strict=True):
+            for x, y in zip(aw, hw, strict=True):
+                x.add_(y, alpha=1.0 / len(batches))
+            am.add_(hm, alpha=1.0 / len(batches))
+    return acc
+
+
+@register_score("grad_norm")
+class GradNormScore(MaskScorePass):
+    """Gradient-norm preservation (Lubana & Dick 2021): ``|sum over channel c's columns of w * (H g)|``,
+    the first-order change of ``||g||^2`` when the channel is removed; one Hessian-vector product per batch."""
+
+    defaults = {"weight_decay": 0.0}
+
+    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
+        acc = torch.zeros(loss.size, device=loss.device)
+        zero_m = torch.zeros(loss.size, device=loss.device)
+        for b in self.bar(loss.batches(), "H g"):
+            gw, _ = loss.grad(b)
+            (hg, _), = loss.hvp(b, [(gw, zero_m)])
+            acc += loss.site_reduce(hg) * (b.size / loss.calib.samples)
+        return acc.abs(), None
+
+
+@register_score("sosp_h")
+class SOSPHScore(MaskScorePass):
+    """SOSP-H (Nonnenmacher et al. 2022): ``|-g_c + 1/2 (G 1)_c|`` with ``G`` the Gauss-Newton matrix in the
+    mask, ``G 1`` its product with all structures at once (one JVP + VJP per batch)."""
+
+    defaults = {"weight_decay": 0.0}
+
+    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
+        (_, g), _ = self.mean_grad(loss)
+        ones = torch.ones(loss.size, device=loss.device)
+        (_, g1), = mask_products(loss, loss.batches(), [(loss.zeros_w(), ones)], "gn")
+        return (0.5 * g1 - g).abs(), None
+
+
+@register_score("ifso_code")
+class IFSOCodeScore(MaskScorePass):
+    """The IFSO reference implementation's score, for comparison: ``|H_mw H_wm 1| / damping`` — the cross
+    term only, with ``H_ww^-1`` replaced by ``(1/damping) I`` and the row sum instead of the diagonal."""
+
+    defaults = {"weight_decay": 0.0, "damping": 1.0, "curvature": "hessian"}
+
+    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
+        ones = torch.ones(loss.size, device=loss.device)
+        zero_m = torch.zeros(loss.size, device=loss.device)
+        curv = str(self.options["curvature"])
+        batches = loss.batches()
+        (u, _), = mask_products(loss, batches, [(loss.zeros_w(), ones)], curv)
+        (_, a1), = mask_products(loss, batches, [(u, zero_m)], curv)
+        return a1.abs() / float(self.options["damping"]), None
+
+
+@register_score("influence")
+class InfluenceScore(MaskScorePass):
+    """The retrained loss change of removing channel ``c`` alone (influence function, IFSO):
+
+        dF_c = -g_c + 1/2 * (H_mm - H_mw (H_ww + damping I)^-1 H_wm)_cc
+
+    ``H_ww^-1`` by damped conjugate gradients (``cg_iters``) on the exact Hessian or the Gauss-Newton matrix
+    (``curvature``); the diagonal for all channels at once by ``probes`` Rademacher (Hutchinson) probes, or
+    exactly with ``diag="exact"`` (one probe per channel: for small models and tests). ``spread`` is the
+    standard error of the Hutchinson estimate. ``hessian_batches`` limits the batches used for curvature
+    (the gradient ``g`` always uses all of them; ``None`` = all).
+    """
+
+    cost_exponent = 0.5
+    defaults = {
+        "weight_decay": 0.0,
+        "damping": 1e-3,
+        "probes": 8,
+        "cg_iters": 8,
+        "curvature": "hessian",
+        "diag": "hutchinson",
+        "hessian_batches": 1,
+        "retrained": True,
+    }
+
+    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        opts = self.options
+        (_, g), _ = self.mean_grad(loss)
+        batches = self.hessian_batches(loss)
+        curv = str(opts["curvature"])
+        k = loss.size
+        if opts["diag"] == "exact":
+            probes = torch.eye(k, device=loss.device)
+        elif opts["diag"] == "hutchinson":
+            n = max(1, int(opts["probes"]))
+            probes = (torch.randint(0, 2, (n, k), generator=gen).float() * 2 - 1).to(loss.device)
+        else:
+            from fxprune.errors import InputError
+
+            raise InputError(f"diag={opts['diag']!r}: choose 'hutchinson' or 'exact'")
+        zero_m = torch.zeros(k, device=loss.device)
+        samples_mm, samples_a = [], []
+        chunk = 8  # probes per shared backward graph: bounds memory
+        for start in self.bar(range(0, len(probes), chunk), "probes"):
+            zs = probes[start : start + chunk]
+            prods = mask_products(loss, batches, [(loss.zeros_w(), z) for z in zs], curv)
+            samples_mm += [z * hm for z, (_, hm) in zip(zs, prods, strict=True)]
+            if opts["retrained"]:
+                sols = loss.solve_ww([hw for hw, _ in prods], batches, curv, float(opts["damping"]),
+                                     int(opts["cg_iters"]))  # fmt: skip
+                backs = mask_products(loss, batches, [(s, zero_m) for s in sols], curv)
+                samples_a += [z * am for z, (_, am) in zip(zs, backs, strict=True)]
+        mm = torch.stack(samples_mm)
+        a = torch.stack(samples_a) if samples_a else torch.zeros_like(mm)
+        per_probe = 0.5 * (mm - a)
+        if opts["diag"] == "exact":
+            diag = per_probe.sum(0)
+            spread = torch.zeros_like(diag)
+        else:
+            diag = per_probe.mean(0)
+            spread = per_probe.std(0) / len(per_probe) ** 0.5 if len(per_probe) > 1 else torch.zeros_like(diag)
+        return -g + diag, spread

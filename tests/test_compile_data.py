@@ -1,0 +1,166 @@
+"""compile with calibration data: scores, compensation (oracle extended to the folded shifts), bad data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from conftest import assert_unchanged, randomize_norms, snapshot
+from fxprune.models_zoo.toy import ConcatNet, FlattenLinearNet, ResidualNet
+
+import fxprune
+from fxprune.errors import InputError
+from fxprune.passes.score import SCORES, get_score
+
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def labelled(n: int = 2, seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(n)]
+
+
+def model(cls: type[nn.Module] = ResidualNet) -> nn.Module:
+    torch.manual_seed(0)
+    return randomize_norms(cls()).eval()
+
+
+def oracle_error(m: nn.Module, r: fxprune.CompileResult, x: torch.Tensor) -> float:
+    overrides = r.compensation.overrides if r.compensation else {}
+    masked = fxprune.masked_model(m, r.plan, overrides)
+    with torch.no_grad():
+        return float((masked(x) - r.graph_module(x)).abs().max() / masked(x).abs().max())
+
+
+@pytest.mark.parametrize("score", ["taylor", "fisher", "inf_cp", "grad_norm", "sosp_h", "ifso_code", "influence"])
+def test_every_data_score_compiles_to_a_verified_model(score: str) -> None:
+    m = model()
+    before = snapshot(m)
+    opts = {"probes": 2, "cg_iters": 2} if score == "influence" else {}
+    r = fxprune.compile(m, X, 0.5, score=score, data=labelled(1), progress=False, latency_runs=0, **opts)
+    assert r.plan.removed_channels > 0
+    assert r.verification is not None and r.verification.passed, r.verification
+    assert r.flops_ratio <= 0.5
+    assert all(torch.isfinite(torch.as_tensor(s.mean)).all() for s in r.scores.values())
+    assert r.compensation is not None and r.compensation.method == "bias"  # on by default with data
+    assert oracle_error(m, r, X) < 1e-5
+    assert_unchanged(m, before)
+
+
+@pytest.mark.parametrize("cls", [ResidualNet, ConcatNet, FlattenLinearNet])
+@pytest.mark.parametrize("method", ["bias", "lsq", "newton"])
+def test_compensation_is_covered_by_the_masked_oracle(cls: type[nn.Module], method: str) -> None:
+    m = model(cls)
+    r = fxprune.compile(m, X, 0.5, score="magnitude", data=labelled(), compensate=method, verify=False,
+                        progress=False)  # fmt: skip
+    assert r.compensation is not None
+    if method != "newton":
+        assert r.compensation.overrides, r.compensation.skipped  # something was folded
+    assert oracle_error(m, r, X) < 1e-5
+
+
+def test_bias_fold_matches_the_mean_activation_on_a_linear_consumer() -> None:
+    """With the removed channels' activations constant on the data, the fold is exact."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(6, 8)
+            self.b = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)))
+
+    torch.manual_seed(0)
+    m = Net().eval()
+    with torch.no_grad():
+        m.a.weight[::2] = 0  # even channels output relu(bias): constant over the data
+    x = torch.randn(16, 6)
+    r = fxprune.compile(m, x, 0.75, score="magnitude", data=[x], compensate="bias", verify=False, progress=False)
+    removed = set(range(8)) - set(r.plan.modules["a"]["out"])
+    assert removed and removed <= set(range(0, 8, 2))
+    torch.testing.assert_close(r.graph_module(x), m(x), rtol=1e-5, atol=1e-5)
+    r0 = fxprune.compile(m, x, 0.75, score="magnitude", data=[x], compensate="none", verify=False, progress=False)
+    assert (r0.graph_module(x) - m(x)).abs().max() > 1e-3  # without the fold the output moves
+
+
+def test_lsq_beats_no_compensation_on_the_calibration_outputs() -> None:
+    m = model()
+    data = [torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    errs = {}
+    for method in ("none", "bias", "lsq"):
+        r = fxprune.compile(m, X, 0.6, score="magnitude", data=data, compensate=method, verify=False,
+                            progress=False)  # fmt: skip
+        with torch.no_grad():
+            errs[method] = sum(float(F.mse_loss(r.graph_module(d), m(d))) for d in data)
+    assert errs["lsq"] < errs["none"] and errs["bias"] < errs["none"], errs
+
+
+def test_label_free_scoring_uses_the_example_input_alone() -> None:
+    m = model()
+    r = fxprune.compile(m, X, 0.5, progress=False, latency_runs=0, probes=2, cg_iters=2)  # default: influence
+    assert r.score == "influence" and r.calibration is not None and not r.calibration.labelled
+    assert r.compensation is None  # no data given: no compensation by default
+    assert r.verification is not None and r.verification.passed
+
+
+def test_scoring_never_updates_batchnorm_statistics() -> None:
+    m = model()
+    m.train()  # compile warns and works on an eval copy
+    before = snapshot(m)
+    with pytest.warns(UserWarning, match="training mode"):
+        fxprune.compile(m, X, 0.5, score="fisher", data=labelled(), verify=False, progress=False)
+    assert_unchanged(m, before)
+    assert m.training
+
+
+def test_same_seed_same_plan_and_weights() -> None:
+    m = model()
+    runs = [fxprune.compile(m, X, 0.5, data=labelled(1), seed=3, verify=False, progress=False, probes=2,
+                            cg_iters=2) for _ in range(2)]  # fmt: skip
+    assert runs[0].plan == runs[1].plan
+    for a, b in zip(runs[0].graph_module.state_dict().values(), runs[1].graph_module.state_dict().values(),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)
+
+
+def test_scores_can_be_reused_across_targets() -> None:
+    m = model()
+    first = fxprune.compile(m, X, 0.5, score="taylor", data=labelled(), verify=False, progress=False)
+    again = fxprune.compile(m, X, 0.5, score="taylor", data=labelled(), verify=False, progress=False,
+                            scores=first.scores)  # fmt: skip
+    assert again.plan == first.plan
+    with pytest.raises(InputError, match="scores="):
+        fxprune.compile(model(ConcatNet), X, 0.5, scores=first.scores, verify=False, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"data": []}, "data is empty"),
+        ({"data": [torch.full((2, 3, 16, 16), float("nan"))]}, r"data\[0\] inputs contains NaN"),
+        ({"data": [(X, torch.tensor([0.0, float("inf")]))], "loss_fn": F.mse_loss}, r"data\[0\] targets"),
+        ({"data": [(X, torch.tensor([1, 2]))], "loss_fn": lambda o, t: F.cross_entropy(o, t, reduction="none")},
+         "must return a scalar"),
+        ({"data": [X], "loss_fn": F.cross_entropy}, "no targets"),
+        ({"data": [{"x": X}]}, r"data\[0\] is a dict"),
+        ({"data": 3}, "iterable of batches"),
+        ({"compensate": "magic"}, "compensate='magic'"),
+        ({"score": "taylor", "probes": 3}, "not options of score='taylor'"),
+        ({"score": "nope"}, "score='nope'"),
+        ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "nope"}, "device"),
+    ],
+)
+def test_bad_calibration_arguments_raise_input_error(kwargs: dict, match: str) -> None:
+    m = model()
+    before = snapshot(m)
+    with pytest.raises((InputError, RuntimeError), match=match):
+        fxprune.compile(m, X, 0.5, verify=False, progress=False, **kwargs)
+    assert_unchanged(m, before)
+
+
+def test_every_registered_score_is_tested_here() -> None:
+    get_score("magnitude")
+    assert set(SCORES) == {"magnitude", "taylor", "fisher", "inf_cp", "grad_norm", "sosp_h", "ifso_code", "influence"}
