@@ -12,7 +12,6 @@ Errors are one line on stderr: ``fxprune: error: ...``.
 from __future__ import annotations
 
 import argparse
-import inspect as pyinspect
 import json
 import logging
 import sys
@@ -241,10 +240,9 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
     kwargs: dict[str, Any] = {"latency_runs": args.latency_runs, "round_to": args.round_to}
     if args.score:
         kwargs["score"] = args.score
-    params = pyinspect.signature(fxprune.compile).parameters
-    if data is not None and "data" in params:  # data-driven scores and compensation (issue 3)
+    if data is not None:  # data-driven score and compensation (bias fold) in fxprune.compile
         kwargs["data"], loss_fn = _calibration(data, args.calib_samples)
-        if loss_fn is not None and "loss_fn" in params:
+        if loss_fn is not None:
             kwargs["loss_fn"] = loss_fn
     with steps.step("compile"), warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -83,7 +83,7 @@ def _check_artefacts(out: Path, target: float) -> dict[str, object]:
 def test_cli_compile_models_zoo_with_digits(tmp_path: Path) -> None:
     out = tmp_path / "out"
     p = _run("compile", "models_zoo:resnet20", "--data", "digits", "--epochs", "0", "--target-flops", "0.5",
-             "--out", str(out), "--latency-runs", "3")  # fmt: skip
+             "--out", str(out), "--latency-runs", "3", "--score", "magnitude", "--calib-samples", "64")  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert "Traceback" not in p.stderr
     for word in ("accuracy", "FLOPs", "params", "ORT latency"):
@@ -111,7 +111,7 @@ def test_cli_compile_torchvision(tmp_path: Path) -> None:
 def test_cli_compile_user_file_trains_on_digits_and_caches(tmp_path: Path, tiny_file: Path) -> None:
     out = tmp_path / "file"
     args = ("compile", f"{tiny_file}:build", "--data", "digits", "--epochs", "3", "--target-flops", "0.5",
-            "--out", str(out), "--latency-runs", "0")  # fmt: skip
+            "--out", str(out), "--latency-runs", "0", "--calib-samples", "64")  # fmt: skip
     p = _run(*args, cache=tmp_path / "cache")
     assert p.returncode == 0, p.stderr
     assert "trained 3 epochs" in p.stdout
@@ -189,7 +189,7 @@ def test_cli_npz_data(tmp_path: Path) -> None:
     np.savez(tmp_path / "d.npz", x=x, y=np.arange(40) % 10)
     out = tmp_path / "npz"
     rc = main(["compile", "models_zoo:residual", "--data", str(tmp_path / "d.npz"), "--target-flops", "0.7",
-               "--out", str(out), "-q", "--latency-runs", "0"])  # fmt: skip
+               "--out", str(out), "-q", "--latency-runs", "0", "--score", "magnitude"])  # fmt: skip
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["metrics_before"]) == {"accuracy", "loss"} and rep["flops_ratio"] <= 0.7
