@@ -26,7 +26,7 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 class _Tracer(fx.Tracer):
     """A tracer that keeps user-chosen modules opaque and remembers which module it is inside."""
 
-    def __init__(self, leaf_modules: Iterable[type | str]) -> None:
+    def __init__(self, leaf_modules: Iterable[type | str] = ()) -> None:
         super().__init__()
         leaves = list(leaf_modules)
         self._leaf_types = tuple(t for t in leaves if isinstance(t, type))

@@ -94,8 +94,12 @@ def train(
     weight_decay: float = 5e-4,
     batch_size: int = 64,
     seed: int = 0,
+    progress: Callable[[int], None] | None = None,
 ) -> nn.Module:
-    """SGD with momentum and cosine decay, in place; returns the model in eval mode."""
+    """SGD with momentum and cosine decay, in place; returns the model in eval mode.
+
+    ``progress(epoch)`` is called after every epoch (e.g. to advance a progress bar).
+    """
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
     steps = epochs * ((len(data.x_train) + batch_size - 1) // batch_size)
@@ -108,6 +112,8 @@ def train(
             F.cross_entropy(model(xb), yb).backward()
             opt.step()
             sched.step()
+        if progress is not None:
+            progress(epoch)
     model.eval()
     log.info("trained %s for %d epochs in %.1fs", type(model).__name__, epochs, time.perf_counter() - t)
     return model

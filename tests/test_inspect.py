@@ -1,0 +1,117 @@
+"""``fxprune.inspect`` (issue 5): summary, networkx, DOT, self-contained HTML, explain."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from fxprune.models_zoo.toy import ResidualNet, SENet
+
+import fxprune
+
+
+class Rolled(nn.Module):
+    """torch.roll over channels has no rule: its channels must be pinned, with the reason."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.roll(self.b(self.a(x)), 1, 1))
+
+
+X = torch.randn(1, 3, 16, 16)
+
+
+def test_summary_groups_flops_share_and_pins() -> None:
+    model = ResidualNet().eval()
+    ins = fxprune.inspect(model, X)
+    dep = fxprune.dependency_graph(model, X)
+    assert [g.size for g in ins.groups] == [g.size for g in dep.groups]
+    text = str(ins)
+    assert f"{len(ins.groups)} channel groups" in text
+    assert "PINNED: reaches the graph output" in text
+    # FLOPs share: the node FLOPs that scale with a group, over the total (a conv scales with in and out)
+    assert all(0.0 <= s <= 1.0 for s in ins.flops_share.values())
+    assert sum(ins.flops_share.values()) > 1.0  # shares overlap by construction
+    assert ins.total_flops == fxprune.count_flops(model, (X,))
+
+
+def test_explain_pinned_and_coupled() -> None:
+    model = Rolled().eval()
+    ins = fxprune.inspect(model, X)
+    text = ins.explain("b")
+    assert "PINNED" in text and "no rule for" in text and "roll" in text
+    assert ins.explain(model.b) == text  # a module instance works like its name
+    res = fxprune.inspect(ResidualNet().eval(), X)
+    coupled = [g for g in res.groups if len(g.producers) > 1]
+    assert coupled
+    e = res.explain(coupled[0].id)
+    assert "coupled" in e and "joined at" in e and "add" in e
+    with pytest.raises(fxprune.InputError, match="neither a traced module nor a graph node"):
+        res.explain("no_such_layer")
+    with pytest.raises(fxprune.InputError, match="not a submodule"):
+        res.explain(nn.Conv2d(1, 1, 1))
+
+
+def test_networkx_dot_json_match_the_graph() -> None:
+    ins = fxprune.inspect(SENet().eval(), X)
+    g = ins.to_networkx()
+    assert set(g.nodes) == set(ins.nodes)
+    assert g.number_of_edges() == sum(len(i.inputs) for i in ins.nodes.values())
+    dot = ins.to_dot()
+    assert dot.count(" -> ") == g.number_of_edges()
+    # every group its own colour: nodes of different output groups get different fill colours
+    fills = {}
+    for name, info in ins.nodes.items():
+        if info.groups:
+            m = re.search(rf'"{re.escape(name)}" \[.*?fillcolor="(#[0-9a-f]{{6}})"', dot)
+            assert m is not None
+            fills.setdefault(info.groups[0], set()).add(m.group(1))
+    assert all(len(c) == 1 for c in fills.values())
+    assert len({next(iter(c)) for c in fills.values()}) == len(fills)
+    data = ins.to_dict()
+    assert [d["id"] for d in data["groups"]] == [gr.id for gr in ins.groups]
+
+
+def test_html_is_self_contained_with_details_per_node(tmp_path: Path) -> None:
+    ins = fxprune.inspect(ResidualNet().eval(), X)
+    page = ins.to_html()
+    assert "<script src" not in page and "http://" not in page.replace("http://www.w3.org/2000/svg", "")
+    assert "https://" not in page
+    assert page.count('class="node') == len(ins.nodes)
+    assert page.count("<title>") >= len(ins.nodes)  # hover tooltips
+    for g in ins.groups:
+        assert f'data-group="{g.id}"' in page
+    ins.write(str(tmp_path / "v.html"))
+    assert (tmp_path / "v.html").read_text() == page
+
+
+def _bench_module() -> object:
+    path = Path(__file__).resolve().parents[1] / "bench" / "inspect_view.py"
+    spec = importlib.util.spec_from_file_location("inspect_view", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["inspect_view"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_html_view_renders_in_headless_chromium(tmp_path: Path) -> None:
+    view = _bench_module()
+    if view.find_chromium() is None:  # type: ignore[attr-defined]
+        pytest.skip("chromium not installed (apt-get install -y chromium)")
+    ins = fxprune.inspect(ResidualNet().eval(), X)
+    html, png = tmp_path / "v.html", tmp_path / "v.png"
+    ins.write(str(html))
+    view.screenshot(html, png, size="800,600")  # type: ignore[attr-defined]
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000  # a rendered page, not a blank one
