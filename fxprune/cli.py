@@ -237,7 +237,9 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
             source = _cached_train(spec, data, epochs, args.no_cache, steps)
     spec.model.eval()
     before = _evaluate(spec.model, data) if data is not None else {}
-    kwargs: dict[str, Any] = {"latency_runs": args.latency_runs, "round_to": args.round_to}
+    kwargs: dict[str, Any] = {
+        "latency_runs": args.latency_runs, "round_to": args.round_to, "progress": not steps.quiet,
+    }  # fmt: skip
     if args.score:
         kwargs["score"] = args.score
     if data is not None:  # data-driven score and compensation (bias fold) in fxprune.compile

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -79,11 +80,13 @@ class Inspection:
     """Channel groups of a model, with the per-node view that explains them. Built by ``fxprune.inspect``."""
 
     def __init__(
-        self, gm: fx.GraphModule, dependency: DependencyResult, module_names: dict[int, str]
+        self, gm: fx.GraphModule, dependency: DependencyResult, model: torch.nn.Module
     ) -> None:
         self.dependency = dependency
         self.groups: tuple[ChannelGroup, ...] = dependency.groups
-        self._module_names = module_names  # id(user's module) -> qualified name
+        # id(user's module) -> (weak reference, qualified name): the weak reference tells a live submodule
+        # from a new object that reuses the id of a freed one, without keeping the user's model alive.
+        self._module_names = {id(m): (weakref.ref(m), n) for n, m in model.named_modules()}
         modules = dict(gm.named_modules())
         self.nodes: dict[str, NodeInfo] = {}
         self._module_node: dict[str, str] = {}
@@ -141,8 +144,8 @@ class Inspection:
         if isinstance(what, fx.Node):
             what = what.name
         if isinstance(what, torch.nn.Module):
-            name = self._module_names.get(id(what))
-            if name is None:
+            ref, name = self._module_names.get(id(what), (None, None))
+            if ref is None or ref() is not what or name is None:
                 raise InputError(
                     f"{type(what).__name__} instance is not a submodule of the inspected model; "
                     "pass one of its submodules, or a qualified name such as 'layer1.0.conv1'"
@@ -500,5 +503,4 @@ def inspect(
     work, example = _prepare(model, example_input)
     _check_runs(work, example)
     gm, dep = _analyse(work, example, {}, leaf_modules, concrete_args, False)
-    names = {id(m): n for n, m in model.named_modules()}
-    return Inspection(gm, dep, names)
+    return Inspection(gm, dep, model)
