@@ -79,9 +79,7 @@ def _colour(i: int) -> str:
 class Inspection:
     """Channel groups of a model, with the per-node view that explains them. Built by ``fxprune.inspect``."""
 
-    def __init__(
-        self, gm: fx.GraphModule, dependency: DependencyResult, model: torch.nn.Module
-    ) -> None:
+    def __init__(self, gm: fx.GraphModule, dependency: DependencyResult, model: torch.nn.Module) -> None:
         self.dependency = dependency
         self.groups: tuple[ChannelGroup, ...] = dependency.groups
         # id(user's module) -> (weak reference, qualified name): the weak reference tells a live submodule
@@ -457,7 +455,7 @@ ul {{ padding-left: 0; }}
 <h3>{title}</h3>
 <pre>{summary}</pre>
 <p>Hover a node for group, channels and FLOPs; click it for the explanation; click a group to highlight it.
-Dashed border: pinned group.</p>
+Dashed border: pinned group. Link to a node with <code>#node=NAME</code>.</p>
 <div id="info">(click a node)</div>
 <h4>Groups</h4>
 <ul>{legend}</ul>
@@ -476,6 +474,13 @@ nodes.forEach(function (el) {{
     nodes.forEach(function (o) {{ o.classList.remove('sel'); }});
     el.classList.add('sel'); show(el, true);
   }});
+}});
+// A link to a node: page.html#node=NAME opens with that node clicked (and scrolled into view).
+var wanted = decodeURIComponent((location.hash.match(/^#node=(.+)$/) || [])[1] || '');
+nodes.forEach(function (el) {{
+  if (wanted && el.getAttribute('data-node') === wanted) {{
+    el.dispatchEvent(new MouseEvent('click')); el.scrollIntoView();
+  }}
 }});
 document.querySelectorAll('.leg').forEach(function (li) {{
   li.addEventListener('click', function () {{

@@ -115,3 +115,13 @@ def test_html_view_renders_in_headless_chromium(tmp_path: Path) -> None:
     view.screenshot(html, png, size="800,600")  # type: ignore[attr-defined]
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000  # a rendered page, not a blank one
+    # the page's own script: clicking a node (through #node=NAME) fills the side panel with its group,
+    # FLOPs and explanation, as Chromium renders it
+    node = next(n for n, i in ins.nodes.items() if i.module_type == "Conv2d" and i.groups)
+    panel = view.clicked_panel(html, node)  # type: ignore[attr-defined]
+    assert panel.startswith(f"{node}: call_module Conv2d"), panel
+    assert (
+        f"group {ins.nodes[node].groups[0]}:" in panel
+        and "FLOPs" in panel
+        and "consumers (input columns cut)" in panel
+    )
