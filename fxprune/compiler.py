@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -241,7 +242,7 @@ def compile(  # noqa: A001 - the product's name for it
         if cost.total != flops_before:
             log.warning("per-node FLOPs sum to %d but the whole model counts %d", cost.total, flops_before)
         target = resolve_target(target_flops, flops_before)
-    with _timed(timings, "score"):
+    with _timed(timings, "score"), _autograd_errors(gm, f"score={score!r}"):
         if scores is None:
             scored = score_cls(dep.groups, ScoreContext(calib, dev, progress, seed), **score_options)(gm)
         else:
@@ -254,7 +255,7 @@ def compile(  # noqa: A001 - the product's name for it
     source = gm
     if method != "none" and chosen.kept:
         assert calib is not None
-        with _timed(timings, "compensate"):
+        with _timed(timings, "compensate"), _autograd_errors(gm, f"compensate={method!r}"):
             source, comp = run_compensation(gm, dep.groups, plan, calib, method, device=dev,
                                             newton_options=score_options)  # fmt: skip
     with _timed(timings, "rewrite"):
@@ -281,6 +282,49 @@ def compile(  # noqa: A001 - the product's name for it
         compensation=comp,
         calibration=calib,
     )
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow}
+
+
+def inplace_nodes(gm: fx.GraphModule) -> list[str]:
+    """Nodes that overwrite a tensor: ``inplace=True`` modules/functions, ``Tensor.op_`` methods, ``x += y``."""
+    modules = dict(gm.named_modules())
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            hit = bool(getattr(modules.get(str(n.target)), "inplace", False))
+        elif n.op == "call_method":
+            hit = str(n.target).endswith("_") and not str(n.target).startswith("_")
+        elif n.op == "call_function":
+            hit = (
+                n.target in _INPLACE_OPERATORS
+                or n.kwargs.get("inplace") is True
+                or (getattr(n.target, "__name__", "").endswith("_") and not n.target.__name__.startswith("_"))
+            )
+        else:
+            hit = False
+        if hit:
+            out.append(n.format_node())
+    return out
+
+
+@contextmanager
+def _autograd_errors(gm: fx.GraphModule, what: str) -> Iterator[None]:
+    """Turn autograd's in-place error (the model cannot be differentiated as written) into an InputError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "modified by an inplace operation" not in str(exc):
+            raise
+        nodes = inplace_nodes(gm)
+        where = ("; in-place nodes: " + ", ".join(nodes[:4])) if nodes else ""
+        raise InputError(
+            f"{what} needs gradients of the model, but an in-place op overwrites a tensor that autograd saved "
+            f"for the backward pass{where}. Fix: make that op out-of-place "
+            "(nn.ReLU(inplace=False), y = x + z instead of x += z), or use score='magnitude' and "
+            f"compensate='none'. ({exc})"
+        ) from exc
 
 
 def _check_scores(scores: Mapping[int, GroupScore], dep: DependencyResult) -> dict[int, GroupScore]:
