@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.calib import Calibration, LossFn, make_calibration
 from fxprune.data import PrunePlan
-from fxprune.errors import InputError
+from fxprune.errors import InputError, VerificationError
 from fxprune.passes.compensate import COMPENSATIONS, Compensation
 from fxprune.passes.compensate import compensate as run_compensation
 from fxprune.passes.cost import CostModel, CostPass
@@ -27,7 +27,7 @@ from fxprune.passes.masking import default_device
 from fxprune.passes.rewrite import RewritePass, build_plan
 from fxprune.passes.score import GroupScore, ScoreContext, get_score
 from fxprune.select import resolve_target, select
-from fxprune.trace import as_example_tuple, shape_propagate, trace
+from fxprune.trace import as_example_tuple, fold_parametrizations, shape_propagate, trace
 from fxprune.verify import Verification, verify_onnx
 
 __all__ = ["STAGES", "CompileResult", "compile", "count_flops", "count_params", "dependency_graph"]
@@ -102,13 +102,37 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 def _prepare(model: Any, example_input: Any) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
-    """A private eval-mode copy of the model and the example as a tuple; checks both."""
+    """A private eval-mode copy of the model and of the example (a tuple); checks both.
+
+    Cases: (1) not an ``nn.Module``; (2) the example is not tensors, or is on the ``meta`` device; (3) model
+    tensors on ``meta`` (no data) or on another device than the example; (4) a model that cannot be
+    deep-copied (e.g. the deprecated ``torch.nn.utils.weight_norm``): all ``InputError``, raised before any
+    work. (5) parametrized tensors (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm``) are
+    folded into plain parameters in the copy, with a warning; (6) a model in training mode is compiled in
+    eval mode, with a warning. The example is cloned, so a model that writes into its input in place never
+    touches the caller's tensors.
+    """
     if not isinstance(model, torch.nn.Module):
         raise InputError(
             f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in an nn.Module"
         )
     example = as_example_tuple(example_input)
-    work = copy.deepcopy(model)
+    _check_devices(model, example)
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:
+        raise InputError(
+            f"model cannot be deep-copied ({type(exc).__name__}: {exc}); fxprune compiles a private copy and "
+            "never modifies yours. If the model uses the deprecated torch.nn.utils.weight_norm, call "
+            "torch.nn.utils.remove_weight_norm(module) first or use torch.nn.utils.parametrizations.weight_norm"
+        ) from exc
+    folded = fold_parametrizations(work)
+    if folded:
+        warnings.warn(
+            f"parametrized tensors {', '.join(folded)} are folded into plain parameters in the compiled model "
+            "(pruning keeps their values, not the parametrization); your model is unchanged",
+            stacklevel=3,
+        )
     if model.training:
         warnings.warn(
             "model is in training mode; fxprune compiles an eval-mode copy (your model is unchanged). "
@@ -116,7 +140,33 @@ def _prepare(model: Any, example_input: Any) -> tuple[torch.nn.Module, tuple[tor
             stacklevel=3,
         )
     work.eval()
-    return work, example
+    return work, tuple(t.detach().clone() for t in example)
+
+
+def _check_devices(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> None:
+    for i, t in enumerate(example):
+        if t.device.type == "meta":
+            raise InputError(
+                f"example_input[{i}] is a meta tensor (a shape without data); pass a real tensor, e.g. "
+                f"torch.randn{tuple(t.shape)}"
+            )
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        if t.device.type == "meta":
+            raise InputError(
+                f"model tensor '{name}' is on the meta device (no data); materialise the weights first, e.g. "
+                "model.to_empty(device='cpu') then model.load_state_dict(...)"
+            )
+    devices = {t.device for _, t in tensors}
+    if len(devices) == 1:
+        (dev,) = devices
+        for i, t in enumerate(example):
+            if t.device != dev:
+                name = tensors[0][0]
+                raise InputError(
+                    f"example_input[{i}] is on {t.device} but the model's tensors are on {dev} (e.g. '{name}'); "
+                    f"move one of them, e.g. example_input.to('{dev}') or model.to('{t.device}')"
+                )
 
 
 def _check_runs(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> int:
@@ -218,7 +268,9 @@ def compile(  # noqa: A001 - the product's name for it
         latency_runs: ONNX Runtime timing runs for original and pruned (0 to skip timing).
 
     Raises:
-        InputError, TraceError, TargetError: see ``fxprune.errors``.
+        InputError, TraceError, TargetError, UnsupportedOpError: see ``fxprune.errors``.
+        VerificationError: ``verify`` is on and ONNX Runtime disagrees with the compiled model (the error
+            carries the result; the message says whether the original model fails the same check).
     """
     timings: dict[str, float] = {}
     work, example = _prepare(model, example_input)
@@ -265,7 +317,7 @@ def compile(  # noqa: A001 - the product's name for it
     if verify:
         with _timed(timings, "verify"):
             verification = verify_onnx(pruned, example, gm, rtol=rtol, latency_runs=latency_runs)
-    return CompileResult(
+    result = CompileResult(
         graph_module=pruned,
         plan=plan,
         dependency=dep,
@@ -281,6 +333,39 @@ def compile(  # noqa: A001 - the product's name for it
         score=score,
         compensation=comp,
         calibration=calib,
+    )
+    if verification is not None and not verification.passed:
+        raise VerificationError(_verification_message(result, gm, example, rtol), result=result)
+    return result
+
+
+def _verification_message(
+    r: CompileResult, original: fx.GraphModule, example: tuple[torch.Tensor, ...], rtol: float
+) -> str:
+    v = r.verification
+    assert v is not None
+    what = (
+        f"the compiled model does not run in ONNX Runtime: {v.error}"
+        if v.error
+        else f"ONNX Runtime disagrees with the compiled model in eager mode: max abs error "
+        f"{v.max_abs_error:.3g} = {v.max_rel_error:.3g} x max |output| > rtol={rtol:g}"
+    )
+    ref = verify_onnx(original, example, rtol=rtol, latency_runs=0)
+    blame = (
+        "the original model fails the same check, so the ONNX exporter mis-translates the model itself, not "
+        "the pruning"
+        if not ref.passed
+        else "the original model passes it"
+    )
+    nodes = inplace_nodes(original)
+    cause = (
+        f"; in-place ops on tensors that are also read elsewhere are a known cause: {', '.join(nodes[:4])}"
+        if nodes
+        else ""
+    )
+    return (
+        f"{what}; {blame}{cause}. Fix: make in-place ops out-of-place, raise rtol= if the error is float "
+        "noise, or pass verify=False to skip the check (err.result holds the result for inspection)"
     )
 
 
@@ -315,7 +400,7 @@ def _autograd_errors(gm: fx.GraphModule, what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:
-        if "modified by an inplace operation" not in str(exc):
+        if not any(m in str(exc) for m in ("modified by an inplace operation", "is being modified inplace")):
             raise
         nodes = inplace_nodes(gm)
         where = ("; in-place nodes: " + ", ".join(nodes[:4])) if nodes else ""

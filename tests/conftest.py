@@ -63,10 +63,10 @@ def assert_masked_equivalent(
     inputs = x if isinstance(x, tuple) else (x,)
     model = copy.deepcopy(model).eval()
     overrides = result.compensation.overrides if result.compensation is not None else None
-    with torch.no_grad():
-        ref_out = fxprune.masked_model(model, result.plan, overrides)(*inputs)
-        got_out = result.graph_module(*inputs)
-        orig_out = model(*inputs)
+    with torch.no_grad():  # fresh copies of the inputs: a model may write into its input in place
+        ref_out = fxprune.masked_model(model, result.plan, overrides)(*_clones(inputs))
+        got_out = result.graph_module(*_clones(inputs))
+        orig_out = model(*_clones(inputs))
     assert _structure(got_out) == _structure(ref_out) == _structure(orig_out)
     refs, gots, origs = (flatten_outputs(o) for o in (ref_out, got_out, orig_out))
     assert refs, "the model has no tensor outputs"
@@ -90,13 +90,17 @@ def assert_masked_equivalent(
         # tiny batch): pruning them is free and masking them cannot show. Tell that apart from a vacuous
         # oracle with an independent perturbation: scaling the same columns by 3 must not matter either.
         with torch.no_grad():
-            amp_out = _scale_removed_columns(model, result.plan, 3.0)(*inputs)
+            amp_out = _scale_removed_columns(model, result.plan, 3.0)(*_clones(inputs))
         for i, (orig, amp) in enumerate(zip(origs, flatten_outputs(amp_out), strict=True)):
             scale = orig.abs().max().item() if orig.numel() else 0.0
             assert torch.allclose(orig, amp, rtol=0, atol=1e-6 * scale), (
                 f"masking changed nothing but the removed columns are live (output {i}): oracle is vacuous"
             )
     return worst
+
+
+def _clones(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(t.clone() for t in inputs)
 
 
 def _scale_removed_columns(model: torch.nn.Module, plan: fxprune.PrunePlan, factor: float) -> torch.nn.Module:
