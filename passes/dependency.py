@@ -13,6 +13,7 @@ a ``DependencyResult`` with the ``ChannelGroup``s.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,8 +258,8 @@ def _pin_partial_claims(a: _Analysis, modules: dict[str, torch.nn.Module]) -> No
                 *m.named_buffers(prefix=str(node.target), remove_duplicate=False),
             ):
                 readers.setdefault(name, set()).add(node.name)
-        elif node.op == "get_attr":
-            readers.setdefault(str(node.target), set()).update(u.name for u in node.users)
+        elif node.op == "get_attr":  # shape queries (w.shape, w.size(0)) read no values
+            readers.setdefault(str(node.target), set()).update(u.name for u in node.users if not _is_query(u))
     for (param, dim), claims in a.claims.items():
         names = aliases.get(param, [param])
         claimed = {c.node for n in names for c in a.claims.get((n, dim), ())}
@@ -273,6 +274,15 @@ def _pin_partial_claims(a: _Analysis, modules: dict[str, torch.nn.Module]) -> No
         )
         for c in claims:
             a.spaces.pin(c.segs, f"parameter '{param}' dim {dim} cannot be sliced: {why}")
+
+
+_QUERY_METHODS = {"size", "dim", "numel", "stride", "is_contiguous", "get_device"}
+
+
+def _is_query(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target is builtins.getattr
+    return node.op == "call_method" and node.target in _QUERY_METHODS
 
 
 def describe_target(node: fx.Node, module: torch.nn.Module | None) -> str:

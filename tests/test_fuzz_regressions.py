@@ -111,3 +111,79 @@ def test_data_score_on_non_differentiable_inplace_model_is_input_error() -> None
     r = fxprune.compile(model, x, 0.5, score="magnitude", latency_runs=0)  # the suggested fix works
     assert r.verification is not None and r.verification.passed
     assert_masked_equivalent(model, r, x)
+
+
+class InplaceOnAliased(nn.Module):
+    """``relu_`` on a tensor whose chunks are read afterwards: eager sees the ReLU through the views, the
+    TorchScript ONNX exporter does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 9, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(9, 2)
+        self.side = nn.Linear(9, 2)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.conv(x)
+        a, b, c = y.chunk(3, 1)
+        z = self.act(y)
+        return self.head(z.mean((2, 3))), self.side(torch.cat([a, b, c], 1).mean((2, 3)))
+
+
+def test_failed_onnx_verification_raises_and_blames_the_exporter() -> None:
+    """Bug: compile returned such a model with ``verification.passed == False`` and no error at all."""
+    model = InplaceOnAliased().eval()
+    x = torch.randn(2, 4, 8, 8)
+    snap = snapshot(model)
+    with pytest.raises(fxprune.VerificationError) as info:
+        fxprune.compile(model, x, 1.0, score="magnitude", latency_runs=0)
+    msg = str(info.value)
+    assert "ONNX Runtime disagrees" in msg and "rtol=0.0001" in msg
+    assert "the original model fails the same check" in msg and "%act" in msg and "verify=False" in msg
+    r = info.value.result
+    assert isinstance(r, fxprune.CompileResult) and r.verification is not None and not r.verification.passed
+    assert_unchanged(model, snap)
+    with torch.no_grad():  # the eager model is still the original function
+        assert torch.equal(r.graph_module(x.clone())[0], model(x.clone())[0])
+    assert fxprune.compile(model, x, 1.0, score="magnitude", verify=False).verification is None
+
+
+class InplaceOnSplitView(nn.Module):
+    """``relu_`` on an output of ``torch.split`` (a view autograd forbids modifying in place)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(self.conv(x), [5, 3], 1)
+        return self.head(torch.cat([a, self.act(b)], 1).mean((2, 3)))
+
+
+def test_data_score_on_inplace_split_view_is_input_error() -> None:
+    """Bug: the second form of autograd's in-place error escaped as a raw RuntimeError."""
+    with pytest.raises(fxprune.InputError, match=r"score='fisher' needs gradients.*%act"):
+        fxprune.compile(
+            InplaceOnSplitView().eval(), torch.randn(2, 3, 8, 8), 0.5, score="fisher", progress=False
+        )
+
+
+def test_shape_query_of_a_shared_parameter_does_not_pin() -> None:
+    """The partial-claim safety net ignores readers that only query a parameter's shape."""
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+            self.head = nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.conv2d(x, self.w, None, 1, 1)
+            return self.head(F.relu(y)).mean((2, 3)) * (self.w.shape[0] / 8)
+
+    dep = fxprune.dependency_graph(M().eval(), torch.randn(2, 3, 8, 8))
+    g = next(g for g in dep.groups if any(s.param == "w" and s.dim == 0 for s in g.sites))
+    assert g.prunable, g.pinned
