@@ -153,7 +153,7 @@ def test_model_on_meta_device_is_input_error(no_tracing: None) -> None:
     assert all(a is b and a.is_meta for a, b in zip(model.parameters(), params, strict=True))
 
 
-def test_device_without_cuda_is_input_error() -> None:
+def test_device_without_cuda_is_input_error(no_tracing: None) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     expect_error(
@@ -232,7 +232,7 @@ def _labels(n: int = 2) -> torch.Tensor:
         ),
     ],
 )
-def test_bad_calibration_data_is_input_error(kwargs: dict[str, Any], match: str) -> None:
+def test_bad_calibration_data_is_input_error(no_tracing: None, kwargs: dict[str, Any], match: str) -> None:
     expect_error(fxprune.InputError, residual(), X, match=match, **{"score": "taylor", **kwargs})
 
 
@@ -293,7 +293,7 @@ def test_parametrized_weights_are_folded_and_pruned(kind: str) -> None:
     assert not parametrize.is_parametrized(r.graph_module.get_submodule("b"))
 
 
-def test_deprecated_weight_norm_is_input_error() -> None:
+def test_deprecated_weight_norm_is_input_error(no_tracing: None) -> None:
     model = Chain().eval()
     with pytest.warns(FutureWarning):
         nn.utils.weight_norm(model.b)
