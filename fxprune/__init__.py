@@ -10,7 +10,7 @@ from __future__ import annotations
 from fxprune.compiler import STAGES, CompileResult, compile, count_flops, count_params, dependency_graph
 from fxprune.data import ChannelDim, ChannelGroup, PrunePlan, Site
 from fxprune.deploy import apply_plan, load, save
-from fxprune.errors import FxpruneError, InputError, TargetError, TraceError
+from fxprune.errors import FxpruneError, InputError, TargetError, TraceError, VerificationError
 from fxprune.inspection import Inspection, inspect
 from fxprune.passes.dependency import DependencyResult, UnsupportedOpError
 from fxprune.verify import Verification, masked_model
@@ -30,6 +30,7 @@ __all__ = [
     "TraceError",
     "UnsupportedOpError",
     "Verification",
+    "VerificationError",
     "apply_plan",
     "compile",
     "count_flops",

@@ -97,6 +97,18 @@ def _check_finite(i: int, what: str, tensors: Sequence[torch.Tensor]) -> None:
             )
 
 
+def _check_like_example(i: int, inputs: Sequence[torch.Tensor], example: Sequence[torch.Tensor]) -> None:
+    """A batch must look like ``example_input`` except for the batch size: the model is analysed, and its
+    shape literals rewritten, for the example's shapes."""
+    for j, (t, e) in enumerate(zip(inputs, example, strict=True)):
+        if t.dtype != e.dtype or t.dim() != e.dim() or t.shape[1:] != e.shape[1:] or t.device.type == "meta":
+            raise InputError(
+                f"data[{i}] input {j} is {tuple(t.shape)} {t.dtype} on {t.device}, but example_input[{j}] is "
+                f"{tuple(e.shape)} {e.dtype}; calibration batches must match example_input except for the "
+                "batch size (dim 0)"
+            )
+
+
 def _split(i: int, item: Any, n_inputs: int) -> tuple[tuple[torch.Tensor, ...], Any]:
     """(inputs, targets or None) from one batch as the user gave it."""
     if isinstance(item, torch.Tensor):
@@ -153,13 +165,24 @@ def make_calibration(
     device = next((p.device for p in model.parameters()), example[0].device)
     batches: list[Batch] = []
     for i, (inputs, targets) in enumerate(split):
+        _check_like_example(i, inputs, example)
         _check_finite(i, "inputs", inputs)
+        inputs = tuple(
+            t.detach().clone() for t in inputs
+        )  # a model writing into its input must not touch data
         if targets is not None:
             _check_finite(i, "targets", _outputs(targets))
         else:
-            with torch.no_grad():
-                targets = [t.detach() for t in _outputs(model(*(t.to(device) for t in inputs)))]
-        batches.append(Batch(tuple(t.detach() for t in inputs), targets))
+            try:
+                with torch.no_grad():
+                    out = model(*(t.to(device).clone() for t in inputs))
+            except Exception as exc:
+                raise InputError(
+                    f"data[{i}] does not run through the model: {type(exc).__name__}: {exc}; every batch must "
+                    "be a model input like example_input"
+                ) from exc
+            targets = [t.detach() for t in _outputs(out)]
+        batches.append(Batch(inputs, targets))
     if all(labelled):
         fn = loss_fn or _default_loss
 

@@ -248,7 +248,11 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
             kwargs["loss_fn"] = loss_fn
     with steps.step("compile"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = fxprune.compile(spec.model, example, args.target_flops, **kwargs)
+        try:
+            result = fxprune.compile(spec.model, example, args.target_flops, **kwargs)
+        except fxprune.VerificationError as exc:  # write the artefacts anyway; the exit code reports it
+            assert isinstance(exc.result, fxprune.CompileResult)
+            result = exc.result
     after = _evaluate(result.graph_module, data) if data is not None else {}
     with steps.step("write artefacts"):
         fxprune.save(result, out, onnx=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -17,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.calib import Calibration, LossFn, make_calibration
 from fxprune.data import PrunePlan
-from fxprune.errors import InputError
+from fxprune.errors import InputError, VerificationError
 from fxprune.passes.compensate import COMPENSATIONS, Compensation
 from fxprune.passes.compensate import compensate as run_compensation
 from fxprune.passes.cost import CostModel, CostPass
@@ -26,7 +27,7 @@ from fxprune.passes.masking import default_device
 from fxprune.passes.rewrite import RewritePass, build_plan
 from fxprune.passes.score import GroupScore, ScoreContext, get_score
 from fxprune.select import resolve_target, select
-from fxprune.trace import as_example_tuple, shape_propagate, trace
+from fxprune.trace import as_example_tuple, fold_parametrizations, shape_propagate, trace
 from fxprune.verify import Verification, verify_onnx
 
 __all__ = ["STAGES", "CompileResult", "compile", "count_flops", "count_params", "dependency_graph"]
@@ -101,13 +102,37 @@ def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 def _prepare(model: Any, example_input: Any) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
-    """A private eval-mode copy of the model and the example as a tuple; checks both."""
+    """A private eval-mode copy of the model and of the example (a tuple); checks both.
+
+    Cases: (1) not an ``nn.Module``; (2) the example is not tensors, or is on the ``meta`` device; (3) model
+    tensors on ``meta`` (no data) or on another device than the example; (4) a model that cannot be
+    deep-copied (e.g. the deprecated ``torch.nn.utils.weight_norm``): all ``InputError``, raised before any
+    work. (5) parametrized tensors (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm``) are
+    folded into plain parameters in the copy, with a warning; (6) a model in training mode is compiled in
+    eval mode, with a warning. The example is cloned, so a model that writes into its input in place never
+    touches the caller's tensors.
+    """
     if not isinstance(model, torch.nn.Module):
         raise InputError(
             f"model must be a torch.nn.Module, got {type(model).__name__}; wrap a function in an nn.Module"
         )
     example = as_example_tuple(example_input)
-    work = copy.deepcopy(model)
+    _check_devices(model, example)
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:
+        raise InputError(
+            f"model cannot be deep-copied ({type(exc).__name__}: {exc}); fxprune compiles a private copy and "
+            "never modifies yours. If the model uses the deprecated torch.nn.utils.weight_norm, call "
+            "torch.nn.utils.remove_weight_norm(module) first or use torch.nn.utils.parametrizations.weight_norm"
+        ) from exc
+    folded = fold_parametrizations(work)
+    if folded:
+        warnings.warn(
+            f"parametrized tensors {', '.join(folded)} are folded into plain parameters in the compiled model "
+            "(pruning keeps their values, not the parametrization); your model is unchanged",
+            stacklevel=3,
+        )
     if model.training:
         warnings.warn(
             "model is in training mode; fxprune compiles an eval-mode copy (your model is unchanged). "
@@ -115,7 +140,33 @@ def _prepare(model: Any, example_input: Any) -> tuple[torch.nn.Module, tuple[tor
             stacklevel=3,
         )
     work.eval()
-    return work, example
+    return work, tuple(t.detach().clone() for t in example)
+
+
+def _check_devices(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> None:
+    for i, t in enumerate(example):
+        if t.device.type == "meta":
+            raise InputError(
+                f"example_input[{i}] is a meta tensor (a shape without data); pass a real tensor, e.g. "
+                f"torch.randn{tuple(t.shape)}"
+            )
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    for name, t in tensors:
+        if t.device.type == "meta":
+            raise InputError(
+                f"model tensor '{name}' is on the meta device (no data); materialise the weights first, e.g. "
+                "model.to_empty(device='cpu') then model.load_state_dict(...)"
+            )
+    devices = {t.device for _, t in tensors}
+    if len(devices) == 1:
+        (dev,) = devices
+        for i, t in enumerate(example):
+            if t.device != dev:
+                name = tensors[0][0]
+                raise InputError(
+                    f"example_input[{i}] is on {t.device} but the model's tensors are on {dev} (e.g. '{name}'); "
+                    f"move one of them, e.g. example_input.to('{dev}') or model.to('{t.device}')"
+                )
 
 
 def _check_runs(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> int:
@@ -217,7 +268,9 @@ def compile(  # noqa: A001 - the product's name for it
         latency_runs: ONNX Runtime timing runs for original and pruned (0 to skip timing).
 
     Raises:
-        InputError, TraceError, TargetError: see ``fxprune.errors``.
+        InputError, TraceError, TargetError, UnsupportedOpError: see ``fxprune.errors``.
+        VerificationError: ``verify`` is on and ONNX Runtime disagrees with the compiled model (the error
+            carries the result; the message says whether the original model fails the same check).
     """
     timings: dict[str, float] = {}
     work, example = _prepare(model, example_input)
@@ -241,7 +294,7 @@ def compile(  # noqa: A001 - the product's name for it
         if cost.total != flops_before:
             log.warning("per-node FLOPs sum to %d but the whole model counts %d", cost.total, flops_before)
         target = resolve_target(target_flops, flops_before)
-    with _timed(timings, "score"):
+    with _timed(timings, "score"), _autograd_errors(gm, f"score={score!r}"):
         if scores is None:
             scored = score_cls(dep.groups, ScoreContext(calib, dev, progress, seed), **score_options)(gm)
         else:
@@ -254,7 +307,7 @@ def compile(  # noqa: A001 - the product's name for it
     source = gm
     if method != "none" and chosen.kept:
         assert calib is not None
-        with _timed(timings, "compensate"):
+        with _timed(timings, "compensate"), _autograd_errors(gm, f"compensate={method!r}"):
             source, comp = run_compensation(gm, dep.groups, plan, calib, method, device=dev,
                                             newton_options=score_options)  # fmt: skip
     with _timed(timings, "rewrite"):
@@ -264,7 +317,7 @@ def compile(  # noqa: A001 - the product's name for it
     if verify:
         with _timed(timings, "verify"):
             verification = verify_onnx(pruned, example, gm, rtol=rtol, latency_runs=latency_runs)
-    return CompileResult(
+    result = CompileResult(
         graph_module=pruned,
         plan=plan,
         dependency=dep,
@@ -281,6 +334,82 @@ def compile(  # noqa: A001 - the product's name for it
         compensation=comp,
         calibration=calib,
     )
+    if verification is not None and not verification.passed:
+        raise VerificationError(_verification_message(result, gm, example, rtol), result=result)
+    return result
+
+
+def _verification_message(
+    r: CompileResult, original: fx.GraphModule, example: tuple[torch.Tensor, ...], rtol: float
+) -> str:
+    v = r.verification
+    assert v is not None
+    what = (
+        f"the compiled model does not run in ONNX Runtime: {v.error}"
+        if v.error
+        else f"ONNX Runtime disagrees with the compiled model in eager mode: max abs error "
+        f"{v.max_abs_error:.3g} = {v.max_rel_error:.3g} x max |output| > rtol={rtol:g}"
+    )
+    ref = verify_onnx(original, example, rtol=rtol, latency_runs=0)
+    blame = (
+        "the original model fails the same check, so the ONNX exporter mis-translates the model itself, not "
+        "the pruning"
+        if not ref.passed
+        else "the original model passes it"
+    )
+    nodes = inplace_nodes(original)
+    cause = (
+        f"; in-place ops on tensors that are also read elsewhere are a known cause: {', '.join(nodes[:4])}"
+        if nodes
+        else ""
+    )
+    return (
+        f"{what}; {blame}{cause}. Fix: make in-place ops out-of-place, raise rtol= if the error is float "
+        "noise, or pass verify=False to skip the check (err.result holds the result for inspection)"
+    )
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow}
+
+
+def inplace_nodes(gm: fx.GraphModule) -> list[str]:
+    """Nodes that overwrite a tensor: ``inplace=True`` modules/functions, ``Tensor.op_`` methods, ``x += y``."""
+    modules = dict(gm.named_modules())
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            hit = bool(getattr(modules.get(str(n.target)), "inplace", False))
+        elif n.op == "call_method":
+            hit = str(n.target).endswith("_") and not str(n.target).startswith("_")
+        elif n.op == "call_function":
+            hit = (
+                n.target in _INPLACE_OPERATORS
+                or n.kwargs.get("inplace") is True
+                or (getattr(n.target, "__name__", "").endswith("_") and not n.target.__name__.startswith("_"))
+            )
+        else:
+            hit = False
+        if hit:
+            out.append(n.format_node())
+    return out
+
+
+@contextmanager
+def _autograd_errors(gm: fx.GraphModule, what: str) -> Iterator[None]:
+    """Turn autograd's in-place error (the model cannot be differentiated as written) into an InputError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not any(m in str(exc) for m in ("modified by an inplace operation", "is being modified inplace")):
+            raise
+        nodes = inplace_nodes(gm)
+        where = ("; in-place nodes: " + ", ".join(nodes[:4])) if nodes else ""
+        raise InputError(
+            f"{what} needs gradients of the model, but an in-place op overwrites a tensor that autograd saved "
+            f"for the backward pass{where}. Fix: make that op out-of-place "
+            "(nn.ReLU(inplace=False), y = x + z instead of x += z), or use score='magnitude' and "
+            f"compensate='none'. ({exc})"
+        ) from exc
 
 
 def _check_scores(scores: Mapping[int, GroupScore], dep: DependencyResult) -> dict[int, GroupScore]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FxpruneError", "InputError", "TargetError", "TraceError"]
+__all__ = ["FxpruneError", "InputError", "TargetError", "TraceError", "VerificationError"]
 
 
 class FxpruneError(Exception):
@@ -28,3 +28,16 @@ class TargetError(FxpruneError, ValueError):
 
 class InputError(FxpruneError, ValueError):
     """An argument passed to fxprune is unusable (wrong type, or the example input does not run)."""
+
+
+class VerificationError(FxpruneError, RuntimeError):
+    """ONNX Runtime disagrees with the compiled model (or it does not export): the ONNX artefact would be wrong.
+
+    The message gives the error against ``rtol``, says whether the *original* model fails the same check
+    (then the exporter, not pruning, is at fault) and names in-place ops, a known cause. ``result`` holds the
+    ``CompileResult`` (its eager ``graph_module`` and ``verification``) for inspection.
+    """
+
+    def __init__(self, message: str, *, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ def allowed_sizes(n: int, min_channels: int, round_to: int) -> list[int]:
 
 def resolve_target(target_flops: float, total: int) -> float:
     """A fraction in (0, 1] of ``total``, or an absolute FLOPs count (> 1)."""
-    if isinstance(target_flops, bool) or not isinstance(target_flops, (int, float)):
+    if isinstance(target_flops, bool) or not isinstance(target_flops, numbers.Real):
         raise TargetError(f"target_flops must be a number, got {type(target_flops).__name__}; pass e.g. 0.5")
     t = float(target_flops)
     if math.isnan(t) or math.isinf(t) or t <= 0:

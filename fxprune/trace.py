@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.data import META_FLOPS, META_VALUE, TensorValue
 from fxprune.errors import InputError, TraceError
 
-__all__ = ["as_example_tuple", "shape_propagate", "trace"]
+__all__ = ["as_example_tuple", "fold_parametrizations", "shape_propagate", "trace"]
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +80,39 @@ def as_example_tuple(example_input: Any) -> tuple[torch.Tensor, ...]:
                 "(bind other arguments with concrete_args=)"
             )
     return tuple(items)
+
+
+def fold_parametrizations(model: torch.nn.Module) -> list[str]:
+    """Replace every parametrized tensor of ``model`` (in place) by a plain one holding its current value.
+
+    ``torch.nn.utils.parametrize`` (and ``parametrizations.weight_norm``/``spectral_norm``/``orthogonal``)
+    computes a weight from other parameters on every access, so it cannot be sliced; its value can.
+    Returns the qualified names folded. Call it on a copy: it mutates ``model``.
+    """
+    from torch.nn.utils import parametrize
+
+    folded = []
+    for mname, m in list(model.named_modules()):
+        if not parametrize.is_parametrized(m):
+            continue
+        plist = m.parametrizations  # type: ignore[union-attr]
+        values = {}
+        for tname in list(plist.keys()):
+            with torch.no_grad():
+                p = plist[tname]
+                original = p.original if hasattr(p, "original") else p.original0  # weight_norm: original0/1
+                values[tname] = (getattr(m, tname).detach().clone(), isinstance(original, nn.Parameter))
+            folded.append(f"'{mname}.{tname}'" if mname else f"'{tname}'")
+        # Not parametrize.remove_parametrizations: it deletes the property from the Parametrized* class,
+        # which a deep copy shares with the original module (the user's model would lose its weight).
+        del m._modules["parametrizations"]
+        m.__class__ = type(m).__bases__[0]
+        for tname, (value, is_param) in values.items():
+            if is_param:
+                m.register_parameter(tname, nn.Parameter(value))
+            else:
+                m.register_buffer(tname, value)
+    return folded
 
 
 def trace(

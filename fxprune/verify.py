@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fxprune.data import PrunePlan
+from fxprune.trace import fold_parametrizations
 
 __all__ = ["Verification", "export_onnx", "flatten_outputs", "masked_model", "ort_session", "verify_onnx"]
 
@@ -149,6 +150,7 @@ def masked_model(
     Independent of the rewrite: it only reads the plan's consumer columns and writes values.
     """
     masked = copy.deepcopy(model)
+    fold_parametrizations(masked)  # a parametrized weight is recomputed on access: mask its value instead
     with torch.no_grad():
         for name, value in (overrides or {}).items():
             owner, _, leaf = name.rpartition(".")

@@ -13,6 +13,7 @@ a ``DependencyResult`` with the ``ChannelGroup``s.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,7 +227,62 @@ class DependencyPass(AnalysisPass[DependencyResult]):
             ctx = RuleContext(a, node, module)
             rule = op_rules.lookup(node, module)
             a.env[node] = _no_rule(ctx, self.strict) if rule is None else rule(ctx)
+        _pin_partial_claims(a, modules)
         return _finalize(a)
+
+
+def _pin_partial_claims(a: _Analysis, modules: dict[str, torch.nn.Module]) -> None:
+    """Pin the channels of a parameter dim that some reader of the same tensor does not claim.
+
+    A parameter read by several nodes (a module called twice, a ``get_attr`` used twice) or under several
+    names (tied weights: ``b.weight = a.weight``) is sliced once, so every reader must cut it with the same
+    channels. Rules unify the claims of readers that track channels (``_Analysis.claim``); this catches the
+    reader that claims nothing on that dim (its input is a graph input or untracked) and names that alias
+    the same tensor. Example: ``conv(x)`` on the graph input and ``conv(conv(x))``: the second call claims the
+    weight's input columns with the first call's output channels, the first call cannot lose columns, so
+    those channels are pinned. Rule-independent: a rule that forgets a claim costs prunability only.
+    """
+    names_of: dict[int, list[str]] = {}
+    for name, t in (
+        *a.gm.named_parameters(remove_duplicate=False),
+        *a.gm.named_buffers(remove_duplicate=False),
+    ):
+        names_of.setdefault(id(t), []).append(name)
+    aliases = {n: names for names in names_of.values() for n in names}
+    readers: dict[str, set[str]] = {}
+    for node in a.gm.graph.nodes:
+        if node.op == "call_module":
+            m = modules[str(node.target)]
+            for name, _ in (
+                *m.named_parameters(prefix=str(node.target), remove_duplicate=False),
+                *m.named_buffers(prefix=str(node.target), remove_duplicate=False),
+            ):
+                readers.setdefault(name, set()).add(node.name)
+        elif node.op == "get_attr":  # shape queries (w.shape, w.size(0)) read no values
+            readers.setdefault(str(node.target), set()).update(u.name for u in node.users if not _is_query(u))
+    for (param, dim), claims in a.claims.items():
+        names = aliases.get(param, [param])
+        claimed = {c.node for n in names for c in a.claims.get((n, dim), ())}
+        unclaimed = sorted(set().union(*(readers.get(n, set()) for n in names)) - claimed)
+        tied = [n for n in names if n != param]
+        if not unclaimed and not tied:
+            continue
+        why = (
+            f"node '{unclaimed[0]}' also reads it without tracked channels"
+            if unclaimed
+            else f"it is the same tensor as '{tied[0]}' (tied weights)"
+        )
+        for c in claims:
+            a.spaces.pin(c.segs, f"parameter '{param}' dim {dim} cannot be sliced: {why}")
+
+
+_QUERY_METHODS = {"size", "dim", "numel", "stride", "is_contiguous", "get_device"}
+
+
+def _is_query(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target is builtins.getattr
+    return node.op == "call_method" and node.target in _QUERY_METHODS
 
 
 def describe_target(node: fx.Node, module: torch.nn.Module | None) -> str:

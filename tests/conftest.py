@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fxprune
+from fxprune.verify import flatten_outputs
 
 
 def randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -43,27 +44,93 @@ def assert_unchanged(model: torch.nn.Module, snap: tuple[dict[str, torch.Tensor]
 
 
 def assert_masked_equivalent(
-    model: torch.nn.Module, result: fxprune.CompileResult, x: torch.Tensor, rtol: float = 1e-5
+    model: torch.nn.Module,
+    result: fxprune.CompileResult,
+    x: torch.Tensor | tuple[torch.Tensor, ...],
+    rtol: float = 1e-5,
 ) -> float:
     """The pruned model equals the original with removed channels zeroed in every consumer.
 
-    Also checks the oracle is not vacuous: when channels were removed, masking changes the output.
-    Returns the relative error.
+    ``x`` is one input tensor or a tuple (one tensor per forward argument). Outputs may be a tensor or a
+    (nested) tuple/list/dict of tensors: the structure must match, and *every* output tensor must match its
+    masked counterpart within ``rtol`` x its own max |value|. Compensated results (``result.compensation``)
+    are checked against the oracle with the same overrides written in.
+
+    Also checks the oracle is not vacuous: when masking zeroes some consumer column, it changes some output.
+    (Channels that no consumer reads, e.g. the rows of a conv output sliced away, are pruned for free:
+    there is nothing to mask, and the output must not change.) Returns the largest relative error.
     """
+    inputs = x if isinstance(x, tuple) else (x,)
     model = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        ref = fxprune.masked_model(model, result.plan)(x)
-        got = result.graph_module(x)
-        orig = model(x)
-    assert got.shape == ref.shape == orig.shape
-    scale = ref.abs().max().item()
-    err = (got - ref).abs().max().item()
-    assert err <= rtol * scale, f"pruned differs from masked original: {err:.3g} > {rtol} x {scale:.3g}"
-    if result.plan.removed_channels:
-        assert not torch.allclose(orig, ref, rtol=0, atol=1e-7 * scale), (
-            "masking changed nothing: oracle is vacuous"
+    overrides = result.compensation.overrides if result.compensation is not None else None
+    with torch.no_grad():  # fresh copies of the inputs: a model may write into its input in place
+        ref_out = fxprune.masked_model(model, result.plan, overrides)(*_clones(inputs))
+        got_out = result.graph_module(*_clones(inputs))
+        orig_out = model(*_clones(inputs))
+    assert _structure(got_out) == _structure(ref_out) == _structure(orig_out)
+    refs, gots, origs = (flatten_outputs(o) for o in (ref_out, got_out, orig_out))
+    assert refs, "the model has no tensor outputs"
+    worst, changed = 0.0, False
+    for i, (ref, got, orig) in enumerate(zip(refs, gots, origs, strict=True)):
+        assert got.shape == ref.shape == orig.shape, (
+            f"output {i}: shapes {got.shape} {ref.shape} {orig.shape}"
         )
-    return err / scale
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        err = (got - ref).abs().max().item() if ref.numel() else 0.0
+        assert err <= rtol * scale, (
+            f"output {i}: pruned differs from masked original: {err:.3g} > {rtol} x {scale:.3g}"
+        )
+        worst = max(worst, err / scale if scale > 0 else err)
+        changed |= not torch.allclose(orig, ref, rtol=0, atol=1e-7 * scale)
+    masks = any(
+        len(kept) < _tensor(model, name).shape[dim] for name, (dim, kept) in result.plan.inputs.items()
+    )
+    if masks and not changed:
+        # Removed channels can be dead on ``x`` (a ReLU that is zero for every sample, an SE gate over a
+        # tiny batch): pruning them is free and masking them cannot show. Tell that apart from a vacuous
+        # oracle with an independent perturbation: scaling the same columns by 3 must not matter either.
+        with torch.no_grad():
+            amp_out = _scale_removed_columns(model, result.plan, 3.0)(*_clones(inputs))
+        for i, (orig, amp) in enumerate(zip(origs, flatten_outputs(amp_out), strict=True)):
+            scale = orig.abs().max().item() if orig.numel() else 0.0
+            assert torch.allclose(orig, amp, rtol=0, atol=1e-6 * scale), (
+                f"masking changed nothing but the removed columns are live (output {i}): oracle is vacuous"
+            )
+    return worst
+
+
+def _clones(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(t.clone() for t in inputs)
+
+
+def _scale_removed_columns(model: torch.nn.Module, plan: fxprune.PrunePlan, factor: float) -> torch.nn.Module:
+    """A copy of ``model`` whose removed consumer columns are multiplied by ``factor`` (not via the oracle)."""
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, (dim, kept) in plan.inputs.items():
+            t = _tensor(scaled, name)
+            f = torch.full((t.shape[dim],), factor, dtype=t.dtype)
+            f[list(kept)] = 1.0
+            shape = [1] * t.dim()
+            shape[dim] = -1
+            t.mul_(f.view(shape))
+    return scaled
+
+
+def _tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    t = getattr(model.get_submodule(owner), leaf)
+    assert isinstance(t, torch.Tensor), name
+    return t
+
+
+def _structure(out: object) -> object:
+    """The container structure of a model output with tensors replaced by their type."""
+    if isinstance(out, (tuple, list)):
+        return (type(out).__name__, tuple(_structure(o) for o in out))
+    if isinstance(out, dict):
+        return ("dict", tuple((k, _structure(v)) for k, v in out.items()))
+    return type(out).__name__
 
 
 @pytest.fixture(autouse=True)
