@@ -242,7 +242,7 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
     }  # fmt: skip
     if args.score:
         kwargs["score"] = args.score
-    if data is not None:  # data-driven score and compensation (bias fold) in fxprune.compile
+    if data is not None:  # data-driven score and compensation (lsq refit) in fxprune.compile
         kwargs["data"], loss_fn = _calibration(data, args.calib_samples)
         if loss_fn is not None:
             kwargs["loss_fn"] = loss_fn

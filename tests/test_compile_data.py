@@ -47,7 +47,7 @@ def test_every_data_score_compiles_to_a_verified_model(score: str) -> None:
     assert r.verification is not None and r.verification.passed, r.verification
     assert r.flops_ratio <= 0.5
     assert all(torch.isfinite(torch.as_tensor(s.mean)).all() for s in r.scores.values())
-    assert r.compensation is not None and r.compensation.method == "bias"  # on by default with data
+    assert r.compensation is not None and r.compensation.method == "lsq"  # on by default with data
     assert oracle_error(m, r, X) < 1e-5
     assert_unchanged(m, before)
 
