@@ -25,7 +25,7 @@ from fxprune.passes.cost import CostModel, CostPass
 from fxprune.passes.dependency import DependencyPass, DependencyResult
 from fxprune.passes.masking import default_device
 from fxprune.passes.rewrite import RewritePass, build_plan
-from fxprune.passes.score import GroupScore, ScoreContext, get_score
+from fxprune.passes.score import AUTO, GroupScore, ScoreContext, auto_score, get_score
 from fxprune.select import resolve_target, select
 from fxprune.trace import as_example_tuple, fold_parametrizations, shape_propagate, trace
 from fxprune.verify import Verification, verify_onnx
@@ -215,7 +215,7 @@ def compile(  # noqa: A001 - the product's name for it
     example_input: Any,
     target_flops: float,
     *,
-    score: str = "influence",
+    score: str = AUTO,
     data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
     compensate: str | None = None,
@@ -241,10 +241,11 @@ def compile(  # noqa: A001 - the product's name for it
         model: any ``nn.Module`` that torch.fx can trace (never modified; compiled in eval mode).
         example_input: a tensor or tuple of tensors the model accepts; shapes come from it.
         target_flops: fraction of the original FLOPs in (0, 1], or an absolute FLOPs count (> 1).
-        score: name of the scoring pass (``fxprune.passes.score.SCORES``): ``influence`` (default, the
-            retrained loss change), ``magnitude``, ``taylor``, ``fisher``, ``grad_norm``, ``sosp_h``,
-            ``inf_cp``, ``ifso_code``. Score-specific options (``probes=``, ``damping=``...) go in
-            ``**score_options``.
+        score: name of the scoring pass (``fxprune.passes.score.SCORES``): ``influence`` (the retrained
+            loss change), ``magnitude``, ``taylor``, ``fisher``, ``grad_norm``, ``sosp_h``, ``inf_cp``,
+            ``ifso_code``; or ``"auto"`` (default): ``fisher`` with labelled ``data``, else ``magnitude``
+            (``passes.score.auto_score``: the winner of ``bench/quality.py``). ``result.score`` names the
+            pass that ran. Score-specific options (``probes=``, ``damping=``...) go in ``**score_options``.
         data: calibration batches for data-driven scores and compensation: an iterable of model inputs, or
             of ``(inputs, targets)`` pairs. Without targets (or without data: the example input is then the
             only batch) scores use the label-free output-matching loss (``fxprune.calib``).
@@ -279,8 +280,8 @@ def compile(  # noqa: A001 - the product's name for it
     work, example = _prepare(model, example_input)
     if min_channels < 1 or round_to < 1:
         raise InputError(f"min_channels and round_to must be >= 1, got {min_channels} and {round_to}")
-    score_cls = get_score(score)
-    score_cls.check_options(score_options)  # argument errors before any heavy work
+    if score != AUTO:
+        get_score(score).check_options(score_options)  # argument errors before any heavy work
     method = compensate if compensate is not None else ("lsq" if data is not None else "none")
     if method not in COMPENSATIONS:
         raise InputError(f"compensate={method!r} is not a method; choose one of {', '.join(COMPENSATIONS)}")
@@ -288,9 +289,14 @@ def compile(  # noqa: A001 - the product's name for it
     resolve_target(target_flops, max(flops_before, 1))  # argument errors before any heavy work
     dev = default_device(device)
     calib = None
-    if score_cls.uses_data or method != "none":
+    wants_data = data is not None if score == AUTO else get_score(score).uses_data
+    if wants_data or method != "none":
         with _timed(timings, "score"):
             calib = make_calibration(work, example, data, loss_fn, max_batches=max_batches)
+    if score == AUTO:
+        score = auto_score(calib is not None and data is not None and calib.labelled)
+        get_score(score).check_options(score_options)
+    score_cls = get_score(score)
     gm, dep = _analyse(work, example, timings, leaf_modules, concrete_args, strict)
     with _timed(timings, "cost"):
         cost = CostPass({g.id: g.size for g in dep.groups})(gm)

@@ -20,7 +20,17 @@ from fxprune.passes.base import AnalysisPass
 from fxprune.calib import Calibration
 from fxprune.data import ChannelGroup
 
-__all__ = ["META_SCORES", "SCORES", "GroupScore", "ScoreContext", "ScorePass", "get_score", "register_score"]
+__all__ = [
+    "AUTO",
+    "META_SCORES",
+    "SCORES",
+    "auto_score",
+    "GroupScore",
+    "ScoreContext",
+    "ScorePass",
+    "get_score",
+    "register_score",
+]
 
 #: {group id: GroupScore} on the producer nodes of each scored group.
 META_SCORES = "fxprune.scores"
@@ -56,6 +66,21 @@ def register_score(name: str) -> Callable[[type[ScorePass]], type[ScorePass]]:
     return deco
 
 
+#: ``compile``'s default: ``fisher`` with labelled calibration data, else ``magnitude`` (``auto_score``).
+AUTO = "auto"
+
+
+def auto_score(labelled: bool) -> str:
+    """The score ``score="auto"`` stands for, chosen by ``bench/quality.py`` on the digits nets.
+
+    With labelled data, ``fisher`` (group Fisher / OBD on the shared mask): the best rank correlation with the
+    measured loss change and the best accuracy after pruning of all criteria there, where ``influence``
+    ranked worst. Without labels the label-free output-matching loss has a zero per-sample gradient at
+    ``m = 1``, so its Fisher is identically zero; ``magnitude`` needs no data.
+    """
+    return "fisher" if labelled else "magnitude"
+
+
 def get_score(name: str) -> type[ScorePass]:
     import fxprune.passes.score_gradient  # noqa: F401  (each module registers its scores)
     import fxprune.passes.score_hessian  # noqa: F401
@@ -64,7 +89,7 @@ def get_score(name: str) -> type[ScorePass]:
     if name not in SCORES:
         from fxprune.errors import InputError
 
-        raise InputError(f"score={name!r} is not a known score; choose one of {sorted(SCORES)}")
+        raise InputError(f"score={name!r} is not a known score; choose one of {sorted([AUTO, *SCORES])}")
     return SCORES[name]
 
 

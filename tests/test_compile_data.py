@@ -107,7 +107,7 @@ def test_lsq_beats_no_compensation_on_the_calibration_outputs() -> None:
 
 def test_label_free_scoring_uses_the_example_input_alone() -> None:
     m = model()
-    r = fxprune.compile(m, X, 0.5, progress=False, latency_runs=0, probes=2, cg_iters=2)  # default: influence
+    r = fxprune.compile(m, X, 0.5, score="influence", progress=False, latency_runs=0, probes=2, cg_iters=2)
     assert r.score == "influence" and r.calibration is not None and not r.calibration.labelled
     assert r.compensation is None  # no data given: no compensation by default
     assert r.verification is not None and r.verification.passed
@@ -125,8 +125,8 @@ def test_scoring_never_updates_batchnorm_statistics() -> None:
 
 def test_same_seed_same_plan_and_weights() -> None:
     m = model()
-    runs = [fxprune.compile(m, X, 0.5, data=labelled(1), seed=3, verify=False, progress=False, probes=2,
-                            cg_iters=2) for _ in range(2)]  # fmt: skip
+    runs = [fxprune.compile(m, X, 0.5, score="influence", data=labelled(1), seed=3, verify=False,
+                            progress=False, probes=2, cg_iters=2) for _ in range(2)]  # fmt: skip
     assert runs[0].plan == runs[1].plan
     for a, b in zip(runs[0].graph_module.state_dict().values(), runs[1].graph_module.state_dict().values(),
                     strict=True):  # fmt: skip
@@ -185,3 +185,21 @@ def test_every_registered_score_is_tested_here() -> None:
         "ifso_code",
         "influence",
     }
+
+
+def test_auto_score_is_fisher_with_labels_and_magnitude_otherwise() -> None:
+    m = model()
+    before = snapshot(m)
+    kw: dict = {"progress": False, "latency_runs": 0}
+    labelled_run = fxprune.compile(m, X, 0.5, data=labelled(2), **kw)
+    assert labelled_run.score == "fisher" and labelled_run.calibration.labelled  # type: ignore[union-attr]
+    assert labelled_run.compensation is not None and labelled_run.compensation.method == "lsq"
+    no_data = fxprune.compile(m, X, 0.5, **kw)
+    assert no_data.score == "magnitude" and no_data.calibration is None and no_data.compensation is None
+    inputs_only = fxprune.compile(m, X, 0.5, data=[d for d, _ in labelled(2)], **kw)
+    assert inputs_only.score == "magnitude"  # label-free Fisher is identically zero at m = 1
+    explicit = fxprune.compile(m, X, 0.5, data=labelled(2), score="fisher", compensate="lsq", **kw)
+    assert explicit.plan.kept == labelled_run.plan.kept
+    with pytest.raises(fxprune.InputError, match="probes"):
+        fxprune.compile(m, X, 0.5, data=labelled(2), probes=2, **kw)  # fisher takes no probes=
+    assert_unchanged(m, before)
