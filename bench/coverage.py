@@ -47,18 +47,33 @@ def _normalise_reason(reason: str) -> str:
     return re.sub(r"'[^']*'", "'…'", reason)
 
 
+def _exportable_pool(module: Any, args: Any, out: Any) -> None:
+    """ONNX exports adaptive pooling only when the output size divides the input size."""
+    hi, wi = args[0].shape[-2:]
+    ho, wo = out.shape[-2:]
+    if hi % ho or wi % wo:
+        raise ValueError(f"adaptive pool {hi}x{wi} -> {ho}x{wo} is not exportable to ONNX")
+
+
 def _smallest_input(model: Any, sizes: tuple[int, ...]) -> Any:
+    """The smallest square input that runs and keeps every adaptive pool ONNX-exportable."""
     import torch
 
+    pools = (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d)
+    hooks = [m.register_forward_hook(_exportable_pool) for m in model.modules() if isinstance(m, pools)]
     last: Exception | None = None
-    for s in sizes:
-        x = torch.randn(1, 3, s, s)
-        try:
-            with torch.no_grad():
-                model(x)
-            return x
-        except Exception as exc:  # noqa: PERF203 - try the next size
-            last = exc
+    try:
+        for s in sizes:
+            x = torch.randn(1, 3, s, s)
+            try:
+                with torch.no_grad():
+                    model(x)
+                return x
+            except Exception as exc:  # noqa: PERF203 - try the next size
+                last = exc
+    finally:
+        for h in hooks:
+            h.remove()
     raise RuntimeError(f"no input size in {sizes} runs: {last}")
 
 
