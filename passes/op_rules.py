@@ -132,6 +132,20 @@ _UNARY_METHODS = (
 )  # fmt: skip
 register(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)(_passthrough())
 
+
+def _register_torchvision_passthrough() -> None:
+    """``torchvision.ops.stochastic_depth`` (fx-wrapped, so traced as one call) scales whole samples
+    (``mode="row"``: a noise of shape ``[N, 1, ...]``) or the whole batch (``"batch"``); it is the
+    identity in eval. Either way no channel is mixed with another: a channel-wise op."""
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is optional
+        return
+    register(StochasticDepth, stochastic_depth)(_passthrough())
+
+
+_register_torchvision_passthrough()
+
 _POOL_MODULES = {
     1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d),
     2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d),
@@ -424,9 +438,21 @@ def _raw_positions(items: list[Any], ndim: int) -> list[int | None]:
 def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] | None) -> Rule:
     """view/reshape/flatten/squeeze/unsqueeze, decided from the input and output shapes alone.
 
-    The channel dim survives when the output keeps the same prefix before it and either keeps it whole
-    (``[N, C, H, W] -> [N, C, H*W]``) or merges it with following dims (flatten: repeat ``H*W``). Splitting
-    the channel dim (heads, channel shuffle) is left to dedicated rules and pins here.
+    A contiguous reshape keeps the flat index, so with the channel dim ``d`` of size ``C``:
+
+    1. **merge**: output dim ``e`` holds input dims ``[a, b)`` with ``a <= d < b`` (same element counts
+       before and after): position ``(o * C + c) * inner + i`` of ``e`` is channel ``c``, with
+       ``outer = prod(si[a:d])`` and ``inner = prod(si[d+1:b])``. The channels become the segments
+       repeated ``inner`` times (``flatten``: ``[N, C, H, W] -> [N, C*H*W]``), tiled ``outer`` times
+       (``[N, g, C/g, H, W] -> [N, C, H, W]`` after a channel shuffle's transpose).
+    2. **unflatten of a repeated block**: output dims ``[e, f)`` hold ``d``, every segment's repeat is a
+       multiple of ``inner = prod(so[e+1:f])``: dim ``e`` carries the segments with repeat ``r / inner``.
+    3. **split into (groups, slots)**: output dims ``e, e+1`` of sizes ``(g, C/g)`` hold ``d`` (channel
+       shuffle, attention heads): channel ``i*C/g + j`` is slot ``j`` of group ``i``. Slot ``j`` of every
+       group is tied (every group keeps the same slots, so ``C/g`` shrinks and ``g`` stays), and dim
+       ``e+1`` carries the slot channels; dim ``e`` indexes groups, not prunable channels.
+
+    Anything else (a split into more than two dims, a cut inside a repeated block) pins.
     """
 
     def rule(ctx: RuleContext) -> Any:
@@ -435,29 +461,68 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
         si, so = _shape(ctx.value(x)), _shape(ctx.out)
         if t is None or si is None or so is None:
             return None
-        d, C = t.dim, si[t.dim]
-        prefix, suffix_in = math.prod(si[:d]), math.prod(si[d + 1 :])
-        for e in range(len(so)):
-            if math.prod(so[:e]) != prefix:
-                continue
-            if so[e] % C:
-                continue
-            m = so[e] // C
-            # m must be a product of the dims right after d
-            j, acc = d + 1, 1
-            while acc < m and j < len(si):
-                acc *= si[j]
-                j += 1
-            if acc != m or math.prod(so[e + 1 :]) * m != suffix_in:
-                continue
-            segs = ctx.spaces.scale(t.segs, m) if m > 1 else t.segs
+        d = t.dim
+        if math.prod(si) != math.prod(so):  # expand: broadcast size-1 dims, aligned from the right
+            e = d + len(so) - len(si)
+            if e < 0 or so[e] != si[d]:
+                ctx.pin(t, "expand of the channel dim")
+                return None
+            if literal_args is not None:
+                _literal_at(ctx, literal_args, e, so[e], t.segs)
+            return Tracked(e, t.segs)
+        for e, a, b in _merges(si, so, d):
+            inner, outer = math.prod(si[d + 1 : b]), math.prod(si[a:d])
+            segs = (ctx.spaces.scale(t.segs, inner) if inner > 1 else t.segs) * outer
             if literal_args is not None:
                 _literal_at(ctx, literal_args, e, so[e], segs)
             return Tracked(e, segs)
+        for e, f in _splits(si, so, d):
+            inner = math.prod(so[e + 1 : f])
+            if all(r % inner == 0 for _, r in t.segs):
+                segs = tuple((atom, r // inner) for atom, r in t.segs)
+                if literal_args is not None:
+                    _literal_at(ctx, literal_args, e, so[e], segs)
+                return Tracked(e, segs)
+            if f != e + 2:
+                continue
+            g, slots = so[e], so[e + 1]
+            pieces = [ctx.spaces.slice(t.segs, i * slots, (i + 1) * slots) for i in range(g)]
+            if any(p is None for p in pieces):
+                ctx.pin(t, "reshape splits a repeated channel block")
+                return None
+            first: tuple[Seg, ...] = pieces[0]  # type: ignore[assignment]
+            for p in pieces[1:]:
+                ctx.unify(first, p, "reshape into (groups, slots): slot j of every group")  # type: ignore[arg-type]
+            if literal_args is not None:
+                _literal_at(ctx, literal_args, e + 1, slots, first)
+            return Tracked(e + 1, first)
         ctx.pin(t, "reshape splits or scatters the channel dim")
         return None
 
     return rule
+
+
+def _merges(si: Sequence[int], so: Sequence[int], d: int) -> Iterable[tuple[int, int, int]]:
+    """``(e, a, b)``: output dim ``e`` is exactly input dims ``[a, b)``, ``a <= d < b``; ``a = d`` first."""
+    for a in range(d, -1, -1):
+        pre = math.prod(si[:a])
+        for e in range(len(so)):
+            if math.prod(so[:e]) != pre:
+                continue
+            for b in range(d + 1, len(si) + 1):
+                if so[e] == math.prod(si[a:b]) and math.prod(so[e + 1 :]) == math.prod(si[b:]):
+                    yield e, a, b
+
+
+def _splits(si: Sequence[int], so: Sequence[int], d: int) -> Iterable[tuple[int, int]]:
+    """``(e, f)``: output dims ``[e, f)`` (at least two) are exactly input dim ``d``."""
+    pre, post = math.prod(si[:d]), math.prod(si[d + 1 :])
+    for e in range(len(so)):
+        if math.prod(so[:e]) != pre:
+            continue
+        for f in range(e + 2, len(so) + 1):
+            if math.prod(so[e:f]) == si[d] and math.prod(so[f:]) == post:
+                yield e, f
 
 
 def _literal_at(

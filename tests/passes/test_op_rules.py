@@ -57,7 +57,7 @@ class _Chain(nn.Module):
         nn.Hardswish(),
         nn.Dropout(0.2),
         nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(3),
+        nn.AdaptiveAvgPool2d(4),  # 8 % 4 == 0: exportable by the TorchScript ONNX exporter
         nn.Upsample(scale_factor=2),
     ],
 )
@@ -204,7 +204,40 @@ def test_flatten_linear_repeat_and_view_literal() -> None:
     assert f"view(-1, {r.graph_module.fc.in_features})" in r.graph_module.code
 
 
-def test_channel_shuffle_view_pins() -> None:
+class _Shuffle(nn.Module):
+    """ShuffleNet v2's channel shuffle between two convs (sizes read at run time, as torchvision does)."""
+
+    def __init__(self, groups: int = 2, literal: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.g, self.literal = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1), groups, literal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        n, c, h, w = y.shape
+        if self.literal:
+            y = y.view(2, self.g, 8 // self.g, 8, 8).transpose(1, 2).reshape(2, 8, 8, 8)
+        else:
+            y = y.view(n, self.g, c // self.g, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.b(y)
+
+
+@pytest.mark.parametrize("literal", [False, True])
+def test_channel_shuffle_ties_slot_j_of_every_group(literal: bool) -> None:
+    dep = _groups(_Shuffle(literal=literal), X)
+    g = _group_with(dep, "a.weight")
+    assert g.prunable and g.size == 4, "slot j of both groups is one channel unit"
+    assert sorted(s.offset for s in g.sites if s.param == "a.weight") == [0, 4]
+    (site,) = [s for s in g.sites if s.param == "b.weight"]
+    assert site.repeat == 2, "after the shuffle, slot j sits at positions 2j and 2j+1"
+    r = _prune_and_check(_Shuffle(literal=literal), target=0.5)
+    assert r.graph_module.b.in_channels == r.graph_module.a.out_channels < 8
+    if literal:
+        kept = r.graph_module.a.out_channels
+        assert f"view(2, 2, {kept // 2}, 8, 8)" in r.graph_module.code
+        assert f"reshape(2, {kept}, 8, 8)" in r.graph_module.code
+
+
+def test_reshape_merge_with_outer_groups_and_unflatten() -> None:
     class M(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -213,10 +246,50 @@ def test_channel_shuffle_view_pins() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.a(x)
             n, c, h, w = y.shape
-            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+            y = y.view(n, 2, c // 2, h, w).view(n, c, h, w)  # split then merge back, no shuffle
+            y = y.flatten(1).unflatten(1, (c, h, w))  # a repeated block back to channels
             return self.b(y)
 
-    assert "reshape splits" in _group_with(_groups(M(), X), "a.weight").pinned[0]
+    dep = _groups(M(), X)
+    g = _group_with(dep, "a.weight")
+    assert g.prunable and g.size == 4
+    sites = sorted((s.offset, s.repeat) for s in g.sites if s.param == "b.weight")
+    assert sites == [(0, 1), (4, 1)], "group i of the merged dim is channels [4i, 4i+4) again"
+    _prune_and_check(M(), target=0.5)
+
+
+def test_reshape_into_three_dims_pins() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.b(y.view(2, 2, 2, 2, 8, 8).sum(1).reshape(2, 4, 8, 8).repeat(1, 2, 1, 1))
+
+    g = _group_with(_groups(M(), X), "a.weight")
+    assert "reshape splits or scatters the channel dim" in " ".join(g.pinned)
+
+
+def test_stochastic_depth_is_channelwise() -> None:
+    from torchvision.ops import StochasticDepth, stochastic_depth
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+            self.sd = StochasticDepth(0.2, "row")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            y = y + self.sd(self.b(y))
+            y = y + stochastic_depth(self.b(y), 0.1, "batch", self.training)
+            return self.c(y)
+
+    g = _group_with(_groups(M(), X), "a.weight")
+    assert g.prunable and set(g.producers) == {"a", "b", "b_1"} and set(g.consumers) == {"b", "b_1", "c"}
+    _prune_and_check(M())
 
 
 def test_permute_transpose_and_channels_last_linear() -> None:
