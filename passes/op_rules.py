@@ -830,3 +830,68 @@ def _batchnorm_functional(ctx: RuleContext) -> Any:
             return None
         names.append(info.name)
     return _per_channel(ctx, ctx.arg(0, "input"), names)
+
+
+# ------------------------------------------------------------------------------------------ layer norm
+def _layer_norm(
+    ctx: RuleContext, x: Any, normalized: Sequence[int], weight: str | None, bias: str | None
+) -> Any:
+    """LayerNorm over the last ``k = len(normalized_shape)`` dims, with affine ``weight``/``bias``.
+
+    Cases: (1) the channel dim is not normalised (``d < ndim - k``): every channel is normalised on its
+    own, a channel-wise op; (2) ``k == 1`` and the channel dim is the last dim (channels-last ConvNeXt,
+    ViT/Swin tokens): the statistics ``mean``/``var`` run over the kept channels only after pruning, and
+    ``weight``/``bias`` are sliced. The weight's site has role ``"stats"``, so the masked oracle
+    (``fxprune.masked_model``) normalises over the kept positions too: removing a channel changes the
+    others' values, and the oracle defines that change as the pruned semantics. The rewrite fixes
+    ``normalized_shape`` (module attribute or literal). (3) Anything else (several normalised dims that
+    include the channel dim; no affine weight, which the oracle needs to find the call) pins.
+    """
+    t = ctx.tracked(x)
+    xs = _shape(ctx.value(x))
+    if t is None or xs is None:
+        return None
+    k = len(normalized)
+    if t.dim < len(xs) - k:
+        return t
+    if k != 1 or t.dim != len(xs) - 1:
+        ctx.pin(t, "layer_norm over several dims including the channel dim")
+        return None
+    if weight is None:
+        ctx.pin(t, "layer_norm over the channel dim without an affine weight")
+        return None
+    ctx.claim(weight, 0, t.segs, "stats")
+    ctx.claim(bias, 0, t.segs, "norm")
+    return t
+
+
+@register(nn.LayerNorm)
+def _layer_norm_module(ctx: RuleContext) -> Any:
+    m = ctx.module
+    assert isinstance(m, nn.LayerNorm)
+    return _layer_norm(
+        ctx, ctx.arg(0, "input"), m.normalized_shape, _param_name(ctx, "weight"), _param_name(ctx, "bias")
+    )
+
+
+@register(F.layer_norm)
+def _layer_norm_functional(ctx: RuleContext) -> Any:
+    shape = ctx.arg(1, "normalized_shape")
+    names: list[str | None] = []
+    for pos, kw in ((2, "weight"), (3, "bias")):
+        a = ctx.arg(pos, kw, None)
+        info = ctx.info(a) if a is not None else None
+        if a is not None and not isinstance(info, ParamRef):
+            ctx.pin_inputs("functional layer_norm with a computed weight or bias")
+            return None
+        names.append(info.name if isinstance(info, ParamRef) else None)
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) for s in shape):
+        ctx.pin_inputs("functional layer_norm with a computed normalized_shape")
+        return None
+    out = _layer_norm(ctx, ctx.arg(0, "input"), shape, names[0], names[1])
+    t = ctx.tracked(ctx.arg(0, "input"))
+    if out is not None and t is not None and len(shape) == 1 and names[0] is not None:
+        xs = _shape(ctx.value(ctx.arg(0, "input"))) or ()
+        if t.dim == len(xs) - 1:
+            ctx.literal(1 if len(ctx.node.args) > 1 else "normalized_shape", 0, t.segs)
+    return out

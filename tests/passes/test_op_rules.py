@@ -403,3 +403,71 @@ def test_output_is_pinned_and_node_meta_written() -> None:
     DependencyPass()(gm)
     metas = {n.name: n.meta[META_CHANNELS] for n in gm.graph.nodes}
     assert metas["x"] is None and metas["a"].dim == 1 and metas["a"].segments == ((0, 1),)
+
+
+class _ConvNeXtish(nn.Module):
+    """A ConvNeXt stage in miniature: channels-first and channels-last layer norms on the residual stream,
+    a depthwise conv, an inverted-bottleneck MLP, a ``[C, 1, 1]`` layer scale and stochastic depth."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.ln_w, self.ln_b = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c) * 0.1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.sd = StochasticDepth(0.1, "row")
+        self.head_norm, self.head = nn.LayerNorm(c), nn.Linear(c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x).permute(0, 2, 3, 1)
+        y = F.layer_norm(y, (8,), self.ln_w, self.ln_b, 1e-6).permute(0, 3, 1, 2)
+        z = self.norm(self.dw(y).permute(0, 2, 3, 1))
+        z = self.fc2(F.gelu(self.fc1(z))).permute(0, 3, 1, 2)
+        y = y + self.sd(self.layer_scale * z)
+        return self.head(self.head_norm(y.mean((2, 3))))
+
+
+def test_layer_norm_over_channels_slices_and_normalises_kept_channels() -> None:
+    import dataclasses
+
+    model = _ConvNeXtish()
+    dep = _groups(model, X)
+    g = _group_with(dep, "stem.weight")
+    assert g.prunable, g.pinned
+    stats = {s.param for s in g.sites if s.role == "stats"}
+    assert stats == {"ln_w", "norm.weight", "head_norm.weight"}
+    assert set(g.consumers) == {"fc1", "head"} and set(g.producers) == {"stem", "dw", "fc2"}
+    assert any(s.param == "layer_scale" for s in g.sites)
+    r = _prune_and_check(model, target=0.5)
+    gm = r.graph_module
+    kept = gm.stem.out_channels
+    assert kept < 8 and gm.norm.normalized_shape == (kept,) and gm.head_norm.normalized_shape == (kept,)
+    assert f"layer_norm(permute, ({kept},)" in gm.code, "functional normalized_shape not rewritten"
+    assert "ln_w" in r.plan.stats and len(r.plan.stats["ln_w"][1]) == kept
+    # the statistics masking is what makes the oracle hold: without it, the pruned model differs
+    plain = fxprune.masked_model(model.eval(), dataclasses.replace(r.plan, stats={}))
+    with torch.no_grad():
+        assert not torch.allclose(plain(X), gm(X), atol=1e-4)
+
+
+def test_layer_norm_not_over_channels_is_channelwise_and_no_affine_pins() -> None:
+    class M(nn.Module):
+        def __init__(self, affine: bool) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+            self.spatial = nn.LayerNorm((8, 8))
+            self.chan = nn.LayerNorm(8, elementwise_affine=affine)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.spatial(self.a(x))  # normalises each channel's H x W map on its own
+            return self.b(self.chan(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    g = _group_with(_groups(M(False), X), "a.weight")
+    assert "layer_norm over the channel dim without an affine weight" in " ".join(g.pinned)
+    g = _group_with(_groups(M(True), X), "a.weight")
+    assert g.prunable and not any(s.param.startswith("spatial") for s in g.sites)
+    _prune_and_check(M(True))
