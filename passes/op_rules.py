@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from fxprune.passes.dependency import ParamRef, RuleContext, Tracked
+from fxprune.passes.dependency import ParamRef, RuleContext, SizeOf, Tracked, _flat_args
 from fxprune.passes.spaces import Seg
 
 from fxprune.data import TensorValue
@@ -209,11 +209,11 @@ def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
         ops = list(operands(ctx))
         so = _shape(ctx.out)
         if so is None:
-            return None
+            return _size_math(ctx)
         n = len(so)
         tracked = [(x, ctx.tracked(x)) for x in ops if ctx.tracked(x) is not None]
         if not tracked:
-            return None
+            return _size_math(ctx) if isinstance(ctx.out, (int, float)) else None
         dims = {t.dim + n - len(_shape(ctx.value(x)) or ()) for x, t in tracked}
         if len(dims) != 1:
             for _, t in tracked:
@@ -373,6 +373,7 @@ def _getitem(ctx: RuleContext) -> Any:
     obj, idx = ctx.node.args[0], ctx.node.args[1]
     info = ctx.info(obj)
     if isinstance(info, tuple):
+        ctx.sizes_handled = isinstance(idx, int)  # x.shape[1]: picks one size; anything else pins them
         return info[idx] if isinstance(idx, int) and -len(info) <= idx < len(info) else None
     if not isinstance(info, Tracked):
         return None
@@ -382,6 +383,11 @@ def _getitem(ctx: RuleContext) -> Any:
     items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
         ctx.pin(info, "advanced indexing")
+        return None
+    if any(
+        isinstance(i, slice) and any(isinstance(b, fx.Node) for b in (i.start, i.stop, i.step)) for i in items
+    ):
+        ctx.pin(info, "slice with computed bounds")
         return None
     n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
     expanded: list[Any] = []
@@ -455,7 +461,7 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
     Anything else (a split into more than two dims, a cut inside a repeated block) pins.
     """
 
-    def rule(ctx: RuleContext) -> Any:
+    def core(ctx: RuleContext, used: list[fx.Node]) -> Any:
         x = ctx.arg(0, "input")
         t = ctx.tracked(x)
         si, so = _shape(ctx.value(x)), _shape(ctx.out)
@@ -468,20 +474,22 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
                 ctx.pin(t, "expand of the channel dim")
                 return None
             if literal_args is not None:
-                _literal_at(ctx, literal_args, e, so[e], t.segs)
+                used += _literal_at(ctx, literal_args, e, so[e], t.segs)
             return Tracked(e, t.segs)
         for e, a, b in _merges(si, so, d):
             inner, outer = math.prod(si[d + 1 : b]), math.prod(si[a:d])
             segs = (ctx.spaces.scale(t.segs, inner) if inner > 1 else t.segs) * outer
             if literal_args is not None:
-                _literal_at(ctx, literal_args, e, so[e], segs)
+                used += _literal_at(ctx, literal_args, e, so[e], segs)
             return Tracked(e, segs)
         for e, f in _splits(si, so, d):
+            if literal_args is None:  # unflatten: sizes we cannot rewrite
+                break
             inner = math.prod(so[e + 1 : f])
             if all(r % inner == 0 for _, r in t.segs):
                 segs = tuple((atom, r // inner) for atom, r in t.segs)
                 if literal_args is not None:
-                    _literal_at(ctx, literal_args, e, so[e], segs)
+                    used += _literal_at(ctx, literal_args, e, so[e], segs)
                 return Tracked(e, segs)
             if f != e + 2:
                 continue
@@ -494,12 +502,45 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
             for p in pieces[1:]:
                 ctx.unify(first, p, "reshape into (groups, slots): slot j of every group")  # type: ignore[arg-type]
             if literal_args is not None:
-                _literal_at(ctx, literal_args, e + 1, slots, first)
+                used += _literal_at(ctx, literal_args, e + 1, slots, first)
             return Tracked(e + 1, first)
         ctx.pin(t, "reshape splits or scatters the channel dim")
         return None
 
+    def rule(ctx: RuleContext) -> Any:
+        used: list[fx.Node] = []
+        out = core(ctx, used)
+        _pin_other_sizes(ctx, used)
+        if ctx.node.target in ("view_as", "reshape_as", "expand_as"):
+            out = _same_as(ctx, out)
+        return out
+
     return rule
+
+
+def _same_as(ctx: RuleContext, out: Any) -> Any:
+    """``x.view_as(other)`` takes its shape from ``other``: the output's channels must be ``other``'s."""
+    other = ctx.tracked(ctx.arg(1, "other"))
+    if out is None and other is None:
+        return None
+    if out is None or other is None or other.dim != out.dim:
+        ctx.pin(out, "view_as a tensor whose channels differ")
+        ctx.pin(other, "view_as a tensor whose channels differ")
+        return None
+    ctx.unify(out.segs, other.segs, "view_as")
+    return out
+
+
+def _pin_other_sizes(ctx: RuleContext, used: Sequence[fx.Node]) -> None:
+    """A computed size (``view(n, c // 2, h, w)``) at the position of the output's channel dim is replaced
+    by a literal of the kept count (``_literal_at``), so its arithmetic no longer matters. A computed size
+    read from channels anywhere else (MaxViT's ``reshape(B, G, P, D)``, ``D`` the residual width, applied
+    to the attention's inner width) would silently change with pruning: its channels are pinned."""
+    ctx.sizes_handled = True
+    for a in _flat_args(ctx.node)[1:]:
+        info = ctx.info(a)
+        if isinstance(info, SizeOf) and a not in used:
+            ctx.pin(info, "reshape to a size read from channels, at a position that does not carry them")
 
 
 def _merges(si: Sequence[int], so: Sequence[int], d: int) -> Iterable[tuple[int, int, int]]:
@@ -531,17 +572,26 @@ def _literal_at(
     e: int,
     size: int,
     segs: Sequence[Seg],
-) -> None:
-    """Record that the literal for output dim ``e`` of view/reshape/expand must follow the channel count."""
+) -> list[fx.Node]:
+    """Record that the size argument for output dim ``e`` of view/reshape/expand must follow the channel
+    count: an int literal equal to ``size``, or a computed size (``SizeOf``), which is replaced by the
+    literal kept count. Returns the computed-size node it replaced, if any."""
     index, packed = where(ctx)
     if packed:
         arg = ctx.node.args[index] if isinstance(index, int) else ctx.node.kwargs[index]
-        if isinstance(arg, (list, tuple)) and e < len(arg) and isinstance(arg[e], int) and arg[e] == size:
+        if isinstance(arg, (list, tuple)) and e < len(arg) and _is_size(ctx, arg[e], size):
             ctx.literal(index, e, segs)
+            return [arg[e]] if isinstance(arg[e], fx.Node) else []
     else:
         pos = int(index) + e
-        if pos < len(ctx.node.args) and isinstance(ctx.node.args[pos], int) and ctx.node.args[pos] == size:
+        if pos < len(ctx.node.args) and _is_size(ctx, ctx.node.args[pos], size):
             ctx.literal(pos, None, segs)
+            return [ctx.node.args[pos]] if isinstance(ctx.node.args[pos], fx.Node) else []
+    return []
+
+
+def _is_size(ctx: RuleContext, a: Any, size: int) -> bool:
+    return (isinstance(a, int) and a == size) or isinstance(ctx.info(a), SizeOf)
 
 
 def _method_sizes(ctx: RuleContext) -> tuple[int | str, bool]:
@@ -629,15 +679,50 @@ def _reduce(ctx: RuleContext) -> Any:
 # --------------------------------------------------------------------------------- shape queries
 @register(builtins.getattr, "size", "dim", "numel", "type", "stride", "is_contiguous", "get_device")
 def _query(ctx: RuleContext) -> Any:
-    """Metadata of a tensor (``x.shape``, ``x.size(1)``): no channels flow into the result."""
-    return None
+    """Metadata of a tensor. No channels flow into the result, but a size of a channel dim
+    (``x.shape``, ``x.size()``, ``x.size(1)``, ``x.numel()``) is a ``SizeOf`` those channels: it changes
+    with pruning, and the op that uses it must follow (see ``SizeOf``)."""
+    x = ctx.node.args[0] if ctx.node.args else None
+    t = ctx.tracked(x)
+    if t is None:
+        return None
+    name = ctx.node.args[1] if ctx.node.target is builtins.getattr else ctx.node.target
+    if name == "numel":
+        return SizeOf(t.segs)
+    if name not in ("shape", "size"):
+        return None
+    ndim = len(_shape(ctx.value(x)) or ())
+    dim = ctx.arg(1, "dim", None) if name == "size" else None
+    if isinstance(dim, int):
+        return SizeOf(t.segs) if _norm_dim(dim, ndim) == t.dim else None
+    return tuple(SizeOf(t.segs) if i == t.dim else None for i in range(ndim))
+
+
+def _sizes_in(ctx: RuleContext, args: Iterable[Any]) -> list[SizeOf]:
+    out: list[SizeOf] = []
+    for a in args:
+        i = ctx.info(a)
+        if isinstance(i, SizeOf):
+            out.append(i)
+        elif isinstance(a, (list, tuple)):
+            out.extend(_sizes_in(ctx, a))
+    return out
 
 
 def _scalar_math(ctx: RuleContext) -> Any:
     """Python arithmetic and comparisons: fine on sizes, elementwise on a tracked tensor."""
     if any(isinstance(a, fx.Node) and ctx.tracked(a) is not None for a in ctx.node.args):
         return _elementwise(_two_operands)(ctx)
-    return None
+    return _size_math(ctx)
+
+
+def _size_math(ctx: RuleContext) -> Any:
+    """Arithmetic on channel counts (``c // 2``) stays a ``SizeOf`` all the channels it read."""
+    sizes = _sizes_in(ctx, (*ctx.node.args, *ctx.node.kwargs.values()))
+    if not sizes:
+        return None
+    ctx.sizes_handled = True
+    return SizeOf(tuple(seg for s in sizes for seg in s.segs))
 
 
 register(

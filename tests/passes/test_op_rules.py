@@ -247,7 +247,7 @@ def test_reshape_merge_with_outer_groups_and_unflatten() -> None:
             y = self.a(x)
             n, c, h, w = y.shape
             y = y.view(n, 2, c // 2, h, w).view(n, c, h, w)  # split then merge back, no shuffle
-            y = y.flatten(1).unflatten(1, (c, h, w))  # a repeated block back to channels
+            y = y.flatten(1).view(n, c, h, w)  # a repeated block back to channels
             return self.b(y)
 
     dep = _groups(M(), X)
@@ -256,6 +256,23 @@ def test_reshape_merge_with_outer_groups_and_unflatten() -> None:
     sites = sorted((s.offset, s.repeat) for s in g.sites if s.param == "b.weight")
     assert sites == [(0, 1), (4, 1)], "group i of the merged dim is channels [4i, 4i+4) again"
     _prune_and_check(M(), target=0.5)
+
+
+def test_unflatten_and_view_as_of_other_channels_pin() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+            self.d, self.e = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x).flatten(1).unflatten(1, (8, 8, 8))  # literal sizes that cannot be rewritten
+            z = self.b(x).flatten(2).view_as(self.d(x))  # b's channels take d's shape: tied to d's
+            return self.c(y) + self.e(z)
+
+    dep = _groups(M(), X)
+    assert "reshape splits or scatters the channel dim" in " ".join(_group_with(dep, "a.weight").pinned)
+    assert _group_with(dep, "b.weight") == _group_with(dep, "d.weight")
 
 
 def test_reshape_into_three_dims_pins() -> None:
@@ -471,3 +488,28 @@ def test_layer_norm_not_over_channels_is_channelwise_and_no_affine_pins() -> Non
     g = _group_with(_groups(M(True), X), "a.weight")
     assert g.prunable and not any(s.param.startswith("spatial") for s in g.sites)
     _prune_and_check(M(True))
+
+
+def test_computed_sizes_follow_kept_counts_or_pin() -> None:
+    class M(nn.Module):
+        def __init__(self, other: bool) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+            self.other = other
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            n, c, h, w = y.shape
+            z = self.b(y)
+            if self.other:  # an op without a rule: z's channels are unknown, c is y's width
+                z = torch.roll(z, 1, dims=1)
+            z = z.view(n, c, h * w).view(n, c, h, w)  # c is read from y, not from z
+            return self.c(z)
+
+    dep = _groups(M(other=True), X)
+    assert "reshape to a size read from channels" in " ".join(_group_with(dep, "a.weight").pinned)
+    dep = _groups(M(other=False), X)
+    assert _group_with(dep, "a.weight").prunable and _group_with(dep, "b.weight").prunable
+    r = _prune_and_check(M(other=False), target=0.4)
+    kb = r.graph_module.b.out_channels
+    assert kb < 8 and f"view(getitem, {kb}, mul)" in r.graph_module.code, "computed size not replaced"
