@@ -4,7 +4,8 @@
                              [--no-tp] [--out bench/results/coverage.json]
 
 Each model runs in its own subprocess (eval mode, random init, batch 1) under a wall-clock ``--timeout``.
-The input is the smallest of ``SIZES`` the model accepts (or ``--size``). fxprune:
+The input is the smallest of ``SIZES`` the model accepts (or ``--size``; ``MIN_SIZE`` for windowed
+attention); ``_nontrivial`` makes the random-init output informative (zero heads, BN statistics). fxprune:
 ``fxprune.compile(model, x, 0.5, score="magnitude", latency_runs=0)``; a model *passes* when it compiles,
 ONNX Runtime agrees (max abs error <= 1e-4 x max|output|), achieved FLOPs <= 0.52 (torch's counter) and
 the pruned model has strictly fewer parameters. The pinned-group reasons are recorded with node names
@@ -37,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 SIZES = (64, 96, 128, 160, 224, 299)
+#: windowed attention pads the token grid up to a multiple of the window below 224 (Swin: 64x64 gives a
+#: 16x16 grid padded to 21x21, and 2x2 padded to 7x7 in the last stage), so most FLOPs would be padding
+MIN_SIZE = {"swin_": 224}
 HEAVY = ("vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf")
 FLOPS_OK = 0.52
 RTOL = 1e-4
@@ -75,6 +79,41 @@ def _smallest_input(model: Any, sizes: tuple[int, ...]) -> Any:
         for h in hooks:
             h.remove()
     raise RuntimeError(f"no input size in {sizes} runs: {last}")
+
+
+def _nontrivial(model: Any, x: Any) -> None:
+    """Make the random-init model's output informative, so that the ONNX Runtime check is not vacuous.
+
+    torchvision zero-initialises some classifiers (ViT's head): every all-zero conv/linear weight gets
+    ``N(0, 0.02)``. Deep BN nets at init shrink activations towards 0 (GoogLeNet's ``std=0.01`` weights):
+    every BatchNorm takes its running statistics from its input on ``x`` (one eval pass with pre-hooks)
+    and random affine parameters, as ``tests/conftest.py::randomize_norms`` does.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+
+    def set_stats(m: Any, args: Any) -> None:
+        t = args[0].detach().transpose(0, 1).reshape(m.num_features, -1)
+        m.running_mean.copy_(t.mean(1))
+        m.running_var.copy_(t.var(1, unbiased=False) + 1e-3)
+
+    with torch.no_grad():
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and w is not None and not w.any():
+                w.copy_(torch.randn(w.shape, generator=g) * 0.02)
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        hooks = [m.register_forward_pre_hook(set_stats) for m in bns if m.running_mean is not None]
+        try:
+            model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        for m in bns:
+            if m.affine:
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
 
 
 def _classifier(model: Any, num_classes: int = 1000) -> list[Any]:
@@ -195,7 +234,9 @@ def worker(name: str, size: int | None, tp_too: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     row: dict[str, Any] = {"model": name}
     model = torchvision.models.get_model(name, weights=None).eval()
-    x = _smallest_input(model, (size,) if size else SIZES)
+    floor = max((v for k, v in MIN_SIZE.items() if name.startswith(k)), default=0)
+    x = _smallest_input(model, (size,) if size else tuple(s for s in SIZES if s >= floor))
+    _nontrivial(model, x)
     row["input"] = list(x.shape)
     row["params"] = sum(p.numel() for p in model.parameters())
     row["fxprune"] = _run_fxprune(model, x)

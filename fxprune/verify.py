@@ -54,7 +54,21 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
 def export_onnx(
     model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int = 18
 ) -> tuple[bytes, str]:
-    """Export with the TorchScript exporter (fast), falling back to the dynamo exporter."""
+    """Export with the TorchScript exporter (fast), falling back to the dynamo exporter.
+
+    ``nn.MultiheadAttention``'s inference fast path (``aten::_native_multi_head_attention``, taken under
+    ``no_grad``) has no ONNX symbolic; it is switched off during the export, so the exported graph holds
+    the same computation as plain ops.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return _export_onnx(model, example, opset)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int) -> tuple[bytes, str]:
     errors = []
     for dynamo in (False, True):
         try:
