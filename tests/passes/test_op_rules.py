@@ -513,3 +513,29 @@ def test_computed_sizes_follow_kept_counts_or_pin() -> None:
     r = _prune_and_check(M(other=False), target=0.4)
     kb = r.graph_module.b.out_channels
     assert kb < 8 and f"view(getitem, {kb}, mul)" in r.graph_module.code, "computed size not replaced"
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_heads_split_on_the_last_dim_ties_slots(shuffle: bool) -> None:
+    class M(nn.Module):
+        """Tokens ``[N, L, 12]`` split into 3 heads of 4, optionally head-major -> slot-major, merged back."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 12), nn.Linear(12, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.gelu(self.a(x))
+            n, length, c = y.shape
+            y = y.view(n, length, 3, c // 3)
+            y = y.transpose(2, 3).reshape(n, length, c) if shuffle else y.reshape(n, length, c)
+            return self.b(y)
+
+    x = torch.randn(2, 6, 5)
+    g = _group_with(_groups(M(), x), "a.weight")
+    assert g.prunable and g.size == 4
+    assert sorted(s.offset for s in g.sites if s.param == "a.weight") == [0, 4, 8]
+    b_sites = sorted((s.offset, s.repeat) for s in g.sites if s.param == "b.weight")
+    assert b_sites == ([(0, 3)] if shuffle else [(0, 1), (4, 1), (8, 1)])
+    r = _prune_and_check(M(), x, target=0.5)
+    assert r.graph_module.b.in_features == r.graph_module.a.out_features == 3 * (4 - r.plan.removed_channels)
