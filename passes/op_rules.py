@@ -980,3 +980,57 @@ def _layer_norm_functional(ctx: RuleContext) -> Any:
         if t.dim == len(xs) - 1:
             ctx.literal(1 if len(ctx.node.args) > 1 else "normalized_shape", 0, t.segs)
     return out
+
+
+# ------------------------------------------------------------------------------------------ group norm
+def _group_norm(
+    ctx: RuleContext, x: Any, groups: int, params: Sequence[str | None], literal: int | str | None
+) -> Any:
+    """GroupNorm over dim 1 with ``groups`` groups of ``C / groups`` channels.
+
+    Statistics are per group, so removing a channel is exact only when its whole group goes. Case (1)
+    ``groups == C`` (one channel per group, InstanceNorm with affine): a per-channel op; weight and bias
+    are sliced and ``num_groups`` becomes the kept count. (2) Any other grouping pins: a group of several
+    channels is not a unit the channel spaces can express (they are built from conv output channels).
+    """
+    t = ctx.tracked(x)
+    xs = _shape(ctx.value(x))
+    if t is None or xs is None:
+        return None
+    if t.dim != 1:
+        ctx.pin(t, "group_norm over a dim that is not the channel dim")
+        return None
+    if groups != xs[1]:
+        ctx.pin(t, f"group_norm with {groups} groups of {xs[1] // groups} channels (whole groups only)")
+        return None
+    for p in params:
+        ctx.claim(p, 0, t.segs, "norm")
+    if literal is not None:
+        ctx.literal(literal, None, t.segs)
+    return t
+
+
+@register(nn.GroupNorm)
+def _group_norm_module(ctx: RuleContext) -> Any:
+    m = ctx.module
+    assert isinstance(m, nn.GroupNorm)
+    names = [_param_name(ctx, "weight"), _param_name(ctx, "bias")]
+    return _group_norm(ctx, ctx.arg(0, "input"), m.num_groups, names, None)
+
+
+@register(F.group_norm)
+def _group_norm_functional(ctx: RuleContext) -> Any:
+    groups = ctx.arg(1, "num_groups")
+    names: list[str | None] = []
+    for pos, kw in ((2, "weight"), (3, "bias")):
+        a = ctx.arg(pos, kw, None)
+        info = ctx.info(a) if a is not None else None
+        if a is not None and not isinstance(info, ParamRef):
+            ctx.pin_inputs("functional group_norm with a computed weight or bias")
+            return None
+        names.append(info.name if isinstance(info, ParamRef) else None)
+    if not isinstance(groups, int):
+        ctx.pin_inputs("functional group_norm with a computed num_groups")
+        return None
+    literal = 1 if len(ctx.node.args) > 1 else "num_groups"
+    return _group_norm(ctx, ctx.arg(0, "input"), groups, names, literal)

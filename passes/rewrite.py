@@ -105,12 +105,19 @@ def _fix_layer_norm(m: nn.Module, before: dict[str, int]) -> None:
         m.normalized_shape = tuple(m.weight.shape)
 
 
+def _fix_group_norm(m: nn.Module, before: dict[str, int]) -> None:
+    assert isinstance(m, nn.GroupNorm)
+    if m.weight is not None:  # only one-channel groups are ever sliced (op_rules._group_norm)
+        m.num_channels = m.num_groups = int(m.weight.shape[0])
+
+
 #: module type -> (attributes to remember before slicing, function that fixes them after)
 _ATTR_FIXES: dict[type, tuple[tuple[str, ...], Callable[[nn.Module, dict[str, int]], None]]] = {
     nn.modules.conv._ConvNd: (("in_channels", "out_channels", "groups"), _fix_conv),
     nn.Linear: ((), _fix_linear),
     nn.modules.batchnorm._NormBase: ((), _fix_norm),
     nn.LayerNorm: ((), _fix_layer_norm),
+    nn.GroupNorm: ((), _fix_group_norm),
 }
 
 

@@ -539,3 +539,34 @@ def test_heads_split_on_the_last_dim_ties_slots(shuffle: bool) -> None:
     assert b_sites == ([(0, 3)] if shuffle else [(0, 1), (4, 1), (8, 1)])
     r = _prune_and_check(M(), x, target=0.5)
     assert r.graph_module.b.in_features == r.graph_module.a.out_features == 3 * (4 - r.plan.removed_channels)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_group_norm_one_channel_groups_slice_others_pin(functional: bool) -> None:
+    class M(nn.Module):
+        def __init__(self, groups: int) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+            self.gn = nn.GroupNorm(groups, 8)
+            with torch.no_grad():
+                self.gn.weight.uniform_(0.5, 1.5)
+                self.gn.bias.normal_(0, 0.2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            if functional:
+                y = F.group_norm(y, self.gn.num_groups, self.gn.weight, self.gn.bias)
+            else:
+                y = self.gn(y)
+            return self.b(F.relu(y))
+
+    g = _group_with(_groups(M(4), X), "a.weight")
+    assert "group_norm with 4 groups of 2 channels (whole groups only)" in " ".join(g.pinned)
+    g = _group_with(_groups(M(8), X), "a.weight")
+    assert g.prunable and {s.param for s in g.sites if s.role == "norm"} == {"gn.weight", "gn.bias"}
+    r = _prune_and_check(M(8))
+    kept = r.graph_module.a.out_channels
+    if functional:
+        assert f"group_norm(a, {kept}," in r.graph_module.code
+    else:
+        assert r.graph_module.gn.num_groups == r.graph_module.gn.num_channels == kept
