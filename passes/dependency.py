@@ -249,11 +249,17 @@ class DependencyPass(AnalysisPass[DependencyResult]):
             a.env[node] = _no_rule(ctx, self.strict) if rule is None else rule(ctx)
             if not ctx.sizes_handled:
                 for arg in _flat_args(node):
-                    if isinstance(ctx.info(arg), SizeOf):
-                        ctx.pin(
-                            ctx.info(arg), f"a channel count '{arg.name}' is used by {node.op} {node.target}"
-                        )
+                    info = ctx.info(arg)
+                    if isinstance(arg, fx.Node) and has_sizes(info):
+                        ctx.pin(info, f"a channel count '{arg.name}' is used by {node.op} {node.target}")
         return _finalize(a)
+
+
+def has_sizes(info: Any) -> bool:
+    """Whether ``info`` is or holds (``x.shape``: a tuple) a ``SizeOf``."""
+    if isinstance(info, SizeOf):
+        return True
+    return isinstance(info, tuple) and any(has_sizes(i) for i in info)
 
 
 def describe_target(node: fx.Node, module: torch.nn.Module | None) -> str:

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from fxprune.passes.dependency import ParamRef, RuleContext, SizeOf, Tracked, _flat_args
+from fxprune.passes.dependency import ParamRef, RuleContext, SizeOf, Tracked, _flat_args, has_sizes
 from fxprune.passes.spaces import Seg
 
 from fxprune.data import TensorValue
@@ -373,6 +373,11 @@ def _getitem(ctx: RuleContext) -> Any:
     obj, idx = ctx.node.args[0], ctx.node.args[1]
     info = ctx.info(obj)
     if isinstance(info, tuple):
+        if isinstance(idx, slice) and not any(
+            isinstance(b, fx.Node) for b in (idx.start, idx.stop, idx.step)
+        ):
+            ctx.sizes_handled = True  # x.shape[1:]: the sizes flow on
+            return info[idx]
         ctx.sizes_handled = isinstance(idx, int)  # x.shape[1]: picks one size; anything else pins them
         return info[idx] if isinstance(idx, int) and -len(info) <= idx < len(info) else None
     if not isinstance(info, Tracked):
@@ -539,7 +544,7 @@ def _pin_other_sizes(ctx: RuleContext, used: Sequence[fx.Node]) -> None:
     ctx.sizes_handled = True
     for a in _flat_args(ctx.node)[1:]:
         info = ctx.info(a)
-        if isinstance(info, SizeOf) and a not in used:
+        if isinstance(a, fx.Node) and has_sizes(info) and a not in used:
             ctx.pin(info, "reshape to a size read from channels, at a position that does not carry them")
 
 
@@ -700,12 +705,16 @@ def _query(ctx: RuleContext) -> Any:
 
 def _sizes_in(ctx: RuleContext, args: Iterable[Any]) -> list[SizeOf]:
     out: list[SizeOf] = []
-    for a in args:
-        i = ctx.info(a)
+
+    def collect(i: Any) -> None:
         if isinstance(i, SizeOf):
             out.append(i)
-        elif isinstance(a, (list, tuple)):
-            out.extend(_sizes_in(ctx, a))
+        elif isinstance(i, tuple):
+            for j in i:
+                collect(j)
+
+    for a in args:
+        collect(ctx.info(a))
     return out
 
 

@@ -570,3 +570,22 @@ def test_group_norm_one_channel_groups_slice_others_pin(functional: bool) -> Non
         assert f"group_norm(a, {kept}," in r.graph_module.code
     else:
         assert r.graph_module.gn.num_groups == r.graph_module.gn.num_channels == kept
+
+
+def test_whole_shape_of_other_channels_pins() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y, z = self.a(x), self.b(x)
+            z = z.flatten(2).view(y.shape)  # a packed shape read from y: cannot follow z's own pruning
+            w = z.new_zeros(y.shape[1:])  # an op without a rule reads y's width
+            return self.c(y + z + w)
+
+    dep = _groups(M(), X)
+    g = _group_with(dep, "a.weight")
+    assert g == _group_with(dep, "b.weight")
+    reasons = " ".join(g.pinned)
+    assert "reshape to a size read from channels" in reasons and "channel count" in reasons
