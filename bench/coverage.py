@@ -294,6 +294,23 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def merge(paths: list[str], out: Path, order: list[str]) -> None:
+    """Rows of several runs (a later file wins for the same model), in ``order``; wall times add up."""
+    by_model: dict[str, dict[str, Any]] = {}
+    wall = 0.0
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        wall += d.get("wall_seconds") or sum(r.get("wall_seconds", 0.0) for r in d["rows"])
+        for r in d["rows"]:
+            by_model[r["model"]] = r
+    rows = [by_model[m] for m in order if m in by_model] + [r for m, r in by_model.items() if m not in order]
+    result = {"rows": rows, "summary": summary(rows), "wall_seconds": wall, "merged_from": paths}
+    out.write_text(json.dumps(result, indent=1))
+    print(table(rows))
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wall time {wall:.0f} s (sum over the merged runs)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=None, help="comma-separated (default: every classification model)")
@@ -304,6 +321,7 @@ def main() -> None:
     ap.add_argument("--all", action="store_true", help=f"also run the heavy models {HEAVY}")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     ap.add_argument("--out", default="bench/results/coverage.json")
+    ap.add_argument("--merge", nargs="+", default=None, help="merge the rows of earlier JSON runs into --out")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -318,6 +336,9 @@ def main() -> None:
 
     import torchvision
 
+    if args.merge:
+        merge(args.merge, Path(args.out), torchvision.models.list_models(module=torchvision.models))
+        return
     names = (
         args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
     )
