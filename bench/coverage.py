@@ -3,7 +3,8 @@
     python bench/coverage.py [--models resnet18,vit_b_16] [--size 64] [--timeout 900] [--all]
                              [--no-tp] [--out bench/results/coverage.json]
 
-Each model runs in its own subprocess (eval mode, random init, batch 1) under a wall-clock ``--timeout``.
+Each model runs in two subprocesses, fxprune then Torch-Pruning (eval mode, random init, batch 1), each
+under a wall-clock ``--timeout`` and a resident-memory cap ``--max-gb``.
 The input is the smallest of ``SIZES`` the model accepts (or ``--size``; ``MIN_SIZE`` for windowed
 attention); ``_nontrivial`` makes the random-init output informative (zero heads, BN statistics). fxprune:
 ``fxprune.compile(model, x, 0.5, score="magnitude", latency_runs=0)``; a model *passes* when it compiles,
@@ -230,7 +231,8 @@ def _run_tp(model: Any, x: Any) -> dict[str, Any]:
     }
 
 
-def worker(name: str, size: int | None, tp_too: bool) -> dict[str, Any]:
+def worker(name: str, size: int | None, part: str) -> dict[str, Any]:
+    """One model in this process: ``part`` is ``"fx"`` (fxprune), ``"tp"`` (Torch-Pruning) or ``"both"``."""
     import torch
     import torchvision
 
@@ -242,10 +244,56 @@ def worker(name: str, size: int | None, tp_too: bool) -> dict[str, Any]:
     _nontrivial(model, x)
     row["input"] = list(x.shape)
     row["params"] = sum(p.numel() for p in model.parameters())
-    row["fxprune"] = _run_fxprune(model, x)
-    if tp_too:
+    if part in ("fx", "both"):
+        row["fxprune"] = _run_fxprune(model, x)
+    if part in ("tp", "both"):
         row["tp"] = _run_tp(model, x)
     return row
+
+
+def _rss_gb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_part(name: str, part: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``worker(name, part)`` in a subprocess under ``--timeout`` seconds and ``--max-gb`` of resident
+    memory (polled; the machine is shared). A failure is returned as ``{"error": ...}``."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        tmp = Path(f.name)
+    with tempfile.TemporaryFile(mode="w+") as err:
+        cmd = [sys.executable, __file__, "--worker", name, "--part", part, "--worker-out", str(tmp)]
+        if args.size:
+            cmd += ["--size", str(args.size)]
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=os.environ)
+        why = None
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if time.perf_counter() - t > args.timeout:
+                why = f"timeout: over {args.timeout:.0f} s"
+            elif _rss_gb(proc.pid) > args.max_gb:
+                why = f"memory: over {args.max_gb:.0f} GB resident"
+            if why:
+                proc.kill()
+                proc.wait()
+                break
+        try:
+            text = tmp.read_text()
+        finally:
+            tmp.unlink(missing_ok=True)
+        if text and why is None:
+            return json.loads(text)
+        if why is None:
+            err.seek(0)
+            tail = err.read().strip().splitlines()[-1:] or ["no output"]
+            why = f"crash rc={proc.returncode}: {tail[0][:300]}"
+        return {"error": why, "seconds": time.perf_counter() - t}
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
@@ -323,6 +371,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per model (fxprune + TP)")
     ap.add_argument("--all", action="store_true", help=f"also run the heavy models {HEAVY}")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    ap.add_argument("--max-gb", type=float, default=8.0, help="resident memory cap per subprocess (GB)")
+    ap.add_argument("--part", default="both", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="bench/results/coverage.json")
     ap.add_argument("--merge", nargs="+", default=None, help="merge the rows of earlier JSON runs into --out")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -333,7 +383,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(1)
-        row = worker(args.worker, args.size, not args.no_tp)
+        row = worker(args.worker, args.size, "fx" if args.no_tp and args.part == "both" else args.part)
         Path(args.worker_out).write_text(json.dumps(row))
         return
 
@@ -353,26 +403,16 @@ def main() -> None:
         if name in HEAVY and not args.all:
             rows.append({"model": name, "status": "not run", "error": "heavy: pass --all"})
             continue
-        with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-            tmp = f.name
-        cmd = [sys.executable, __file__, "--worker", name, "--worker-out", tmp]
-        if args.size:
-            cmd += ["--size", str(args.size)]
-        if args.no_tp:
-            cmd.append("--no-tp")
         t = time.perf_counter()
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=os.environ)
-            text = Path(tmp).read_text() if Path(tmp).stat().st_size else ""
-            if text:
-                row = json.loads(text)
+        row: dict[str, Any] = {"model": name}
+        for part, key in (("fx", "fxprune"), ("tp", "tp")):
+            if part == "tp" and args.no_tp:
+                continue
+            got = run_part(name, part, args)
+            if "error" in got:
+                row[key] = {"ok": False, "error": got["error"], "seconds": got["seconds"]}
             else:
-                tail = (proc.stderr or "").strip().splitlines()[-1:] or ["no output"]
-                row = {"model": name, "status": "crash", "error": f"rc={proc.returncode}: {tail[0][:300]}"}
-        except subprocess.TimeoutExpired:
-            row = {"model": name, "status": "timeout", "error": f"over {args.timeout:.0f} s"}
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+                row.update({k: v for k, v in got.items() if k != "model"})
         row["wall_seconds"] = time.perf_counter() - t
         rows.append(row)
         print(table([row]).splitlines()[-1], flush=True)
