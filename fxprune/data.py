@@ -64,8 +64,10 @@ class Site:
 
     Group channel ``i`` selects positions ``offset + i*repeat + j`` (``0 <= j < repeat``) of dimension
     ``dim`` of tensor ``param`` (a qualified name in the traced module). ``role`` is ``"out"`` for producer
-    rows (conv/linear output), ``"in"`` for consumer columns (conv/linear input) and ``"norm"`` for
-    per-channel parameters (BatchNorm statistics, scales) that are sliced without computing anything new.
+    rows (conv/linear output), ``"in"`` for consumer columns (conv/linear input), ``"norm"`` for
+    per-channel parameters (BatchNorm statistics, scales) that are sliced without computing anything new,
+    and ``"stats"`` for the weight of a norm whose statistics run over the channels (LayerNorm over the
+    channel dim): sliced like ``"norm"``, but the kept channels' values depend on which others are kept.
     """
 
     param: str
@@ -147,6 +149,9 @@ class PrunePlan:
         inputs: consumer parameter name -> (dim, kept indices): the input columns a consumer keeps.
         modules: module qualified name -> {"out": kept output rows, "in": kept input columns} (each
             optional), a per-module view of ``params`` for people and the masked oracle.
+        stats: normalisation weight name -> (dim, kept indices) for norms whose statistics run over a
+            pruned channel dim (LayerNorm over channels, ``Site.role == "stats"``): the masked oracle
+            computes their statistics over the kept channels only.
     """
 
     kept: Mapping[int, tuple[int, ...]]
@@ -154,6 +159,7 @@ class PrunePlan:
     params: Mapping[str, Mapping[int, tuple[int, ...]]] = field(default_factory=dict)
     inputs: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
     modules: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)
+    stats: Mapping[str, tuple[int, tuple[int, ...]]] = field(default_factory=dict)
 
     def kept_sizes(self) -> dict[int, int]:
         """Kept channel count of every group."""

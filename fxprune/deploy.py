@@ -52,6 +52,7 @@ def plan_to_dict(plan: PrunePlan, example_inputs: Sequence[Mapping[str, Any]] = 
         "params": {p: {str(d): _ints(k) for d, k in dims.items()} for p, dims in plan.params.items()},
         "inputs": {p: [int(d), _ints(k)] for p, (d, k) in plan.inputs.items()},
         "modules": {m: {r: _ints(k) for r, k in e.items()} for m, e in plan.modules.items()},
+        "stats": {p: [int(d), _ints(k)] for p, (d, k) in plan.stats.items()},
     }
 
 
@@ -66,6 +67,7 @@ def plan_from_dict(d: Mapping[str, Any]) -> PrunePlan:
             params={p: {int(dim): tuple(k) for dim, k in dims.items()} for p, dims in d["params"].items()},
             inputs={p: (int(v[0]), tuple(v[1])) for p, v in d["inputs"].items()},
             modules={m: {r: tuple(k) for r, k in e.items()} for m, e in d["modules"].items()},
+            stats={p: (int(v[0]), tuple(v[1])) for p, v in d.get("stats", {}).items()},
         )
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise InputError(f"malformed fxprune plan: {type(exc).__name__}: {exc}") from exc

@@ -202,6 +202,12 @@ class Inspection:
         norms = sorted({s.param.rpartition(".")[0] for s in g.sites if s.role == "norm"})
         if norms:
             lines.append(f"  norms sliced: {', '.join(norms[:8])}{' ...' if len(norms) > 8 else ''}")
+        stats = sorted({s.param.rpartition(".")[0] or s.param for s in g.sites if s.role == "stats"})
+        if stats:
+            lines.append(
+                f"  norms with statistics over these channels (renormalised over the kept ones): "
+                f"{', '.join(stats[:8])}{' ...' if len(stats) > 8 else ''}"
+            )
         return "\n".join(lines)
 
     def explain(self, node_or_module: Any) -> str:

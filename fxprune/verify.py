@@ -55,7 +55,21 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
 def export_onnx(
     model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int = 18
 ) -> tuple[bytes, str]:
-    """Export with the TorchScript exporter (fast), falling back to the dynamo exporter."""
+    """Export with the TorchScript exporter (fast), falling back to the dynamo exporter.
+
+    ``nn.MultiheadAttention``'s inference fast path (``aten::_native_multi_head_attention``, taken under
+    ``no_grad``) has no ONNX symbolic; it is switched off during the export, so the exported graph holds
+    the same computation as plain ops.
+    """
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        return _export_onnx(model, example, opset)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def _export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int) -> tuple[bytes, str]:
     errors = []
     for dynamo in (False, True):
         try:
@@ -163,4 +177,60 @@ def masked_model(
             shape = [1] * t.dim()
             shape[dim] = -1
             t.mul_(keep.view(shape).to(t.dtype))
+    if plan.stats:
+        return _StatsMasked(masked, plan.stats)
     return masked
+
+
+class _StatsMasked(torch.nn.Module):
+    """``model`` whose layer norms over a pruned channel dim normalise over the kept channels only.
+
+    For every ``plan.stats`` entry (the norm's weight and the kept positions of its last dim), a call
+    ``F.layer_norm(x, (C,), weight, bias, eps)`` with that weight becomes
+    ``y[..., K] = layer_norm(x[..., K], (|K|,), weight[K], bias[K], eps)`` and ``y[..., removed] = 0``:
+    exactly what the pruned model computes on the kept channels. The call is found by the identity of
+    its weight tensor while ``forward`` runs (``nn.LayerNorm`` and functional calls both go through
+    ``torch.nn.functional.layer_norm``); other layer norms are untouched.
+    """
+
+    def __init__(self, model: torch.nn.Module, stats: Mapping[str, tuple[int, tuple[int, ...]]]) -> None:
+        super().__init__()
+        self.model = model
+        self.stats = dict(stats)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        import torch.nn.functional as F
+
+        sites: dict[int, torch.Tensor] = {}
+        for name, (dim, kept) in self.stats.items():
+            owner, _, leaf = name.rpartition(".")
+            w = getattr(self.model.get_submodule(owner), leaf)
+            if dim != 0 or w.dim() != 1:
+                raise NotImplementedError(f"statistics site {name} on dim {dim} of a {w.dim()}-d weight")
+            sites[id(w)] = torch.as_tensor(kept, dtype=torch.long, device=w.device)
+        real = F.layer_norm
+
+        def layer_norm(
+            input: torch.Tensor,
+            normalized_shape: Sequence[int],
+            weight: torch.Tensor | None = None,
+            bias: torch.Tensor | None = None,
+            eps: float = 1e-5,
+        ) -> torch.Tensor:
+            idx = sites.get(id(weight)) if weight is not None else None
+            if idx is None or weight is None:
+                return real(input, normalized_shape, weight, bias, eps)
+            y = real(
+                input.index_select(-1, idx),
+                (len(idx),),
+                weight[idx],
+                None if bias is None else bias[idx],
+                eps,
+            )
+            return input.new_zeros(input.shape).index_copy(-1, idx, y)
+
+        F.layer_norm = layer_norm  # type: ignore[assignment]
+        try:
+            return self.model(*args, **kwargs)
+        finally:
+            F.layer_norm = real

@@ -38,7 +38,15 @@ from fxprune.data import (
 )
 from fxprune.errors import FxpruneError
 
-__all__ = ["DependencyPass", "DependencyResult", "ParamRef", "RuleContext", "Tracked", "UnsupportedOpError"]
+__all__ = [
+    "DependencyPass",
+    "DependencyResult",
+    "ParamRef",
+    "RuleContext",
+    "SizeOf",
+    "Tracked",
+    "UnsupportedOpError",
+]
 
 
 @dataclass(frozen=True)
@@ -46,6 +54,18 @@ class Tracked:
     """Dimension ``dim`` (non-negative) of a tensor carries the channel segments ``segs``."""
 
     dim: int
+    segs: tuple[Seg, ...]
+
+
+@dataclass(frozen=True)
+class SizeOf:
+    """A Python number computed from the size of channel dims (``x.shape[1]``, ``c // 2``).
+
+    Its value changes when ``segs`` lose channels, so every use must follow the kept count: rules that
+    can prove it does (shape arithmetic, the reshape of the same channels) set
+    ``RuleContext.sizes_handled``; any other op that reads it pins ``segs``.
+    """
+
     segs: tuple[Seg, ...]
 
 
@@ -89,6 +109,7 @@ class RuleContext:
         self.node = node
         self.module = module
         self.spaces = analysis.spaces
+        self.sizes_handled = False
 
     # ------------------------------------------------------------- reading
     def arg(self, pos: int, name: str, default: Any = _MISSING) -> Any:
@@ -129,7 +150,7 @@ class RuleContext:
 
     def pin(self, info: Any, reason: str) -> None:
         """Pin every space inside ``info`` (a Tracked, or nested tuples of them)."""
-        if isinstance(info, Tracked):
+        if isinstance(info, (Tracked, SizeOf)):
             self.spaces.pin(info.segs, f"{reason} at node '{self.node.name}'")
         elif isinstance(info, tuple):
             for i in info:
@@ -227,6 +248,11 @@ class DependencyPass(AnalysisPass[DependencyResult]):
             ctx = RuleContext(a, node, module)
             rule = op_rules.lookup(node, module)
             a.env[node] = _no_rule(ctx, self.strict) if rule is None else rule(ctx)
+            if not ctx.sizes_handled:
+                for arg in _flat_args(node):
+                    info = ctx.info(arg)
+                    if isinstance(arg, fx.Node) and has_sizes(info):
+                        ctx.pin(info, f"a channel count '{arg.name}' is used by {node.op} {node.target}")
         _pin_partial_claims(a, modules)
         return _finalize(a)
 
@@ -283,6 +309,13 @@ def _is_query(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target is builtins.getattr
     return node.op == "call_method" and node.target in _QUERY_METHODS
+
+
+def has_sizes(info: Any) -> bool:
+    """Whether ``info`` is or holds (``x.shape``: a tuple) a ``SizeOf``."""
+    if isinstance(info, SizeOf):
+        return True
+    return isinstance(info, tuple) and any(has_sizes(i) for i in info)
 
 
 def describe_target(node: fx.Node, module: torch.nn.Module | None) -> str:

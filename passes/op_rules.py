@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from fxprune.passes.dependency import ParamRef, RuleContext, Tracked
+from fxprune.passes.dependency import ParamRef, RuleContext, SizeOf, Tracked, _flat_args, has_sizes
 from fxprune.passes.spaces import Seg
 
 from fxprune.data import TensorValue
@@ -132,6 +132,20 @@ _UNARY_METHODS = (
 )  # fmt: skip
 register(*_UNARY_MODULES, *_UNARY_FUNCTIONS, *_UNARY_METHODS)(_passthrough())
 
+
+def _register_torchvision_passthrough() -> None:
+    """``torchvision.ops.stochastic_depth`` (fx-wrapped, so traced as one call) scales whole samples
+    (``mode="row"``: a noise of shape ``[N, 1, ...]``) or the whole batch (``"batch"``); it is the
+    identity in eval. Either way no channel is mixed with another: a channel-wise op."""
+    try:
+        from torchvision.ops import StochasticDepth, stochastic_depth
+    except ImportError:  # pragma: no cover - torchvision is optional
+        return
+    register(StochasticDepth, stochastic_depth)(_passthrough())
+
+
+_register_torchvision_passthrough()
+
 _POOL_MODULES = {
     1: (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.LPPool1d),
     2: (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LPPool2d),
@@ -195,11 +209,11 @@ def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
         ops = list(operands(ctx))
         so = _shape(ctx.out)
         if so is None:
-            return None
+            return _size_math(ctx)
         n = len(so)
         tracked = [(x, ctx.tracked(x)) for x in ops if ctx.tracked(x) is not None]
         if not tracked:
-            return None
+            return _size_math(ctx) if isinstance(ctx.out, (int, float)) else None
         dims = {t.dim + n - len(_shape(ctx.value(x)) or ()) for x, t in tracked}
         if len(dims) != 1:
             for _, t in tracked:
@@ -359,6 +373,12 @@ def _getitem(ctx: RuleContext) -> Any:
     obj, idx = ctx.node.args[0], ctx.node.args[1]
     info = ctx.info(obj)
     if isinstance(info, tuple):
+        if isinstance(idx, slice) and not any(
+            isinstance(b, fx.Node) for b in (idx.start, idx.stop, idx.step)
+        ):
+            ctx.sizes_handled = True  # x.shape[1:]: the sizes flow on
+            return info[idx]
+        ctx.sizes_handled = isinstance(idx, int)  # x.shape[1]: picks one size; anything else pins them
         return info[idx] if isinstance(idx, int) and -len(info) <= idx < len(info) else None
     if not isinstance(info, Tracked):
         return None
@@ -368,6 +388,11 @@ def _getitem(ctx: RuleContext) -> Any:
     items = list(idx) if isinstance(idx, tuple) else [idx]
     if any(isinstance(i, (fx.Node, list, torch.Tensor)) for i in items):
         ctx.pin(info, "advanced indexing")
+        return None
+    if any(
+        isinstance(i, slice) and any(isinstance(b, fx.Node) for b in (i.start, i.stop, i.step)) for i in items
+    ):
+        ctx.pin(info, "slice with computed bounds")
         return None
     n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
     expanded: list[Any] = []
@@ -424,40 +449,126 @@ def _raw_positions(items: list[Any], ndim: int) -> list[int | None]:
 def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] | None) -> Rule:
     """view/reshape/flatten/squeeze/unsqueeze, decided from the input and output shapes alone.
 
-    The channel dim survives when the output keeps the same prefix before it and either keeps it whole
-    (``[N, C, H, W] -> [N, C, H*W]``) or merges it with following dims (flatten: repeat ``H*W``). Splitting
-    the channel dim (heads, channel shuffle) is left to dedicated rules and pins here.
+    A contiguous reshape keeps the flat index, so with the channel dim ``d`` of size ``C``:
+
+    1. **merge**: output dim ``e`` holds input dims ``[a, b)`` with ``a <= d < b`` (same element counts
+       before and after): position ``(o * C + c) * inner + i`` of ``e`` is channel ``c``, with
+       ``outer = prod(si[a:d])`` and ``inner = prod(si[d+1:b])``. The channels become the segments
+       repeated ``inner`` times (``flatten``: ``[N, C, H, W] -> [N, C*H*W]``), tiled ``outer`` times
+       (``[N, g, C/g, H, W] -> [N, C, H, W]`` after a channel shuffle's transpose).
+    2. **unflatten of a repeated block**: output dims ``[e, f)`` hold ``d``, every segment's repeat is a
+       multiple of ``inner = prod(so[e+1:f])``: dim ``e`` carries the segments with repeat ``r / inner``.
+    3. **split into (groups, slots)**: output dims ``e, e+1`` of sizes ``(g, C/g)`` hold ``d`` (channel
+       shuffle, attention heads): channel ``i*C/g + j`` is slot ``j`` of group ``i``. Slot ``j`` of every
+       group is tied (every group keeps the same slots, so ``C/g`` shrinks and ``g`` stays), and dim
+       ``e+1`` carries the slot channels; dim ``e`` indexes groups, not prunable channels.
+
+    Anything else (a split into more than two dims, a cut inside a repeated block) pins.
     """
 
-    def rule(ctx: RuleContext) -> Any:
+    def core(ctx: RuleContext, used: list[fx.Node]) -> Any:
         x = ctx.arg(0, "input")
         t = ctx.tracked(x)
         si, so = _shape(ctx.value(x)), _shape(ctx.out)
         if t is None or si is None or so is None:
             return None
-        d, C = t.dim, si[t.dim]
-        prefix, suffix_in = math.prod(si[:d]), math.prod(si[d + 1 :])
-        for e in range(len(so)):
-            if math.prod(so[:e]) != prefix:
-                continue
-            if so[e] % C:
-                continue
-            m = so[e] // C
-            # m must be a product of the dims right after d
-            j, acc = d + 1, 1
-            while acc < m and j < len(si):
-                acc *= si[j]
-                j += 1
-            if acc != m or math.prod(so[e + 1 :]) * m != suffix_in:
-                continue
-            segs = ctx.spaces.scale(t.segs, m) if m > 1 else t.segs
+        d = t.dim
+        if math.prod(si) != math.prod(so):  # expand: broadcast size-1 dims, aligned from the right
+            e = d + len(so) - len(si)
+            if e < 0 or so[e] != si[d]:
+                ctx.pin(t, "expand of the channel dim")
+                return None
             if literal_args is not None:
-                _literal_at(ctx, literal_args, e, so[e], segs)
+                used += _literal_at(ctx, literal_args, e, so[e], t.segs)
+            return Tracked(e, t.segs)
+        for e, a, b in _merges(si, so, d):
+            inner, outer = math.prod(si[d + 1 : b]), math.prod(si[a:d])
+            segs = (ctx.spaces.scale(t.segs, inner) if inner > 1 else t.segs) * outer
+            if literal_args is not None:
+                used += _literal_at(ctx, literal_args, e, so[e], segs)
             return Tracked(e, segs)
+        for e, f in _splits(si, so, d):
+            if literal_args is None:  # unflatten: sizes we cannot rewrite
+                break
+            inner = math.prod(so[e + 1 : f])
+            if all(r % inner == 0 for _, r in t.segs):
+                segs = tuple((atom, r // inner) for atom, r in t.segs)
+                if literal_args is not None:
+                    used += _literal_at(ctx, literal_args, e, so[e], segs)
+                return Tracked(e, segs)
+            if f != e + 2:
+                continue
+            g, slots = so[e], so[e + 1]
+            pieces = [ctx.spaces.slice(t.segs, i * slots, (i + 1) * slots) for i in range(g)]
+            if any(p is None for p in pieces):
+                ctx.pin(t, "reshape splits a repeated channel block")
+                return None
+            first: tuple[Seg, ...] = pieces[0]  # type: ignore[assignment]
+            for p in pieces[1:]:
+                ctx.unify(first, p, "reshape into (groups, slots): slot j of every group")  # type: ignore[arg-type]
+            if literal_args is not None:
+                used += _literal_at(ctx, literal_args, e + 1, slots, first)
+            return Tracked(e + 1, first)
         ctx.pin(t, "reshape splits or scatters the channel dim")
         return None
 
+    def rule(ctx: RuleContext) -> Any:
+        used: list[fx.Node] = []
+        out = core(ctx, used)
+        _pin_other_sizes(ctx, used)
+        if ctx.node.target in ("view_as", "reshape_as", "expand_as"):
+            out = _same_as(ctx, out)
+        return out
+
     return rule
+
+
+def _same_as(ctx: RuleContext, out: Any) -> Any:
+    """``x.view_as(other)`` takes its shape from ``other``: the output's channels must be ``other``'s."""
+    other = ctx.tracked(ctx.arg(1, "other"))
+    if out is None and other is None:
+        return None
+    if out is None or other is None or other.dim != out.dim:
+        ctx.pin(out, "view_as a tensor whose channels differ")
+        ctx.pin(other, "view_as a tensor whose channels differ")
+        return None
+    ctx.unify(out.segs, other.segs, "view_as")
+    return out
+
+
+def _pin_other_sizes(ctx: RuleContext, used: Sequence[fx.Node]) -> None:
+    """A computed size (``view(n, c // 2, h, w)``) at the position of the output's channel dim is replaced
+    by a literal of the kept count (``_literal_at``), so its arithmetic no longer matters. A computed size
+    read from channels anywhere else (MaxViT's ``reshape(B, G, P, D)``, ``D`` the residual width, applied
+    to the attention's inner width) would silently change with pruning: its channels are pinned."""
+    ctx.sizes_handled = True
+    for a in _flat_args(ctx.node)[1:]:
+        info = ctx.info(a)
+        if isinstance(a, fx.Node) and has_sizes(info) and a not in used:
+            ctx.pin(info, "reshape to a size read from channels, at a position that does not carry them")
+
+
+def _merges(si: Sequence[int], so: Sequence[int], d: int) -> Iterable[tuple[int, int, int]]:
+    """``(e, a, b)``: output dim ``e`` is exactly input dims ``[a, b)``, ``a <= d < b``; ``a = d`` first."""
+    for a in range(d, -1, -1):
+        pre = math.prod(si[:a])
+        for e in range(len(so)):
+            if math.prod(so[:e]) != pre:
+                continue
+            for b in range(d + 1, len(si) + 1):
+                if so[e] == math.prod(si[a:b]) and math.prod(so[e + 1 :]) == math.prod(si[b:]):
+                    yield e, a, b
+
+
+def _splits(si: Sequence[int], so: Sequence[int], d: int) -> Iterable[tuple[int, int]]:
+    """``(e, f)``: output dims ``[e, f)`` (at least two) are exactly input dim ``d``."""
+    pre, post = math.prod(si[:d]), math.prod(si[d + 1 :])
+    for e in range(len(so)):
+        if math.prod(so[:e]) != pre:
+            continue
+        for f in range(e + 2, len(so) + 1):
+            if math.prod(so[e:f]) == si[d] and math.prod(so[f:]) == post:
+                yield e, f
 
 
 def _literal_at(
@@ -466,17 +577,26 @@ def _literal_at(
     e: int,
     size: int,
     segs: Sequence[Seg],
-) -> None:
-    """Record that the literal for output dim ``e`` of view/reshape/expand must follow the channel count."""
+) -> list[fx.Node]:
+    """Record that the size argument for output dim ``e`` of view/reshape/expand must follow the channel
+    count: an int literal equal to ``size``, or a computed size (``SizeOf``), which is replaced by the
+    literal kept count. Returns the computed-size node it replaced, if any."""
     index, packed = where(ctx)
     if packed:
         arg = ctx.node.args[index] if isinstance(index, int) else ctx.node.kwargs[index]
-        if isinstance(arg, (list, tuple)) and e < len(arg) and isinstance(arg[e], int) and arg[e] == size:
+        if isinstance(arg, (list, tuple)) and e < len(arg) and _is_size(ctx, arg[e], size):
             ctx.literal(index, e, segs)
+            return [arg[e]] if isinstance(arg[e], fx.Node) else []
     else:
         pos = int(index) + e
-        if pos < len(ctx.node.args) and isinstance(ctx.node.args[pos], int) and ctx.node.args[pos] == size:
+        if pos < len(ctx.node.args) and _is_size(ctx, ctx.node.args[pos], size):
             ctx.literal(pos, None, segs)
+            return [ctx.node.args[pos]] if isinstance(ctx.node.args[pos], fx.Node) else []
+    return []
+
+
+def _is_size(ctx: RuleContext, a: Any, size: int) -> bool:
+    return (isinstance(a, int) and a == size) or isinstance(ctx.info(a), SizeOf)
 
 
 def _method_sizes(ctx: RuleContext) -> tuple[int | str, bool]:
@@ -564,15 +684,54 @@ def _reduce(ctx: RuleContext) -> Any:
 # --------------------------------------------------------------------------------- shape queries
 @register(builtins.getattr, "size", "dim", "numel", "type", "stride", "is_contiguous", "get_device")
 def _query(ctx: RuleContext) -> Any:
-    """Metadata of a tensor (``x.shape``, ``x.size(1)``): no channels flow into the result."""
-    return None
+    """Metadata of a tensor. No channels flow into the result, but a size of a channel dim
+    (``x.shape``, ``x.size()``, ``x.size(1)``, ``x.numel()``) is a ``SizeOf`` those channels: it changes
+    with pruning, and the op that uses it must follow (see ``SizeOf``)."""
+    x = ctx.node.args[0] if ctx.node.args else None
+    t = ctx.tracked(x)
+    if t is None:
+        return None
+    name = ctx.node.args[1] if ctx.node.target is builtins.getattr else ctx.node.target
+    if name == "numel":
+        return SizeOf(t.segs)
+    if name not in ("shape", "size"):
+        return None
+    ndim = len(_shape(ctx.value(x)) or ())
+    dim = ctx.arg(1, "dim", None) if name == "size" else None
+    if isinstance(dim, int):
+        return SizeOf(t.segs) if _norm_dim(dim, ndim) == t.dim else None
+    return tuple(SizeOf(t.segs) if i == t.dim else None for i in range(ndim))
+
+
+def _sizes_in(ctx: RuleContext, args: Iterable[Any]) -> list[SizeOf]:
+    out: list[SizeOf] = []
+
+    def collect(i: Any) -> None:
+        if isinstance(i, SizeOf):
+            out.append(i)
+        elif isinstance(i, tuple):
+            for j in i:
+                collect(j)
+
+    for a in args:
+        collect(ctx.info(a))
+    return out
 
 
 def _scalar_math(ctx: RuleContext) -> Any:
     """Python arithmetic and comparisons: fine on sizes, elementwise on a tracked tensor."""
     if any(isinstance(a, fx.Node) and ctx.tracked(a) is not None for a in ctx.node.args):
         return _elementwise(_two_operands)(ctx)
-    return None
+    return _size_math(ctx)
+
+
+def _size_math(ctx: RuleContext) -> Any:
+    """Arithmetic on channel counts (``c // 2``) stays a ``SizeOf`` all the channels it read."""
+    sizes = _sizes_in(ctx, (*ctx.node.args, *ctx.node.kwargs.values()))
+    if not sizes:
+        return None
+    ctx.sizes_handled = True
+    return SizeOf(tuple(seg for s in sizes for seg in s.segs))
 
 
 register(
@@ -765,3 +924,122 @@ def _batchnorm_functional(ctx: RuleContext) -> Any:
             return None
         names.append(info.name)
     return _per_channel(ctx, ctx.arg(0, "input"), names)
+
+
+# ------------------------------------------------------------------------------------------ layer norm
+def _layer_norm(
+    ctx: RuleContext, x: Any, normalized: Sequence[int], weight: str | None, bias: str | None
+) -> Any:
+    """LayerNorm over the last ``k = len(normalized_shape)`` dims, with affine ``weight``/``bias``.
+
+    Cases: (1) the channel dim is not normalised (``d < ndim - k``): every channel is normalised on its
+    own, a channel-wise op; (2) ``k == 1`` and the channel dim is the last dim (channels-last ConvNeXt,
+    ViT/Swin tokens): the statistics ``mean``/``var`` run over the kept channels only after pruning, and
+    ``weight``/``bias`` are sliced. The weight's site has role ``"stats"``, so the masked oracle
+    (``fxprune.masked_model``) normalises over the kept positions too: removing a channel changes the
+    others' values, and the oracle defines that change as the pruned semantics. The rewrite fixes
+    ``normalized_shape`` (module attribute or literal). (3) Anything else (several normalised dims that
+    include the channel dim; no affine weight, which the oracle needs to find the call) pins.
+    """
+    t = ctx.tracked(x)
+    xs = _shape(ctx.value(x))
+    if t is None or xs is None:
+        return None
+    k = len(normalized)
+    if t.dim < len(xs) - k:
+        return t
+    if k != 1 or t.dim != len(xs) - 1:
+        ctx.pin(t, "layer_norm over several dims including the channel dim")
+        return None
+    if weight is None:
+        ctx.pin(t, "layer_norm over the channel dim without an affine weight")
+        return None
+    ctx.claim(weight, 0, t.segs, "stats")
+    ctx.claim(bias, 0, t.segs, "norm")
+    return t
+
+
+@register(nn.LayerNorm)
+def _layer_norm_module(ctx: RuleContext) -> Any:
+    m = ctx.module
+    assert isinstance(m, nn.LayerNorm)
+    return _layer_norm(
+        ctx, ctx.arg(0, "input"), m.normalized_shape, _param_name(ctx, "weight"), _param_name(ctx, "bias")
+    )
+
+
+@register(F.layer_norm)
+def _layer_norm_functional(ctx: RuleContext) -> Any:
+    shape = ctx.arg(1, "normalized_shape")
+    names: list[str | None] = []
+    for pos, kw in ((2, "weight"), (3, "bias")):
+        a = ctx.arg(pos, kw, None)
+        info = ctx.info(a) if a is not None else None
+        if a is not None and not isinstance(info, ParamRef):
+            ctx.pin_inputs("functional layer_norm with a computed weight or bias")
+            return None
+        names.append(info.name if isinstance(info, ParamRef) else None)
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) for s in shape):
+        ctx.pin_inputs("functional layer_norm with a computed normalized_shape")
+        return None
+    out = _layer_norm(ctx, ctx.arg(0, "input"), shape, names[0], names[1])
+    t = ctx.tracked(ctx.arg(0, "input"))
+    if out is not None and t is not None and len(shape) == 1 and names[0] is not None:
+        xs = _shape(ctx.value(ctx.arg(0, "input"))) or ()
+        if t.dim == len(xs) - 1:
+            ctx.literal(1 if len(ctx.node.args) > 1 else "normalized_shape", 0, t.segs)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ group norm
+def _group_norm(
+    ctx: RuleContext, x: Any, groups: int, params: Sequence[str | None], literal: int | str | None
+) -> Any:
+    """GroupNorm over dim 1 with ``groups`` groups of ``C / groups`` channels.
+
+    Statistics are per group, so removing a channel is exact only when its whole group goes. Case (1)
+    ``groups == C`` (one channel per group, InstanceNorm with affine): a per-channel op; weight and bias
+    are sliced and ``num_groups`` becomes the kept count. (2) Any other grouping pins: a group of several
+    channels is not a unit the channel spaces can express (they are built from conv output channels).
+    """
+    t = ctx.tracked(x)
+    xs = _shape(ctx.value(x))
+    if t is None or xs is None:
+        return None
+    if t.dim != 1:
+        ctx.pin(t, "group_norm over a dim that is not the channel dim")
+        return None
+    if groups != xs[1]:
+        ctx.pin(t, f"group_norm with {groups} groups of {xs[1] // groups} channels (whole groups only)")
+        return None
+    for p in params:
+        ctx.claim(p, 0, t.segs, "norm")
+    if literal is not None:
+        ctx.literal(literal, None, t.segs)
+    return t
+
+
+@register(nn.GroupNorm)
+def _group_norm_module(ctx: RuleContext) -> Any:
+    m = ctx.module
+    assert isinstance(m, nn.GroupNorm)
+    names = [_param_name(ctx, "weight"), _param_name(ctx, "bias")]
+    return _group_norm(ctx, ctx.arg(0, "input"), m.num_groups, names, None)
+
+
+@register(F.group_norm)
+def _group_norm_functional(ctx: RuleContext) -> Any:
+    groups = ctx.arg(1, "num_groups")
+    names: list[str | None] = []
+    for pos, kw in ((2, "weight"), (3, "bias")):
+        a = ctx.arg(pos, kw, None)
+        info = ctx.info(a) if a is not None else None
+        if a is not None and not isinstance(info, ParamRef):
+            ctx.pin_inputs("functional group_norm with a computed weight or bias")
+            return None
+        names.append(info.name if isinstance(info, ParamRef) else None)
+    if not isinstance(groups, int):
+        ctx.pin_inputs("functional group_norm with a computed num_groups")
+        return None
+    literal = 1 if len(ctx.node.args) > 1 else "num_groups"
+    return _group_norm(ctx, ctx.arg(0, "input"), groups, names, literal)

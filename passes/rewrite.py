@@ -57,6 +57,8 @@ def build_plan(groups: Sequence[ChannelGroup], kept: Mapping[int, tuple[int, ...
         params.setdefault(p, {})[d] = tuple(int(i) for i in k)
     in_params = {(s.param, s.dim) for g in groups for s in g.sites if s.role == "in"}
     inputs = {p: (d, params[p][d]) for p, d in sorted(in_params) if p in params and d in params[p]}
+    stat_params = {(s.param, s.dim) for g in groups for s in g.sites if s.role == "stats"}
+    stats = {p: (d, params[p][d]) for p, d in sorted(stat_params) if p in params and d in params[p]}
     modules: dict[str, dict[str, tuple[int, ...]]] = {}
     for p, dims in params.items():
         owner, _, leaf = p.rpartition(".")
@@ -71,6 +73,7 @@ def build_plan(groups: Sequence[ChannelGroup], kept: Mapping[int, tuple[int, ...
         params=params,
         inputs=inputs,
         modules={m: e for m, e in sorted(modules.items()) if e},
+        stats=stats,
     )
 
 
@@ -96,11 +99,25 @@ def _fix_norm(m: nn.Module, before: dict[str, int]) -> None:
         m.num_features = int(t.shape[0])  # type: ignore[index,assignment,union-attr]
 
 
+def _fix_layer_norm(m: nn.Module, before: dict[str, int]) -> None:
+    assert isinstance(m, nn.LayerNorm)
+    if m.weight is not None:
+        m.normalized_shape = tuple(m.weight.shape)
+
+
+def _fix_group_norm(m: nn.Module, before: dict[str, int]) -> None:
+    assert isinstance(m, nn.GroupNorm)
+    if m.weight is not None:  # only one-channel groups are ever sliced (op_rules._group_norm)
+        m.num_channels = m.num_groups = int(m.weight.shape[0])
+
+
 #: module type -> (attributes to remember before slicing, function that fixes them after)
 _ATTR_FIXES: dict[type, tuple[tuple[str, ...], Callable[[nn.Module, dict[str, int]], None]]] = {
     nn.modules.conv._ConvNd: (("in_channels", "out_channels", "groups"), _fix_conv),
     nn.Linear: ((), _fix_linear),
     nn.modules.batchnorm._NormBase: ((), _fix_norm),
+    nn.LayerNorm: ((), _fix_layer_norm),
+    nn.GroupNorm: ((), _fix_group_norm),
 }
 
 

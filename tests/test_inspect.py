@@ -125,3 +125,17 @@ def test_html_view_renders_in_headless_chromium(tmp_path: Path) -> None:
         and "FLOPs" in panel
         and "consumers (input columns cut)" in panel
     )
+
+
+def test_explain_names_layer_norms_that_renormalise() -> None:
+    class LN(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.norm, self.fc = nn.Conv2d(3, 8, 1), nn.LayerNorm(8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.norm(self.a(x).permute(0, 2, 3, 1)))
+
+    ins = fxprune.inspect(LN().eval(), X)
+    text = ins.explain("a")
+    assert "statistics over these channels" in text and "norm" in text.split("statistics")[1]

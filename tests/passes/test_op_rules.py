@@ -57,7 +57,7 @@ class _Chain(nn.Module):
         nn.Hardswish(),
         nn.Dropout(0.2),
         nn.MaxPool2d(2),
-        nn.AdaptiveAvgPool2d(3),
+        nn.AdaptiveAvgPool2d(3),  # 8 % 3 != 0: exported by the dynamo fallback (onnxscript)
         nn.Upsample(scale_factor=2),
     ],
 )
@@ -204,7 +204,40 @@ def test_flatten_linear_repeat_and_view_literal() -> None:
     assert f"view(-1, {r.graph_module.fc.in_features})" in r.graph_module.code
 
 
-def test_channel_shuffle_view_pins() -> None:
+class _Shuffle(nn.Module):
+    """ShuffleNet v2's channel shuffle between two convs (sizes read at run time, as torchvision does)."""
+
+    def __init__(self, groups: int = 2, literal: bool = False) -> None:
+        super().__init__()
+        self.a, self.b, self.g, self.literal = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1), groups, literal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        n, c, h, w = y.shape
+        if self.literal:
+            y = y.view(2, self.g, 8 // self.g, 8, 8).transpose(1, 2).reshape(2, 8, 8, 8)
+        else:
+            y = y.view(n, self.g, c // self.g, h, w).transpose(1, 2).contiguous().view(n, c, h, w)
+        return self.b(y)
+
+
+@pytest.mark.parametrize("literal", [False, True])
+def test_channel_shuffle_ties_slot_j_of_every_group(literal: bool) -> None:
+    dep = _groups(_Shuffle(literal=literal), X)
+    g = _group_with(dep, "a.weight")
+    assert g.prunable and g.size == 4, "slot j of both groups is one channel unit"
+    assert sorted(s.offset for s in g.sites if s.param == "a.weight") == [0, 4]
+    (site,) = [s for s in g.sites if s.param == "b.weight"]
+    assert site.repeat == 2, "after the shuffle, slot j sits at positions 2j and 2j+1"
+    r = _prune_and_check(_Shuffle(literal=literal), target=0.5)
+    assert r.graph_module.b.in_channels == r.graph_module.a.out_channels < 8
+    if literal:
+        kept = r.graph_module.a.out_channels
+        assert f"view(2, 2, {kept // 2}, 8, 8)" in r.graph_module.code
+        assert f"reshape(2, {kept}, 8, 8)" in r.graph_module.code
+
+
+def test_reshape_merge_with_outer_groups_and_unflatten() -> None:
     class M(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -213,10 +246,67 @@ def test_channel_shuffle_view_pins() -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.a(x)
             n, c, h, w = y.shape
-            y = y.view(n, 2, c // 2, h, w).transpose(1, 2).reshape(n, c, h, w)
+            y = y.view(n, 2, c // 2, h, w).view(n, c, h, w)  # split then merge back, no shuffle
+            y = y.flatten(1).view(n, c, h, w)  # a repeated block back to channels
             return self.b(y)
 
-    assert "reshape splits" in _group_with(_groups(M(), X), "a.weight").pinned[0]
+    dep = _groups(M(), X)
+    g = _group_with(dep, "a.weight")
+    assert g.prunable and g.size == 4
+    sites = sorted((s.offset, s.repeat) for s in g.sites if s.param == "b.weight")
+    assert sites == [(0, 1), (4, 1)], "group i of the merged dim is channels [4i, 4i+4) again"
+    _prune_and_check(M(), target=0.5)
+
+
+def test_unflatten_and_view_as_of_other_channels_pin() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+            self.d, self.e = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x).flatten(1).unflatten(1, (8, 8, 8))  # literal sizes that cannot be rewritten
+            z = self.b(x).flatten(2).view_as(self.d(x))  # b's channels take d's shape: tied to d's
+            return self.c(y) + self.e(z)
+
+    dep = _groups(M(), X)
+    assert "reshape splits or scatters the channel dim" in " ".join(_group_with(dep, "a.weight").pinned)
+    assert _group_with(dep, "b.weight") == _group_with(dep, "d.weight")
+
+
+def test_reshape_into_three_dims_pins() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.b(y.view(2, 2, 2, 2, 8, 8).sum(1).reshape(2, 4, 8, 8).repeat(1, 2, 1, 1))
+
+    g = _group_with(_groups(M(), X), "a.weight")
+    assert "reshape splits or scatters the channel dim" in " ".join(g.pinned)
+
+
+def test_stochastic_depth_is_channelwise() -> None:
+    from torchvision.ops import StochasticDepth, stochastic_depth
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+            self.sd = StochasticDepth(0.2, "row")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            y = y + self.sd(self.b(y))
+            y = y + stochastic_depth(self.b(y), 0.1, "batch", self.training)
+            return self.c(y)
+
+    g = _group_with(_groups(M(), X), "a.weight")
+    assert g.prunable and set(g.producers) == {"a", "b", "b_1"} and set(g.consumers) == {"b", "b_1", "c"}
+    _prune_and_check(M())
 
 
 def test_permute_transpose_and_channels_last_linear() -> None:
@@ -330,3 +420,172 @@ def test_output_is_pinned_and_node_meta_written() -> None:
     DependencyPass()(gm)
     metas = {n.name: n.meta[META_CHANNELS] for n in gm.graph.nodes}
     assert metas["x"] is None and metas["a"].dim == 1 and metas["a"].segments == ((0, 1),)
+
+
+class _ConvNeXtish(nn.Module):
+    """A ConvNeXt stage in miniature: channels-first and channels-last layer norms on the residual stream,
+    a depthwise conv, an inverted-bottleneck MLP, a ``[C, 1, 1]`` layer scale and stochastic depth."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        from torchvision.ops import StochasticDepth
+
+        self.stem = nn.Conv2d(3, c, 2, stride=2)
+        self.ln_w, self.ln_b = nn.Parameter(torch.rand(c) + 0.5), nn.Parameter(torch.randn(c) * 0.1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.fc1, self.fc2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.layer_scale = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+        self.sd = StochasticDepth(0.1, "row")
+        self.head_norm, self.head = nn.LayerNorm(c), nn.Linear(c, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x).permute(0, 2, 3, 1)
+        y = F.layer_norm(y, (8,), self.ln_w, self.ln_b, 1e-6).permute(0, 3, 1, 2)
+        z = self.norm(self.dw(y).permute(0, 2, 3, 1))
+        z = self.fc2(F.gelu(self.fc1(z))).permute(0, 3, 1, 2)
+        y = y + self.sd(self.layer_scale * z)
+        return self.head(self.head_norm(y.mean((2, 3))))
+
+
+def test_layer_norm_over_channels_slices_and_normalises_kept_channels() -> None:
+    import dataclasses
+
+    model = _ConvNeXtish()
+    dep = _groups(model, X)
+    g = _group_with(dep, "stem.weight")
+    assert g.prunable, g.pinned
+    stats = {s.param for s in g.sites if s.role == "stats"}
+    assert stats == {"ln_w", "norm.weight", "head_norm.weight"}
+    assert set(g.consumers) == {"fc1", "head"} and set(g.producers) == {"stem", "dw", "fc2"}
+    assert any(s.param == "layer_scale" for s in g.sites)
+    r = _prune_and_check(model, target=0.5)
+    gm = r.graph_module
+    kept = gm.stem.out_channels
+    assert kept < 8 and gm.norm.normalized_shape == (kept,) and gm.head_norm.normalized_shape == (kept,)
+    assert f"layer_norm(permute, ({kept},)" in gm.code, "functional normalized_shape not rewritten"
+    assert "ln_w" in r.plan.stats and len(r.plan.stats["ln_w"][1]) == kept
+    # the statistics masking is what makes the oracle hold: without it, the pruned model differs
+    plain = fxprune.masked_model(model.eval(), dataclasses.replace(r.plan, stats={}))
+    with torch.no_grad():
+        assert not torch.allclose(plain(X), gm(X), atol=1e-4)
+
+
+def test_layer_norm_not_over_channels_is_channelwise_and_no_affine_pins() -> None:
+    class M(nn.Module):
+        def __init__(self, affine: bool) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+            self.spatial = nn.LayerNorm((8, 8))
+            self.chan = nn.LayerNorm(8, elementwise_affine=affine)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.spatial(self.a(x))  # normalises each channel's H x W map on its own
+            return self.b(self.chan(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    g = _group_with(_groups(M(False), X), "a.weight")
+    assert "layer_norm over the channel dim without an affine weight" in " ".join(g.pinned)
+    g = _group_with(_groups(M(True), X), "a.weight")
+    assert g.prunable and not any(s.param.startswith("spatial") for s in g.sites)
+    _prune_and_check(M(True))
+
+
+def test_computed_sizes_follow_kept_counts_or_pin() -> None:
+    class M(nn.Module):
+        def __init__(self, other: bool) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+            self.other = other
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            n, c, h, w = y.shape
+            z = self.b(y)
+            if self.other:  # an op without a rule: z's channels are unknown, c is y's width
+                z = torch.roll(z, 1, dims=1)
+            z = z.view(n, c, h * w).view(n, c, h, w)  # c is read from y, not from z
+            return self.c(z)
+
+    dep = _groups(M(other=True), X)
+    assert "reshape to a size read from channels" in " ".join(_group_with(dep, "a.weight").pinned)
+    dep = _groups(M(other=False), X)
+    assert _group_with(dep, "a.weight").prunable and _group_with(dep, "b.weight").prunable
+    r = _prune_and_check(M(other=False), target=0.4)
+    kb = r.graph_module.b.out_channels
+    assert kb < 8 and f"view(getitem, {kb}, mul)" in r.graph_module.code, "computed size not replaced"
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_heads_split_on_the_last_dim_ties_slots(shuffle: bool) -> None:
+    class M(nn.Module):
+        """Tokens ``[N, L, 12]`` split into 3 heads of 4, optionally head-major -> slot-major, merged back."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(5, 12), nn.Linear(12, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.gelu(self.a(x))
+            n, length, c = y.shape
+            y = y.view(n, length, 3, c // 3)
+            y = y.transpose(2, 3).reshape(n, length, c) if shuffle else y.reshape(n, length, c)
+            return self.b(y)
+
+    x = torch.randn(2, 6, 5)
+    g = _group_with(_groups(M(), x), "a.weight")
+    assert g.prunable and g.size == 4
+    assert sorted(s.offset for s in g.sites if s.param == "a.weight") == [0, 4, 8]
+    b_sites = sorted((s.offset, s.repeat) for s in g.sites if s.param == "b.weight")
+    assert b_sites == ([(0, 3)] if shuffle else [(0, 1), (4, 1), (8, 1)])
+    r = _prune_and_check(M(), x, target=0.5)
+    assert r.graph_module.b.in_features == r.graph_module.a.out_features == 3 * (4 - r.plan.removed_channels)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_group_norm_one_channel_groups_slice_others_pin(functional: bool) -> None:
+    class M(nn.Module):
+        def __init__(self, groups: int) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+            self.gn = nn.GroupNorm(groups, 8)
+            with torch.no_grad():
+                self.gn.weight.uniform_(0.5, 1.5)
+                self.gn.bias.normal_(0, 0.2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            if functional:
+                y = F.group_norm(y, self.gn.num_groups, self.gn.weight, self.gn.bias)
+            else:
+                y = self.gn(y)
+            return self.b(F.relu(y))
+
+    g = _group_with(_groups(M(4), X), "a.weight")
+    assert "group_norm with 4 groups of 2 channels (whole groups only)" in " ".join(g.pinned)
+    g = _group_with(_groups(M(8), X), "a.weight")
+    assert g.prunable and {s.param for s in g.sites if s.role == "norm"} == {"gn.weight", "gn.bias"}
+    r = _prune_and_check(M(8))
+    kept = r.graph_module.a.out_channels
+    if functional:
+        assert f"group_norm(a, {kept}," in r.graph_module.code
+    else:
+        assert r.graph_module.gn.num_groups == r.graph_module.gn.num_channels == kept
+
+
+def test_whole_shape_of_other_channels_pins() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y, z = self.a(x), self.b(x)
+            z = z.flatten(2).view(y.shape)  # a packed shape read from y: cannot follow z's own pruning
+            w = z.new_zeros(y.shape[1:])  # an op without a rule reads y's width
+            return self.c(y + z + w)
+
+    dep = _groups(M(), X)
+    g = _group_with(dep, "a.weight")
+    assert g == _group_with(dep, "b.weight")
+    reasons = " ".join(g.pinned)
+    assert "reshape to a size read from channels" in reasons and "channel count" in reasons

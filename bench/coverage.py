@@ -1,0 +1,428 @@
+"""Coverage: every torchvision classification model at 50% FLOPs, fxprune and Torch-Pruning side by side.
+
+    python bench/coverage.py [--models resnet18,vit_b_16] [--size 64] [--timeout 900] [--all]
+                             [--no-tp] [--out bench/results/coverage.json]
+
+Each model runs in two subprocesses, fxprune then Torch-Pruning (eval mode, random init, batch 1), each
+under a wall-clock ``--timeout`` and a resident-memory cap ``--max-gb``.
+The input is the smallest of ``SIZES`` the model accepts (or ``--size``; ``MIN_SIZE`` for windowed
+attention); ``_nontrivial`` makes the random-init output informative (zero heads, BN statistics). fxprune:
+``fxprune.compile(model, x, 0.5, score="magnitude", latency_runs=0)``; a model *passes* when it compiles,
+ONNX Runtime agrees (max abs error <= 1e-4 x max|output|), achieved FLOPs <= 0.52 (torch's counter) and
+the pruned model has strictly fewer parameters. The pinned-group reasons are recorded with node names
+stripped, deduplicated and counted.
+
+Torch-Pruning 1.6 (``MetaPruner``, ``MagnitudeImportance(p=2)``, ``global_pruning=True``, the 1000-way
+classifier ignored) runs on the same model and input: a first ratio ``1 - sqrt(0.5)`` and one correction
+that fits ``flops = (1 - ratio) ** alpha`` to the first outcome, so its FLOPs approach 0.5 as counted by
+``fxprune.count_flops``. Its outcome (exception), achieved FLOPs ratio, and the wall time of the final run
+are recorded. ``HEAVY`` models are recorded as not run unless ``--all``.
+
+Prints a markdown table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+SIZES = (64, 96, 128, 160, 224, 299)
+#: windowed attention pads the token grid up to a multiple of the window below 224 (Swin: 64x64 gives a
+#: 16x16 grid padded to 21x21, and 2x2 padded to 7x7 in the last stage), so most FLOPs would be padding
+MIN_SIZE = {"swin_": 224}
+HEAVY = ("vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf")
+FLOPS_OK = 0.52
+RTOL = 1e-4
+
+
+def _normalise_reason(reason: str) -> str:
+    """A pin reason without node/tensor names, so the same cause counts once per kind."""
+    return re.sub(r"'[^']*'", "'…'", reason)
+
+
+def _exportable_pool(module: Any, args: Any, out: Any) -> None:
+    """ONNX exports adaptive pooling only when the output size divides the input size."""
+    hi, wi = args[0].shape[-2:]
+    ho, wo = out.shape[-2:]
+    if hi % ho or wi % wo:
+        raise ValueError(f"adaptive pool {hi}x{wi} -> {ho}x{wo} is not exportable to ONNX")
+
+
+def _smallest_input(model: Any, sizes: tuple[int, ...]) -> Any:
+    """The smallest square input that runs and keeps every adaptive pool ONNX-exportable."""
+    import torch
+
+    pools = (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d)
+    hooks = [m.register_forward_hook(_exportable_pool) for m in model.modules() if isinstance(m, pools)]
+    last: Exception | None = None
+    try:
+        for s in sizes:
+            x = torch.randn(1, 3, s, s)
+            try:
+                with torch.no_grad():
+                    model(x)
+                return x
+            except Exception as exc:  # noqa: PERF203 - try the next size
+                last = exc
+    finally:
+        for h in hooks:
+            h.remove()
+    raise RuntimeError(f"no input size in {sizes} runs: {last}")
+
+
+def _nontrivial(model: Any, x: Any) -> None:
+    """Make the random-init model's output informative, so that the ONNX Runtime check is not vacuous.
+
+    torchvision zero-initialises some classifiers (ViT's head): every all-zero conv/linear weight gets
+    ``N(0, 0.02)``. Deep BN nets at init shrink activations towards 0 (GoogLeNet's ``std=0.01`` weights):
+    every BatchNorm takes its running means and one layer-wide variance from its input on ``x`` (one eval
+    pass with pre-hooks) and random affine parameters, as ``tests/conftest.py::randomize_norms`` does.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+
+    def set_stats(m: Any, args: Any) -> None:
+        # per-channel means, one variance for the layer: a quiet channel must not be amplified (a
+        # per-channel variance near 0 makes deep nets chaotic, and ONNX Runtime's fused rounding then
+        # differs from eager by O(1))
+        t = args[0].detach().transpose(0, 1).reshape(m.num_features, -1)
+        m.running_mean.copy_(t.mean(1))
+        m.running_var.fill_(float(t.var(1, unbiased=False).mean()) + 1e-3)
+
+    with torch.no_grad():
+        for m in model.modules():
+            w = getattr(m, "weight", None)
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and w is not None and not w.any():
+                w.copy_(torch.randn(w.shape, generator=g) * 0.02)
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        hooks = [m.register_forward_pre_hook(set_stats) for m in bns if m.running_mean is not None]
+        try:
+            model(x)
+        finally:
+            for h in hooks:
+                h.remove()
+        for m in bns:
+            if m.affine:
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+
+
+def _classifier(model: Any, num_classes: int = 1000) -> list[Any]:
+    return [
+        m
+        for m in model.modules()
+        if getattr(m, "out_features", getattr(m, "out_channels", None)) == num_classes
+    ]
+
+
+def _run_fxprune(model: Any, x: Any) -> dict[str, Any]:
+    import fxprune
+
+    t = time.perf_counter()
+    try:
+        r = fxprune.compile(model, x, 0.5, score="magnitude", latency_runs=0, progress=False)
+    except Exception as exc:
+        return {
+            "ok": False,
+            "seconds": time.perf_counter() - t,
+            "error": f"{type(exc).__name__}: {exc}"[:400],
+        }
+    seconds = time.perf_counter() - t
+    reasons: Counter[str] = Counter()
+    pinned_channels = 0
+    total_channels = 0
+    for g in r.dependency.groups:
+        total_channels += g.size
+        if g.pinned:
+            pinned_channels += g.size
+            for why in dict.fromkeys(_normalise_reason(p) for p in g.pinned):
+                reasons[why] += 1
+    v = r.verification
+    ort_ok = bool(v is not None and v.passed)
+    flops = r.flops_ratio
+    params = r.params_ratio
+    return {
+        "ok": True,
+        "seconds": seconds,
+        "flops_ratio": flops,
+        "params_ratio": params,
+        "ort_rel_error": None if v is None else v.max_rel_error,
+        "ort_pass": ort_ok,
+        "ort_error": None if v is None else v.error,
+        "passed": ort_ok and flops <= FLOPS_OK and r.params_after < r.params_before,
+        "groups": len(r.dependency.groups),
+        "prunable_groups": len(r.dependency.prunable),
+        "pinned_channel_fraction": pinned_channels / max(1, total_channels),
+        "pinned_reasons": dict(reasons.most_common()),
+        "timings": r.timings,
+    }
+
+
+def _tp_once(model: Any, x: Any, ratio: float) -> tuple[float, float]:
+    import torch
+    import torch_pruning as tp
+
+    import fxprune
+
+    m = copy.deepcopy(model)
+    t = time.perf_counter()
+    pruner = tp.pruner.MetaPruner(
+        m,
+        x,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        global_pruning=True,
+        ignored_layers=_classifier(m),
+    )
+    pruner.step()
+    seconds = time.perf_counter() - t
+    with torch.no_grad():
+        return fxprune.count_flops(m, (x,)), seconds
+
+
+def _run_tp(model: Any, x: Any) -> dict[str, Any]:
+    import fxprune
+
+    base = fxprune.count_flops(model, (x,))
+    ratio = 1 - math.sqrt(0.5)
+    t0 = time.perf_counter()
+    runs: list[dict[str, float]] = []
+    try:
+        flops, seconds = _tp_once(model, x, ratio)
+        runs.append({"ratio": ratio, "flops_ratio": flops / base, "seconds": seconds})
+        f = flops / base
+        if 0 < f < 1 and abs(f - 0.5) > 0.01:
+            alpha = math.log(f) / math.log(1 - ratio)
+            ratio = min(0.95, max(0.01, 1 - 0.5 ** (1 / alpha)))
+            flops, seconds = _tp_once(model, x, ratio)
+            runs.append({"ratio": ratio, "flops_ratio": flops / base, "seconds": seconds})
+            (a, fa), (b, fb) = ((r["ratio"], r["flops_ratio"]) for r in runs)
+            if abs(fb - 0.5) > 0.01 and fa != fb:  # one secant step between the two runs
+                ratio = min(0.95, max(0.01, a + (0.5 - fa) * (b - a) / (fb - fa)))
+                flops, seconds = _tp_once(model, x, ratio)
+                runs.append({"ratio": ratio, "flops_ratio": flops / base, "seconds": seconds})
+    except Exception as exc:
+        return {
+            "ok": False,
+            "seconds": time.perf_counter() - t0,
+            "error": f"{type(exc).__name__}: {exc}"[:400],
+            "runs": runs,
+        }
+    best = min(runs, key=lambda r: abs(r["flops_ratio"] - 0.5))
+    return {
+        "ok": True,
+        "seconds": runs[-1]["seconds"],
+        "flops_ratio": best["flops_ratio"],
+        "ratio": best["ratio"],
+        "runs": runs,
+    }
+
+
+def worker(name: str, size: int | None, part: str) -> dict[str, Any]:
+    """One model in this process: ``part`` is ``"fx"`` (fxprune), ``"tp"`` (Torch-Pruning) or ``"both"``."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    row: dict[str, Any] = {"model": name}
+    model = torchvision.models.get_model(name, weights=None).eval()
+    floor = max((v for k, v in MIN_SIZE.items() if name.startswith(k)), default=0)
+    x = _smallest_input(model, (size,) if size else tuple(s for s in SIZES if s >= floor))
+    _nontrivial(model, x)
+    row["input"] = list(x.shape)
+    row["params"] = sum(p.numel() for p in model.parameters())
+    if part in ("fx", "both"):
+        row["fxprune"] = _run_fxprune(model, x)
+    if part in ("tp", "both"):
+        row["tp"] = _run_tp(model, x)
+    return row
+
+
+def _rss_gb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_part(name: str, part: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``worker(name, part)`` in a subprocess under ``--timeout`` seconds and ``--max-gb`` of resident
+    memory (polled; the machine is shared). A failure is returned as ``{"error": ...}``."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        tmp = Path(f.name)
+    with tempfile.TemporaryFile(mode="w+") as err:
+        cmd = [sys.executable, __file__, "--worker", name, "--part", part, "--worker-out", str(tmp)]
+        if args.size:
+            cmd += ["--size", str(args.size)]
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=os.environ)
+        why = None
+        while proc.poll() is None:
+            time.sleep(0.5)
+            if time.perf_counter() - t > args.timeout:
+                why = f"timeout: over {args.timeout:.0f} s"
+            elif _rss_gb(proc.pid) > args.max_gb:
+                why = f"memory: over {args.max_gb:.0f} GB resident"
+            if why:
+                proc.kill()
+                proc.wait()
+                break
+        try:
+            text = tmp.read_text()
+        finally:
+            tmp.unlink(missing_ok=True)
+        if text and why is None:
+            return json.loads(text)
+        if why is None:
+            err.seek(0)
+            tail = err.read().strip().splitlines()[-1:] or ["no output"]
+            why = f"crash rc={proc.returncode}: {tail[0][:300]}"
+        return {"error": why, "seconds": time.perf_counter() - t}
+
+
+def _fmt(v: Any, spec: str = ".3f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | input | fxprune | FLOPs | params | ORT rel err | time s | TP | TP FLOPs | TP time s | why not |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        fx_, tp = r.get("fxprune") or {}, r.get("tp") or {}
+        status = r.get("status") or ("pass" if fx_.get("passed") else "fail")
+        why = r.get("error") or fx_.get("error") or ""
+        if not why and not fx_.get("passed") and fx_.get("pinned_reasons"):
+            why = next(iter(fx_["pinned_reasons"]))
+        tp_status = "" if not tp else ("ok" if tp.get("ok") else tp.get("error", "")[:60])
+        inp = "x".join(str(s) for s in r.get("input", [])[2:])
+        lines.append(
+            f"| {r['model']} | {inp} | {status} | {_fmt(fx_.get('flops_ratio'))} | "
+            f"{_fmt(fx_.get('params_ratio'))} | {_fmt(fx_.get('ort_rel_error'), '.1e')} | "
+            f"{_fmt(fx_.get('seconds'), '.1f')} | {tp_status} | {_fmt(tp.get('flops_ratio'))} | "
+            f"{_fmt(tp.get('seconds'), '.1f')} | {why[:100]} |"
+        )
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    n = len(rows)
+    fx_pass = [r["model"] for r in rows if (r.get("fxprune") or {}).get("passed")]
+    tp_ok = [
+        r["model"]
+        for r in rows
+        if (r.get("tp") or {}).get("ok") and abs(r["tp"]["flops_ratio"] - 0.5) <= 0.05
+    ]
+    ratios = [
+        r["fxprune"]["seconds"] / r["tp"]["seconds"]
+        for r in rows
+        if (r.get("fxprune") or {}).get("ok") and (r.get("tp") or {}).get("ok") and r["tp"]["seconds"] > 0
+    ]
+    return {
+        "models": n,
+        "fxprune_pass": len(fx_pass),
+        "tp_ok_flops_within_0.05_of_0.5": len(tp_ok),
+        "tp_ran": sum(1 for r in rows if (r.get("tp") or {}).get("ok")),
+        "median_time_ratio_fxprune_over_tp": statistics.median(ratios) if ratios else None,
+        "not_run": [r["model"] for r in rows if r.get("status") == "not run"],
+    }
+
+
+def merge(paths: list[str], out: Path, order: list[str]) -> None:
+    """Rows of several runs (a later file wins for the same model), in ``order``; wall times add up."""
+    by_model: dict[str, dict[str, Any]] = {}
+    wall = 0.0
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        wall += d.get("wall_seconds") or sum(r.get("wall_seconds", 0.0) for r in d["rows"])
+        for r in d["rows"]:
+            by_model[r["model"]] = r
+    rows = [by_model[m] for m in order if m in by_model] + [r for m, r in by_model.items() if m not in order]
+    result = {"rows": rows, "summary": summary(rows), "wall_seconds": wall, "merged_from": paths}
+    out.write_text(json.dumps(result, indent=1))
+    print(table(rows))
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wall time {wall:.0f} s (sum over the merged runs)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default=None, help="comma-separated (default: every classification model)")
+    ap.add_argument(
+        "--size", type=int, default=None, help="input side (default: smallest of SIZES that runs)"
+    )
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per model (fxprune + TP)")
+    ap.add_argument("--all", action="store_true", help=f"also run the heavy models {HEAVY}")
+    ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    ap.add_argument("--max-gb", type=float, default=8.0, help="resident memory cap per subprocess (GB)")
+    ap.add_argument("--part", default="both", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default="bench/results/coverage.json")
+    ap.add_argument("--merge", nargs="+", default=None, help="merge the rows of earlier JSON runs into --out")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(1)
+        row = worker(args.worker, args.size, "fx" if args.no_tp and args.part == "both" else args.part)
+        Path(args.worker_out).write_text(json.dumps(row))
+        return
+
+    import torchvision
+
+    if args.merge:
+        merge(args.merge, Path(args.out), torchvision.models.list_models(module=torchvision.models))
+        return
+    names = (
+        args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    t_all = time.perf_counter()
+    for name in names:
+        if name in HEAVY and not args.all:
+            rows.append({"model": name, "status": "not run", "error": "heavy: pass --all"})
+            continue
+        t = time.perf_counter()
+        row: dict[str, Any] = {"model": name}
+        for part, key in (("fx", "fxprune"), ("tp", "tp")):
+            if part == "tp" and args.no_tp:
+                continue
+            got = run_part(name, part, args)
+            if "error" in got:
+                row[key] = {"ok": False, "error": got["error"], "seconds": got["seconds"]}
+            else:
+                row.update({k: v for k, v in got.items() if k != "model"})
+        row["wall_seconds"] = time.perf_counter() - t
+        rows.append(row)
+        print(table([row]).splitlines()[-1], flush=True)
+        out.write_text(json.dumps({"rows": rows, "summary": summary(rows)}, indent=1))
+    result = {"rows": rows, "summary": summary(rows), "wall_seconds": time.perf_counter() - t_all}
+    out.write_text(json.dumps(result, indent=1))
+    print(table(rows))
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wall time {result['wall_seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
