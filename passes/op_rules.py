@@ -968,17 +968,26 @@ def _layer_norm_module(ctx: RuleContext) -> Any:
     )
 
 
-@register(F.layer_norm)
-def _layer_norm_functional(ctx: RuleContext) -> Any:
-    shape = ctx.arg(1, "normalized_shape")
+def _functional_affine(ctx: RuleContext, op: str) -> list[str | None] | None:
+    """Names of the ``weight`` (arg 2) and ``bias`` (arg 3) parameters of a functional norm; None (inputs
+    pinned) when either is computed rather than read with ``get_attr``."""
     names: list[str | None] = []
     for pos, kw in ((2, "weight"), (3, "bias")):
         a = ctx.arg(pos, kw, None)
         info = ctx.info(a) if a is not None else None
         if a is not None and not isinstance(info, ParamRef):
-            ctx.pin_inputs("functional layer_norm with a computed weight or bias")
+            ctx.pin_inputs(f"functional {op} with a computed weight or bias")
             return None
         names.append(info.name if isinstance(info, ParamRef) else None)
+    return names
+
+
+@register(F.layer_norm)
+def _layer_norm_functional(ctx: RuleContext) -> Any:
+    shape = ctx.arg(1, "normalized_shape")
+    names = _functional_affine(ctx, "layer_norm")
+    if names is None:
+        return None
     if not isinstance(shape, (list, tuple)) or not all(isinstance(s, int) for s in shape):
         ctx.pin_inputs("functional layer_norm with a computed normalized_shape")
         return None
@@ -1030,14 +1039,9 @@ def _group_norm_module(ctx: RuleContext) -> Any:
 @register(F.group_norm)
 def _group_norm_functional(ctx: RuleContext) -> Any:
     groups = ctx.arg(1, "num_groups")
-    names: list[str | None] = []
-    for pos, kw in ((2, "weight"), (3, "bias")):
-        a = ctx.arg(pos, kw, None)
-        info = ctx.info(a) if a is not None else None
-        if a is not None and not isinstance(info, ParamRef):
-            ctx.pin_inputs("functional group_norm with a computed weight or bias")
-            return None
-        names.append(info.name if isinstance(info, ParamRef) else None)
+    names = _functional_affine(ctx, "group_norm")
+    if names is None:
+        return None
     if not isinstance(groups, int):
         ctx.pin_inputs("functional group_norm with a computed num_groups")
         return None
