@@ -262,7 +262,7 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
         write_plots(layers, out)
         v = result.verification
         report = {
-            "spec": args.spec, "data": args.data, "model_source": source, "score": args.score,
+            "spec": args.spec, "data": args.data, "model_source": source, "score": result.score,
             "target_flops": args.target_flops, "flops_before": result.flops_before,
             "flops_after": result.flops_after, "flops_ratio": result.flops_ratio,
             "params_before": result.params_before, "params_after": result.params_after,

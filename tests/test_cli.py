@@ -105,7 +105,8 @@ def test_cli_compile_torchvision(tmp_path: Path) -> None:
              "--out", str(out), "--quiet", "--latency-runs", "0")  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert p.stdout == "" and p.stderr == ""  # --quiet
-    _check_artefacts(out, 0.6)
+    rep = _check_artefacts(out, 0.6)
+    assert rep["score"] == "magnitude"  # the default (auto) without data
 
 
 def test_cli_compile_user_file_trains_on_digits_and_caches(tmp_path: Path, tiny_file: Path) -> None:
@@ -116,6 +117,7 @@ def test_cli_compile_user_file_trains_on_digits_and_caches(tmp_path: Path, tiny_
     assert p.returncode == 0, p.stderr
     assert "trained 3 epochs" in p.stdout
     rep = _check_artefacts(out, 0.5)
+    assert rep["score"] == "fisher"  # the default (auto) with labelled digits, as resolved by compile
     assert rep["metrics_before"]["loss"] < 2.2  # type: ignore[index]  # trained: an untrained net scores ~ln(10)
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     p2 = _run(*args, cache=tmp_path / "cache")
