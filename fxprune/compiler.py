@@ -27,7 +27,7 @@ from fxprune.passes.masking import default_device
 from fxprune.passes.rewrite import RewritePass, build_plan
 from fxprune.passes.score import AUTO, GroupScore, ScoreContext, auto_score, get_score
 from fxprune.select import resolve_target, select
-from fxprune.trace import as_example_tuple, fold_parametrizations, shape_propagate, trace
+from fxprune.trace import as_example_tuple, fold_parametrizations, mha_slow_path, shape_propagate, trace
 from fxprune.verify import Verification, verify_onnx
 
 __all__ = ["STAGES", "CompileResult", "compile", "count_flops", "count_params", "dependency_graph"]
@@ -38,8 +38,12 @@ STAGES = ("trace", "dependency", "cost", "score", "select", "compensate", "rewri
 
 
 def count_flops(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> int:
-    """FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    ``nn.MultiheadAttention`` runs its slow path (``fxprune.trace.mha_slow_path``): its fused inference
+    op counts as 0 FLOPs, which would hide every attention layer from the count.
+    """
+    with torch.no_grad(), mha_slow_path(), FlopCounterMode(display=False) as counter:
         model(*example)
     return int(counter.get_total_flops())
 
