@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxprune.calib import Calibration, LossFn, make_calibration
 from fxprune.data import PrunePlan
 from fxprune.errors import InputError, VerificationError
+from fxprune.passes.canonical import CanonicalizePass
 from fxprune.passes.compensate import COMPENSATIONS, Compensation
 from fxprune.passes.compensate import compensate as run_compensation
 from fxprune.passes.cost import CostModel, CostPass
@@ -193,7 +194,7 @@ def _analyse(
     strict: bool,
 ) -> tuple[fx.GraphModule, DependencyResult]:
     with _timed(timings, "trace"):
-        gm = trace(work, leaf_modules, concrete_args)
+        gm = CanonicalizePass()(trace(work, leaf_modules, concrete_args))
         shape_propagate(gm, example)
     with _timed(timings, "dependency"):
         dep = DependencyPass(strict=strict)(gm)

@@ -17,10 +17,19 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from fxprune.passes.dependency import ParamRef, RuleContext, SizeOf, Tracked, _flat_args, has_sizes
+from fxprune.passes.dependency import (
+    ParamRef,
+    ParamView,
+    RuleContext,
+    SizeOf,
+    Tracked,
+    _flat_args,
+    has_sizes,
+    param_dim,
+)
 from fxprune.passes.spaces import Seg
 
-from fxprune.data import TensorValue
+from fxprune.data import META_VALUE, TensorValue
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "lookup", "register"]
 
@@ -233,8 +242,9 @@ def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
             if d < 0 or s[d] == 1:
                 continue
             info = ctx.info(x)
-            if isinstance(info, ParamRef):
-                ctx.claim(info.name, d, ref, "norm")
+            pd = param_dim(info, d)
+            if pd is not None:
+                ctx.claim(info.name, pd, ref, "norm")
             else:
                 ctx.spaces.pin(
                     ref, f"an untracked tensor '{x.name}' spans the channel dim at node '{ctx.node.name}'"
@@ -283,23 +293,28 @@ def _cat(ctx: RuleContext) -> Any:
         for t in tracked[1:]:
             ctx.unify(tracked[0].segs, t.segs, "cat along a non-channel dim")
         for x, t in zip(xs, infos, strict=True):
-            if t is None:
+            pd = param_dim(ctx.info(x), D)
+            if t is None and pd is not None:  # a class token: sliced with the channels it joins
+                ctx.claim(ctx.info(x).name, pd, tracked[0].segs, "norm")
+            elif t is None:
                 ctx.spaces.pin(tracked[0].segs, f"untracked tensor '{getattr(x, 'name', x)}' in cat")
         return Tracked(D, tracked[0].segs)
     segs: list[Seg] = []
     for x, t in zip(xs, infos, strict=True):
         if t is not None:
             segs.extend(t.segs)
-        else:
-            s = _shape(ctx.value(x))
-            if s is None:
-                return None
-            segs.extend(
-                ctx.new_space(
-                    s[D],
-                    pin=f"untracked tensor '{getattr(x, 'name', x)}' concatenated at node '{ctx.node.name}'",
-                )
-            )
+            continue
+        s = _shape(ctx.value(x))
+        if s is None:
+            return None
+        pd = param_dim(ctx.info(x), D)
+        if pd is not None:  # learned channels: the parameter's rows are their producer
+            new = ctx.new_space(s[D])
+            ctx.claim(ctx.info(x).name, pd, new, "out")
+            segs.extend(new)
+            continue
+        pin = f"untracked tensor '{getattr(x, 'name', x)}' concatenated at node '{ctx.node.name}'"
+        segs.extend(ctx.new_space(s[D], pin=pin))
     return Tracked(D, tuple(segs))
 
 
@@ -513,6 +528,8 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
         return None
 
     def rule(ctx: RuleContext) -> Any:
+        if ctx.node.target == "expand" and param_dim(ctx.info(ctx.arg(0, "input")), 0) is not None:
+            return _expand_param(ctx)
         used: list[fx.Node] = []
         out = core(ctx, used)
         _pin_other_sizes(ctx, used)
@@ -521,6 +538,30 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
         return out
 
     return rule
+
+
+def _expand_param(ctx: RuleContext) -> ParamView | None:
+    """``param.expand(n, -1, -1)`` (ViT's class token): a ``ParamView`` that remembers which parameter dim
+    each output dim reads. A dim of size > 1 that is kept must be sized ``-1``: a literal size there would
+    not follow the parameter's pruning, so the view is then untracked (and whatever reads it pins)."""
+    x = ctx.arg(0, "input")
+    info = ctx.info(x)
+    si, so = _shape(ctx.value(x)), _shape(ctx.out)
+    index, packed = _method_sizes(ctx)
+    sizes = (ctx.node.args[index] if isinstance(index, int) else ctx.node.kwargs[index]) if packed else None
+    sizes = list(sizes) if sizes is not None else list(ctx.node.args[1:])
+    if si is None or so is None or len(so) < len(si) or len(sizes) != len(so):
+        return None
+    lead = len(so) - len(si)
+    dims: list[int | None] = [None] * lead
+    for i, n in enumerate(si):
+        if n != so[i + lead]:
+            dims.append(None)  # a size-1 dim broadcast
+        elif n == 1 or sizes[i + lead] == -1:
+            dims.append(param_dim(info, i))
+        else:
+            return None
+    return ParamView(info.name, tuple(dims))
 
 
 def _same_as(ctx: RuleContext, out: Any) -> Any:
@@ -1047,3 +1088,164 @@ def _group_norm_functional(ctx: RuleContext) -> Any:
         return None
     literal = 1 if len(ctx.node.args) > 1 else "num_groups"
     return _group_norm(ctx, ctx.arg(0, "input"), groups, names, literal)
+
+
+# ------------------------------------------------------------------------------------------- attention
+def _untracked_spans(ctx: RuleContext, x: Any, d_out: int, n_out: int) -> bool:
+    """Whether operand ``x`` (aligned from the right with an ``n_out``-d output) is an untracked tensor whose
+    dim under output dim ``d_out`` has size > 1; a parameter there is sliced instead (``"norm"``)."""
+    if not isinstance(x, fx.Node) or ctx.tracked(x) is not None:
+        return False
+    s = _shape(ctx.value(x))
+    if s is None:
+        return False
+    d = d_out - (n_out - len(s))
+    if d < 0 or s[d] == 1:
+        return False
+    pd = param_dim(ctx.info(x), d)
+    return pd is None
+
+
+def _claim_param_operand(ctx: RuleContext, x: Any, d_out: int, n_out: int, segs: Sequence[Seg]) -> None:
+    s = _shape(ctx.value(x)) if isinstance(x, fx.Node) else None
+    if s is None or ctx.tracked(x) is not None:
+        return
+    d = d_out - (n_out - len(s))
+    pd = param_dim(ctx.info(x), d) if d >= 0 and s[d] != 1 else None
+    if pd is not None:
+        ctx.claim(ctx.info(x).name, pd, segs, "norm")
+
+
+@register(F.scaled_dot_product_attention)
+def _sdpa(ctx: RuleContext) -> Any:
+    """``softmax(q k^T * scale + mask) v`` over the last two dims; every dim before them is a batch dim.
+
+    Cases, for the dim ``d`` of an operand that carries channels (``n`` = the output's rank):
+
+    1. ``d < n - 2`` (attention heads after a head split): head ``h`` of q attends with head ``h`` of k
+       and v only, so q, k and v are unified on ``d`` and the output carries the same channels there. An
+       untracked q/k/v/mask spanning ``d`` pins them; a parameter mask (a per-head bias) is sliced.
+    2. v on ``d = n - 1`` (its per-head features): each output feature is the attention-weighted sum of
+       the same v feature, so the output carries v's channels on its last dim.
+    3. q or k on ``n - 1`` (the contracted features), or anything on the sequence dim ``n - 2``, pins:
+       removing a contracted feature changes every logit, and the masked oracle has no consumer column
+       that could zero it.
+
+    FLOPs scale with the kept heads in case 1; case 2 leaves the cost model conservative (unscaled).
+    """
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    mask = ctx.arg(3, "attn_mask", None)
+    so = _shape(ctx.out)
+    if so is None:
+        ctx.pin_inputs("scaled_dot_product_attention without a tensor output")
+        return None
+    n = len(so)
+    ctx.pin(ctx.tracked(mask), "channels in the attention mask")
+    batch: list[Tracked] = []
+    v_last: Tracked | None = None
+    for name, x in (("query", q), ("key", k), ("value", v)):
+        t = ctx.tracked(x)
+        if t is None:
+            continue
+        if len(_shape(ctx.value(x)) or ()) != n:
+            ctx.pin(t, f"scaled_dot_product_attention {name} of another rank than the output")
+        elif t.dim < n - 2:
+            batch.append(t)
+        elif name == "value" and t.dim == n - 1:
+            v_last = t
+        else:
+            ctx.pin(t, f"scaled_dot_product_attention contracts the {name} channels (dim {t.dim})")
+    if batch and len({t.dim for t in batch}) > 1:
+        for t in batch:
+            ctx.pin(t, "scaled_dot_product_attention operands carry channels on different dims")
+        batch = []
+    if batch:
+        D, ref = batch[0].dim, batch[0].segs
+        for t in batch[1:]:
+            ctx.unify(ref, t.segs, "attention heads of query, key and value")
+        spans = [
+            x
+            for x in (q, k, v, mask)
+            if _untracked_spans(ctx, x, D, n) or ctx.tracked(x) not in (None, *batch)
+        ]
+        if spans:
+            ctx.spaces.pin(
+                ref,
+                f"'{getattr(spans[0], 'name', spans[0])}' spans the head dim untracked at node '{ctx.node.name}'",
+            )
+            return v_last
+        if mask is not None:
+            _claim_param_operand(ctx, mask, D, n, ref)
+        ctx.cost(ref)
+        return Tracked(D, ref)
+    return v_last
+
+
+def attention_units(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """Linear layers whose output feeds attention heads -> the head dim (``RuleContext.new_space``).
+
+    From every ``scaled_dot_product_attention``, each of q, k and v is followed back through layout ops
+    (transpose, permute, view/reshape, contiguous, split/chunk pieces) to a linear layer; when that path
+    splits the features into heads (a view/reshape that adds dims), the linear's output space gets one
+    channel per head of ``u`` = q/k/v's last dim. This only coarsens the space (its ``u`` positions are
+    removed together), so it can never make a model wrong: the rules along the path still check every
+    step. Two different head dims on one linear give their gcd.
+    """
+    units: dict[fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+            continue
+        for x in node.args[:3]:
+            s = _shape(x.meta.get(META_VALUE)) if isinstance(x, fx.Node) else None
+            src = _linear_through_heads(gm, x) if s else None
+            if src is not None and s is not None:
+                units[src] = math.gcd(units.get(src, 0), s[-1])
+    return units
+
+
+_LAYOUT_METHODS = {"transpose", "permute", "contiguous", "view", "reshape", "split", "chunk"}
+_LAYOUT_FUNCTIONS = {
+    torch.transpose,
+    torch.permute,
+    torch.reshape,
+    torch.split,
+    torch.chunk,
+    operator.getitem,
+}
+
+
+def _linear_through_heads(gm: fx.GraphModule, x: Any) -> fx.Node | None:
+    modules = dict(gm.named_modules())
+    split_heads = False
+    while isinstance(x, fx.Node):
+        if x.op == "call_module" and isinstance(modules.get(str(x.target)), nn.Linear):
+            return x if split_heads else None
+        if x.op == "call_function" and x.target is F.linear:
+            return x if split_heads else None
+        layout = (x.op == "call_method" and x.target in _LAYOUT_METHODS) or (
+            x.op == "call_function" and x.target in _LAYOUT_FUNCTIONS
+        )
+        if not layout or not x.args:
+            return None
+        if x.target in ("view", "reshape", torch.reshape):
+            si, so = _shape(_arg_value(x.args[0])), _shape(x.meta.get(META_VALUE))
+            split_heads |= si is not None and so is not None and len(so) > len(si)
+        x = x.args[0]
+    return None
+
+
+def _arg_value(a: Any) -> Any:
+    return a.meta.get(META_VALUE) if isinstance(a, fx.Node) else None
+
+
+@register(nn.MultiheadAttention)
+def _multihead_attention(ctx: RuleContext) -> Any:
+    """An ``nn.MultiheadAttention`` still in the graph is one that ``CanonicalizePass`` could not decompose
+    into linear / head split / ``scaled_dot_product_attention`` (masks, attention weights used, separate
+    key/value widths...): its channels are pinned with that reason."""
+    from fxprune.passes.canonical import mha_unsupported
+
+    assert isinstance(ctx.module, nn.MultiheadAttention)
+    why = mha_unsupported(ctx.node, ctx.module) or "not decomposed"
+    ctx.pin_inputs(f"nn.MultiheadAttention '{ctx.node.target}' kept whole ({why})")
+    return None
