@@ -1184,7 +1184,7 @@ def _sdpa(ctx: RuleContext) -> Any:
 def attention_units(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """Linear layers whose output feeds attention heads -> the head dim (``RuleContext.new_space``).
 
-    From every ``scaled_dot_product_attention``, each of q, k and v is followed back through layout ops
+    From every ``scaled_dot_product_attention`` (or einsum/matmul), each of q, k and v is followed back through layout ops
     (transpose, permute, view/reshape, contiguous, split/chunk pieces) to a linear layer; when that path
     splits the features into heads (a view/reshape that adds dims), the linear's output space gets one
     channel per head of ``u`` = q/k/v's last dim. This only coarsens the space (its ``u`` positions are
@@ -1193,13 +1193,16 @@ def attention_units(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """
     units: dict[fx.Node, int] = {}
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target is not F.scaled_dot_product_attention:
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            operands = node.args[:3]
+        elif node.target in (torch.einsum, torch.matmul, operator.matmul, "matmul"):
+            operands = tuple(a for a in _flat_args(node) if isinstance(a, fx.Node))
+        else:
             continue
-        for x in node.args[:3]:
-            s = _shape(x.meta.get(META_VALUE)) if isinstance(x, fx.Node) else None
-            src = _linear_through_heads(gm, x) if s else None
-            if src is not None and s is not None:
-                units[src] = math.gcd(units.get(src, 0), s[-1])
+        for x in operands:
+            found = _linear_through_heads(gm, x)
+            if found is not None:
+                units[found[0]] = math.gcd(units.get(found[0], 0), found[1])
     return units
 
 
@@ -1214,14 +1217,16 @@ _LAYOUT_FUNCTIONS = {
 }
 
 
-def _linear_through_heads(gm: fx.GraphModule, x: Any) -> fx.Node | None:
+def _linear_through_heads(gm: fx.GraphModule, x: Any) -> tuple[fx.Node, int] | None:
+    """The linear layer behind operand ``x`` and the head dim (the last dim after the head split nearest
+    to it), when only layout ops and a head split lie between them."""
     modules = dict(gm.named_modules())
-    split_heads = False
+    unit = 0
     while isinstance(x, fx.Node):
-        if x.op == "call_module" and isinstance(modules.get(str(x.target)), nn.Linear):
-            return x if split_heads else None
-        if x.op == "call_function" and x.target is F.linear:
-            return x if split_heads else None
+        if (x.op == "call_module" and isinstance(modules.get(str(x.target)), nn.Linear)) or (
+            x.op == "call_function" and x.target is F.linear
+        ):
+            return (x, unit) if unit else None
         layout = (x.op == "call_method" and x.target in _LAYOUT_METHODS) or (
             x.op == "call_function" and x.target in _LAYOUT_FUNCTIONS
         )
@@ -1229,7 +1234,8 @@ def _linear_through_heads(gm: fx.GraphModule, x: Any) -> fx.Node | None:
             return None
         if x.target in ("view", "reshape", torch.reshape):
             si, so = _shape(_arg_value(x.args[0])), _shape(x.meta.get(META_VALUE))
-            split_heads |= si is not None and so is not None and len(so) > len(si)
+            if si is not None and so is not None and len(so) > len(si):
+                unit = so[-1]
         x = x.args[0]
     return None
 
@@ -1249,3 +1255,90 @@ def _multihead_attention(ctx: RuleContext) -> Any:
     why = mha_unsupported(ctx.node, ctx.module) or "not decomposed"
     ctx.pin_inputs(f"nn.MultiheadAttention '{ctx.node.target}' kept whole ({why})")
     return None
+
+
+# ------------------------------------------------------------------------------------ einsum, matmul
+def _contraction(ctx: RuleContext, terms: Sequence[str], out: str, ops: Sequence[Any]) -> Any:
+    """A product of tensors in einsum form (``terms[i]`` labels the dims of ``ops[i]``, ``out`` the output).
+
+    The channels of every tracked operand must sit under one letter ``L`` (else they pin); those operands
+    are unified on it. Cases: (1) ``L`` is in the output: it is a batch-like dim (attention heads in
+    ``bhid,bhjd->bhij``); the output carries the channels there; an untracked operand spanning ``L`` pins
+    them, a parameter there is sliced (``"norm"``). (2) ``L`` is contracted against a parameter (two
+    operands, ``bnd,de->bne``): a linear layer; the parameter's ``L`` dim is the consumer (``"in"``) and
+    its one free letter, if the output has it, is a new channel space (``"out"``). (3) ``L`` is contracted
+    between two activations (``q k^T`` over the features): pinned, since no consumer column could zero
+    a removed channel in the masked oracle.
+    """
+    tracked = [(i, t) for i, x in enumerate(ops) if (t := ctx.tracked(x)) is not None]
+    if not tracked:
+        return None
+    letters = {terms[i][t.dim] for i, t in tracked}
+    if len(letters) != 1:
+        for _, t in tracked:
+            ctx.pin(t, "operands of a product carry channels under different dims")
+        return None
+    (L,) = letters
+    ref = tracked[0][1].segs
+    for _, t in tracked[1:]:
+        ctx.unify(ref, t.segs, "product over the same dim")
+    others = [i for i in range(len(ops)) if ctx.tracked(ops[i]) is None and L in terms[i]]
+    if L in out:
+        for i in others:
+            s = _shape(ctx.value(ops[i])) or ()
+            d = terms[i].index(L)
+            pd = param_dim(ctx.info(ops[i]), d)
+            if s and s[d] != 1 and pd is None:
+                ctx.spaces.pin(
+                    ref, f"an untracked tensor '{ops[i]}' spans the channel dim at node '{ctx.node.name}'"
+                )
+            elif s and s[d] != 1 and pd is not None:
+                ctx.claim(ctx.info(ops[i]).name, pd, ref, "norm")
+        ctx.cost(ref)
+        return Tracked(out.index(L), ref)
+    w = ctx.info(ops[others[0]]) if len(ops) == 2 and len(others) == 1 else None
+    if not isinstance(w, ParamRef):
+        ctx.spaces.pin(ref, f"product contracts the channels of two activations at node '{ctx.node.name}'")
+        return None
+    j = others[0]
+    ctx.claim(w.name, terms[j].index(L), ref, "in")
+    free = [c for c in terms[j] if c in out and c not in terms[1 - j]]
+    if len(free) != 1:
+        ctx.cost(ref)
+        return None
+    w_shape = _shape(ctx.value(ops[j])) or ()
+    new = ctx.new_space(w_shape[terms[j].index(free[0])])
+    ctx.claim(w.name, terms[j].index(free[0]), new, "out")
+    ctx.cost(ref, new)
+    return Tracked(out.index(free[0]), new)
+
+
+@register(torch.einsum)
+def _einsum(ctx: RuleContext) -> Any:
+    eq = ctx.node.args[0] if ctx.node.args else None
+    ops = list(ctx.node.args[1:])
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = list(ops[0])
+    if not isinstance(eq, str) or "->" not in eq or "." in eq:
+        ctx.pin_inputs("einsum without an explicit output or with an ellipsis")
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(ops):
+        ctx.pin_inputs("einsum with a different number of operands than terms")
+        return None
+    return _contraction(ctx, terms, out, ops)
+
+
+@register(torch.matmul, operator.matmul, "matmul", torch.bmm, "bmm")
+def _matmul(ctx: RuleContext) -> Any:
+    """``a @ b`` as ``...ij,...jk->...ik`` (batch dims aligned from the right); 1-d operands pin."""
+    a, b = ctx.arg(0, "input"), ctx.arg(1, "other" if ctx.node.target not in (torch.bmm, "bmm") else "mat2")
+    sa, sb, so = _shape(ctx.value(a)), _shape(ctx.value(b)), _shape(ctx.out)
+    if sa is None or sb is None or so is None or len(sa) < 2 or len(sb) < 2:
+        ctx.pin_inputs("matmul of a vector or a non-tensor")
+        return None
+    batch = "abcdefgh"[: len(so) - 2]
+    ta = batch[len(batch) - (len(sa) - 2) :] + "ij"
+    tb = batch[len(batch) - (len(sb) - 2) :] + "jk"
+    return _contraction(ctx, [ta, tb], batch + "ik", [a, b])

@@ -279,3 +279,51 @@ def test_count_flops_counts_multihead_attention() -> None:
     attention = 2 * 2 * H * 17 * 17 * (E // H) * 2  # q k^T and attn v, batch 2
     linear_only = fxprune.count_flops(nn.Sequential(model.attn.out_proj), (torch.randn(2, 17, E),))
     assert total > attention + 4 * linear_only
+
+
+class EinsumAttention(nn.Module):
+    """Attention written with einsum and matmul; ``proj`` is an einsum against a weight (a linear)."""
+
+    def __init__(self, use_matmul: bool) -> None:
+        super().__init__()
+        self.use_matmul = use_matmul
+        self.inp, self.qkv, self.head = nn.Linear(6, E), nn.Linear(E, 3 * E), nn.Linear(E, 3)
+        self.proj = nn.Parameter(torch.randn(E, E) / E**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.inp(x))
+        b, n, _ = x.shape
+        qkv = self.qkv(x).split([E, E, E], -1)
+        q, k, v = (qkv[i].reshape(b, n, H, E // H).transpose(1, 2) for i in range(3))
+        if self.use_matmul:
+            o = (q @ k.transpose(-2, -1) * (E // H) ** -0.5).softmax(-1) @ v
+        else:
+            a = torch.einsum("bhid,bhjd->bhij", q, k).softmax(-1)
+            o = torch.einsum("bhij,bhjd->bhid", a, v)
+        o = torch.einsum("bnc,cf->bnf", o.transpose(1, 2).reshape(b, n, E), self.proj)
+        return self.head(F.gelu(o))
+
+
+@pytest.mark.parametrize("use_matmul", [False, True])
+def test_einsum_and_matmul_attention(use_matmul: bool) -> None:
+    x = torch.randn(2, 7, 6)
+    dep = fxprune.dependency_graph(EinsumAttention(use_matmul).eval(), x)
+    heads = _group_with(dep, "proj", "in")
+    assert heads.prunable and heads.size == H  # heads: q/k/v rows of qkv, rows of proj
+    assert sorted(s.offset for s in heads.sites if s.param == "qkv.weight") == [0, E, 2 * E]
+    out = _group_with(dep, "proj", "out")  # the einsum against a weight creates channels, like a linear
+    assert out.prunable and ("head.weight", "in") in {(s.param, s.role) for s in out.sites}
+    _compile(EinsumAttention(use_matmul).eval(), x, target=0.6)
+
+
+def test_product_of_two_activations_over_the_channels_pins() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 8), nn.Linear(6, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.einsum("bnc,bmc->bnm", self.a(x), self.b(x))
+
+    g = _group_with(fxprune.dependency_graph(M().eval(), torch.randn(2, 5, 6)), "a.weight", "out")
+    assert "product contracts the channels of two activations" in " ".join(g.pinned)
