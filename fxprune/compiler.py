@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxprune.calib import Calibration, LossFn, make_calibration
 from fxprune.data import PrunePlan
 from fxprune.errors import InputError, VerificationError
+from fxprune.passes.canonical import CanonicalizePass
 from fxprune.passes.compensate import COMPENSATIONS, Compensation
 from fxprune.passes.compensate import compensate as run_compensation
 from fxprune.passes.cost import CostModel, CostPass
@@ -27,7 +28,7 @@ from fxprune.passes.masking import default_device
 from fxprune.passes.rewrite import RewritePass, build_plan
 from fxprune.passes.score import AUTO, GroupScore, ScoreContext, auto_score, get_score
 from fxprune.select import resolve_target, select
-from fxprune.trace import as_example_tuple, fold_parametrizations, shape_propagate, trace
+from fxprune.trace import as_example_tuple, fold_parametrizations, mha_slow_path, shape_propagate, trace
 from fxprune.verify import Verification, verify_onnx
 
 __all__ = ["STAGES", "CompileResult", "compile", "count_flops", "count_params", "dependency_graph"]
@@ -38,8 +39,12 @@ STAGES = ("trace", "dependency", "cost", "score", "select", "compensate", "rewri
 
 
 def count_flops(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> int:
-    """FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``."""
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """FLOPs of one forward pass, counted by ``torch.utils.flop_counter.FlopCounterMode``.
+
+    ``nn.MultiheadAttention`` runs its slow path (``fxprune.trace.mha_slow_path``): its fused inference
+    op counts as 0 FLOPs, which would hide every attention layer from the count.
+    """
+    with torch.no_grad(), mha_slow_path(), FlopCounterMode(display=False) as counter:
         model(*example)
     return int(counter.get_total_flops())
 
@@ -189,7 +194,7 @@ def _analyse(
     strict: bool,
 ) -> tuple[fx.GraphModule, DependencyResult]:
     with _timed(timings, "trace"):
-        gm = trace(work, leaf_modules, concrete_args)
+        gm = CanonicalizePass()(trace(work, leaf_modules, concrete_args))
         shape_propagate(gm, example)
     with _timed(timings, "dependency"):
         dep = DependencyPass(strict=strict)(gm)

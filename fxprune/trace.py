@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -16,12 +17,28 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxprune.data import META_FLOPS, META_VALUE, TensorValue
 from fxprune.errors import InputError, TraceError
 
-__all__ = ["as_example_tuple", "fold_parametrizations", "shape_propagate", "trace"]
+__all__ = ["as_example_tuple", "fold_parametrizations", "mha_slow_path", "shape_propagate", "trace"]
 
 log = logging.getLogger(__name__)
 
 _OWN_DIR = os.path.dirname(__file__)
 _TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@contextmanager
+def mha_slow_path() -> Iterator[None]:
+    """Switch off ``nn.MultiheadAttention``'s inference fast path while the block runs.
+
+    Under ``no_grad`` in eval mode MHA calls one fused op (``aten::_native_multi_head_attention``) that
+    ``FlopCounterMode`` counts as 0 FLOPs and the ONNX exporters cannot translate; the slow path computes
+    the same function with plain ops (linear, attention), which both understand.
+    """
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 class _Tracer(fx.Tracer):
@@ -191,4 +208,5 @@ def shape_propagate(gm: fx.GraphModule, example: tuple[torch.Tensor, ...], count
             f"example_input has {len(example)} tensor(s) but the model's forward takes {len(required)} "
             f"({names}); pass one tensor per forward argument"
         )
-    return _ShapeFlopProp(gm, count_flops).run(*example)
+    with mha_slow_path():
+        return _ShapeFlopProp(gm, count_flops).run(*example)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fxprune.data import PrunePlan
-from fxprune.trace import fold_parametrizations
+from fxprune.trace import fold_parametrizations, mha_slow_path
 
 __all__ = ["Verification", "export_onnx", "flatten_outputs", "masked_model", "ort_session", "verify_onnx"]
 
@@ -61,12 +61,8 @@ def export_onnx(
     ``no_grad``) has no ONNX symbolic; it is switched off during the export, so the exported graph holds
     the same computation as plain ops.
     """
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
+    with mha_slow_path():
         return _export_onnx(model, example, opset)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int) -> tuple[bytes, str]:

@@ -1,7 +1,8 @@
 """Dependency analysis: which channels must be removed together, and which may not be removed at all.
 
 Each node's output is described by an *info*: ``Tracked(dim, segs)`` for a tensor dimension carrying
-channel spaces, ``ParamRef(name)`` for a parameter read by ``get_attr``, a tuple of infos for tuple/list
+channel spaces, ``ParamRef(name)`` for a parameter read by ``get_attr`` (``ParamView`` once broadcast by
+``expand``), a tuple of infos for tuple/list
 outputs, or None (no prunable channels flow there). Op rules (``op_rules``) compute a node's info from its
 inputs' infos, unify spaces that must match, record which parameter slices a space cuts (*claims*), which
 channel dims scale the node's FLOPs, and which literal arguments depend on channel counts. An op without a
@@ -42,6 +43,7 @@ __all__ = [
     "DependencyPass",
     "DependencyResult",
     "ParamRef",
+    "ParamView",
     "RuleContext",
     "SizeOf",
     "Tracked",
@@ -74,6 +76,28 @@ class ParamRef:
     """A parameter or buffer read with ``get_attr``."""
 
     name: str
+
+
+@dataclass(frozen=True)
+class ParamView:
+    """A parameter read through ``expand`` (a class token broadcast over the batch): a value, not a weight.
+
+    ``dims[i]`` is the parameter dim that dim ``i`` of the value indexes, or None where ``expand``
+    broadcast a size-1 dim. Only ops that slice a parameter along the channels they meet (elementwise,
+    ``cat``) accept it; weight-taking rules see something other than a ``ParamRef`` and pin.
+    """
+
+    name: str
+    dims: tuple[int | None, ...]
+
+
+def param_dim(info: Any, d: int) -> int | None:
+    """The parameter dim that dim ``d`` of a ``ParamRef``/``ParamView`` value indexes (None: broadcast)."""
+    if isinstance(info, ParamRef):
+        return d
+    if isinstance(info, ParamView):
+        return info.dims[d] if 0 <= d < len(info.dims) else None
+    return None
 
 
 class UnsupportedOpError(FxpruneError, NotImplementedError):
@@ -146,6 +170,15 @@ class RuleContext:
 
     # ------------------------------------------------------------ recording
     def new_space(self, length: int, pin: str | None = None) -> tuple[Seg, ...]:
+        """A fresh channel space of ``length`` positions created by this node.
+
+        When the node's output feeds attention heads (``_Analysis.units``: the head dim ``u``), the space
+        is ``length / u`` channels of ``u`` consecutive positions each: one channel per head, so whole
+        heads are the unit of pruning (``op_rules.attention_units``).
+        """
+        u = self._a.units.get(self.node, 1)
+        if u > 1 and length % u == 0:
+            return ((self.spaces.new(length // u, self.node.name, pin), u),)
         return ((self.spaces.new(length, self.node.name, pin), 1),)
 
     def pin(self, info: Any, reason: str) -> None:
@@ -197,6 +230,7 @@ class _Analysis:
     claims: dict[tuple[str, int], list[_Claim]] = field(default_factory=dict)
     cost_dims: dict[fx.Node, tuple[tuple[Seg, ...], ...]] = field(default_factory=dict)
     literals: dict[fx.Node, list[_LiteralClaim]] = field(default_factory=dict)
+    units: dict[fx.Node, int] = field(default_factory=dict)
 
     def claim(self, c: _Claim, ctx: RuleContext) -> None:
         key = (c.param, c.dim)
@@ -242,6 +276,7 @@ class DependencyPass(AnalysisPass[DependencyResult]):
         from fxprune.passes import op_rules
 
         a = _Analysis(gm, self.strict)
+        a.units = op_rules.attention_units(gm)
         modules = dict(gm.named_modules())
         for node in gm.graph.nodes:
             module = modules.get(node.target) if node.op == "call_module" else None
@@ -284,8 +319,8 @@ def _pin_partial_claims(a: _Analysis, modules: dict[str, torch.nn.Module]) -> No
                 *m.named_buffers(prefix=str(node.target), remove_duplicate=False),
             ):
                 readers.setdefault(name, set()).add(node.name)
-        elif node.op == "get_attr":  # shape queries (w.shape, w.size(0)) read no values
-            readers.setdefault(str(node.target), set()).update(u.name for u in node.users if not _is_query(u))
+        elif node.op == "get_attr":
+            readers.setdefault(str(node.target), set()).update(_value_readers(a, node))
     for (param, dim), claims in a.claims.items():
         names = aliases.get(param, [param])
         claimed = {c.node for n in names for c in a.claims.get((n, dim), ())}
@@ -300,6 +335,20 @@ def _pin_partial_claims(a: _Analysis, modules: dict[str, torch.nn.Module]) -> No
         )
         for c in claims:
             a.spaces.pin(c.segs, f"parameter '{param}' dim {dim} cannot be sliced: {why}")
+
+
+def _value_readers(a: _Analysis, node: fx.Node) -> set[str]:
+    """Nodes that read the values of ``node``'s parameter: its users, except shape queries (``w.shape``,
+    ``w.size(0)``), and through an ``expand`` (a ``ParamView``) the users of the view instead."""
+    out: set[str] = set()
+    for u in node.users:
+        if _is_query(u):
+            continue
+        if isinstance(a.env.get(u), ParamView):
+            out |= _value_readers(a, u)
+        else:
+            out.add(u.name)
+    return out
 
 
 _QUERY_METHODS = {"size", "dim", "numel", "stride", "is_contiguous", "get_device"}

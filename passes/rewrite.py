@@ -111,6 +111,15 @@ def _fix_group_norm(m: nn.Module, before: dict[str, int]) -> None:
         m.num_channels = m.num_groups = int(m.weight.shape[0])
 
 
+def _fix_mha(m: nn.Module, before: dict[str, int]) -> None:
+    """An ``nn.MultiheadAttention`` decomposed by ``CanonicalizePass``: the graph reads its parameters
+    directly; its attributes are kept truthful for people (whole heads go, ``head_dim`` stays)."""
+    assert isinstance(m, nn.MultiheadAttention)
+    if m.in_proj_weight is not None:
+        m.embed_dim = m.kdim = m.vdim = int(m.in_proj_weight.shape[1])
+        m.num_heads = int(m.in_proj_weight.shape[0]) // 3 // m.head_dim
+
+
 #: module type -> (attributes to remember before slicing, function that fixes them after)
 _ATTR_FIXES: dict[type, tuple[tuple[str, ...], Callable[[nn.Module, dict[str, int]], None]]] = {
     nn.modules.conv._ConvNd: (("in_channels", "out_channels", "groups"), _fix_conv),
@@ -118,6 +127,7 @@ _ATTR_FIXES: dict[type, tuple[tuple[str, ...], Callable[[nn.Module, dict[str, in
     nn.modules.batchnorm._NormBase: ((), _fix_norm),
     nn.LayerNorm: ((), _fix_layer_norm),
     nn.GroupNorm: ((), _fix_group_norm),
+    nn.MultiheadAttention: ((), _fix_mha),
 }
 
 
