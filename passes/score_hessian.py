@@ -95,6 +95,14 @@ class InfluenceScore(MaskScorePass):
     exactly with ``diag="exact"`` (one probe per channel: for small models and tests). ``spread`` is the
     standard error of the Hutchinson estimate. ``hessian_batches`` limits the batches used for curvature
     (the gradient ``g`` always uses all of them; ``None`` = all).
+
+    Caveat, measured and proven: the mask scales its consumer columns ``v_c``, which are among the weights
+    ``w`` being "retrained", so ``H_wm e_c = H_ww v_c + P_c g_w`` and the Schur diagonal collapses to
+    ``-2 g_c - (P_c g_w)^T H_ww^-1 (P_c g_w)``: retraining ``v_c`` undoes the mask to first order, and what is
+    left is gradient, weight-decay and damping terms, small next to the off-diagonal entries that the
+    Hutchinson probes add as noise (``tests/passes/test_scores.py::
+    test_mask_schur_complement_reduces_to_gradient_terms``). On the digits nets this score ranks worst
+    (``bench/quality.py``), so ``compile``'s default is ``fisher``; this one stays for comparison.
     """
 
     cost_exponent = 0.5

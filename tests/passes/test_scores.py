@@ -154,6 +154,34 @@ def test_influence_exact_diag_is_the_schur_complement(setup) -> None:
                                rtol=1e-5, atol=1e-10)  # fmt: skip
 
 
+def test_mask_schur_complement_reduces_to_gradient_terms(setup) -> None:
+    """Why ``influence`` ranks poorly on trained nets (bench/quality.py): a channel mask scales its consumer
+    columns ``v_c``, so ``H_wm e_c = H_ww v_c + P_c g_w`` exactly (retraining ``v_c`` undoes the mask to first
+    order), and the Schur complement's diagonal collapses to gradient terms alone,
+    ``S_cc = -2 g_c - (P_c g_w)^T H_ww^-1 (P_c g_w)``: no curvature of the loss is left in it, and at a
+    stationary point it is zero up to weight decay and damping."""
+    model, gm, dep, calib, batches, order, nw, z0, loss, grads, hess = setup
+    h, g = hess.mean(0), grads.mean(0)
+    hww = h[:nw, :nw]
+    schur = h[nw:, nw:] - h[nw:, :nw] @ torch.linalg.solve(hww, h[:nw, nw:])
+    start, index = {}, 0
+    for name, p in model.named_parameters():
+        start[name] = (index, p.shape)
+        index += p.numel()
+    consumers = [("conv2.weight", c) for c in range(4)] + [("fc.weight", c) for c in range(5)]
+    expected = []
+    for k, (name, c) in enumerate(consumers):
+        first, shape = start[name]
+        cols = first + torch.arange(shape.numel()).reshape(shape)[:, c].reshape(-1)
+        v, gc = torch.zeros(nw, dtype=h.dtype), torch.zeros(nw, dtype=h.dtype)
+        v[cols], gc[cols] = z0[cols], g[cols]
+        np.testing.assert_allclose(h[:nw, nw + k].numpy(), (hww @ v + gc).numpy(), atol=1e-12)
+        assert abs(float(g[nw + k] - v @ g[:nw])) < 1e-12
+        expected.append(float(-2 * g[nw + k] - gc @ torch.linalg.solve(hww, gc)))
+    np.testing.assert_allclose(schur.diagonal().numpy(), expected, rtol=1e-6, atol=1e-12)
+    assert np.abs(h[nw:, nw:].diagonal().numpy()).max() > 0  # while H_mm itself carries curvature
+
+
 def test_influence_hutchinson_converges_to_the_exact_diagonal(setup) -> None:
     exact = run(
         setup, "influence", diag="exact", retrained=False, hessian_batches=None
