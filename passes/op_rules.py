@@ -1035,8 +1035,8 @@ def _group_norm(
     if any(p is None for p in pieces):
         ctx.pin(t, "group_norm groups cut a repeated channel block")
         return None
-    for p in pieces[1:]:
-        ctx.unify(pieces[0], p, "group_norm: slot j of every group")  # type: ignore[arg-type]
+    for piece in pieces[1:]:
+        ctx.unify(pieces[0], piece, "group_norm: slot j of every group")  # type: ignore[arg-type]
     ctx.claim(params[0], 0, t.segs, "stats")
     ctx.claim(params[1], 0, t.segs, "norm")
     return t
@@ -1061,3 +1061,6 @@ def _group_norm_functional(ctx: RuleContext) -> Any:
         return None
     literal = 1 if len(ctx.node.args) > 1 else "num_groups"
     return _group_norm(ctx, ctx.arg(0, "input"), groups, names, literal)
+
+
+from fxprune.passes import rules_swin  # noqa: E402, F401 - registers the Swin rules into these tables
