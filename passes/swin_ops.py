@@ -203,4 +203,6 @@ def expand_shifted_window_attention(graph: fx.Graph, node: fx.Node) -> fx.Node:
             {"dropout": p["dropout"], "proj_bias": p["proj_bias"], "training": p["training"]},
             name=f"{node.name}_merge",
         )
+    for n in (qkv, attn, out):  # as torch.fx marks a wrapped call: the code re-registers the wrap, so a
+        n.meta["is_wrapped"] = True  # GraphModule traced again (unpickled, re-traced) keeps it one call
     return out

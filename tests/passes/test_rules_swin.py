@@ -3,6 +3,7 @@ bias, shifted window attention (expanded by ``trace`` into ``passes/swin_ops.py`
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
@@ -239,6 +240,12 @@ def test_window_attention_prunes_heads_and_stream(v2: bool, shift: int) -> None:
         assert (
             gm.attn.logit_scale.shape[0] == gm.get_submodule("attn.cpb_mlp.2").weight.shape[0] == kept_heads
         )
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)  # unpickling traces the code again: the calls stay wrapped
+    with torch.no_grad():
+        assert torch.equal(again(XS), gm(XS))
 
 
 def test_oracle_sees_a_relative_position_bias_sliced_with_the_wrong_heads() -> None:
