@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import traceback
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,9 +17,21 @@ from torch.utils.flop_counter import FlopCounterMode
 from fxprune.data import META_FLOPS, META_VALUE, TensorValue
 from fxprune.errors import InputError, TraceError
 
-__all__ = ["as_example_tuple", "fold_parametrizations", "mha_slow_path", "shape_propagate", "trace"]
+__all__ = [
+    "EXPANSIONS",
+    "as_example_tuple",
+    "fold_parametrizations",
+    "mha_slow_path",
+    "shape_propagate",
+    "trace",
+]
 
 log = logging.getLogger(__name__)
+
+#: Opaque library calls (``torch.fx.wrap``-ped functions) that ``trace`` replaces by an equivalent sequence
+#: of calls with op rules: ``target -> expand(graph, node)``, which inserts the calls before ``node`` and
+#: returns the node that replaces it. Rule modules register here (``fxprune.passes.rules_swin``).
+EXPANSIONS: dict[Any, Callable[[fx.Graph, fx.Node], fx.Node]] = {}
 
 _OWN_DIR = os.path.dirname(__file__)
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -161,8 +173,20 @@ def trace(
             f"torch.fx could not trace {where}: {type(exc).__name__}: {exc}\n  at {_user_frame(exc)}\n"
             f"  fix: {hint}, or make the control flow independent of tensor values"
         ) from exc
+    _expand(graph)
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def _expand(graph: fx.Graph) -> None:
+    """Replace every call registered in ``EXPANSIONS`` (same values, finer nodes for the rules)."""
+    from fxprune.passes import op_rules  # noqa: F401 - registers the expansions with the rules
+
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in EXPANSIONS:
+            new = EXPANSIONS[node.target](graph, node)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
 
 
 def _describe(value: Any) -> Any:

@@ -179,14 +179,16 @@ def masked_model(
 
 
 class _StatsMasked(torch.nn.Module):
-    """``model`` whose layer norms over a pruned channel dim normalise over the kept channels only.
+    """``model`` whose layer/group norms over a pruned channel dim normalise over the kept channels only.
 
-    For every ``plan.stats`` entry (the norm's weight and the kept positions of its last dim), a call
+    For every ``plan.stats`` entry (the norm's weight and the kept positions of its channels), a call
     ``F.layer_norm(x, (C,), weight, bias, eps)`` with that weight becomes
-    ``y[..., K] = layer_norm(x[..., K], (|K|,), weight[K], bias[K], eps)`` and ``y[..., removed] = 0``:
-    exactly what the pruned model computes on the kept channels. The call is found by the identity of
-    its weight tensor while ``forward`` runs (``nn.LayerNorm`` and functional calls both go through
-    ``torch.nn.functional.layer_norm``); other layer norms are untouched.
+    ``y[..., K] = layer_norm(x[..., K], (|K|,), weight[K], bias[K], eps)`` and ``y[..., removed] = 0``,
+    and ``F.group_norm(x, G, weight, bias, eps)`` becomes ``y[:, K] = group_norm(x[:, K], G, weight[K],
+    bias[K], eps)`` (``K`` keeps the same slots of every group): exactly what the pruned model computes on
+    the kept channels. The call is found by the identity of its weight tensor while ``forward`` runs
+    (``nn.LayerNorm``/``nn.GroupNorm`` and functional calls all go through ``torch.nn.functional``); other
+    norms are untouched.
     """
 
     def __init__(self, model: torch.nn.Module, stats: Mapping[str, tuple[int, tuple[int, ...]]]) -> None:
@@ -225,8 +227,27 @@ class _StatsMasked(torch.nn.Module):
             )
             return input.new_zeros(input.shape).index_copy(-1, idx, y)
 
+        real_gn = F.group_norm
+
+        def group_norm(
+            input: torch.Tensor,
+            num_groups: int,
+            weight: torch.Tensor | None = None,
+            bias: torch.Tensor | None = None,
+            eps: float = 1e-5,
+        ) -> torch.Tensor:
+            idx = sites.get(id(weight)) if weight is not None else None
+            if idx is None or weight is None:
+                return real_gn(input, num_groups, weight, bias, eps)
+            y = real_gn(
+                input.index_select(1, idx), num_groups, weight[idx], None if bias is None else bias[idx], eps
+            )
+            return input.new_zeros(input.shape).index_copy(1, idx, y)
+
         F.layer_norm = layer_norm  # type: ignore[assignment]
+        F.group_norm = group_norm  # type: ignore[assignment]
         try:
             return self.model(*args, **kwargs)
         finally:
             F.layer_norm = real
+            F.group_norm = real_gn

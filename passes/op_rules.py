@@ -1047,10 +1047,13 @@ def _group_norm(
 ) -> Any:
     """GroupNorm over dim 1 with ``groups`` groups of ``C / groups`` channels.
 
-    Statistics are per group, so removing a channel is exact only when its whole group goes. Case (1)
-    ``groups == C`` (one channel per group, InstanceNorm with affine): a per-channel op; weight and bias
-    are sliced and ``num_groups`` becomes the kept count. (2) Any other grouping pins: a group of several
-    channels is not a unit the channel spaces can express (they are built from conv output channels).
+    Statistics are per group. Case (1) ``groups == C`` (one channel per group, InstanceNorm with affine):
+    a per-channel op; weight and bias are sliced and ``num_groups`` becomes the kept count. (2) Several
+    channels per group: slot ``j`` of every group is tied (as in a grouped conv), so every group keeps the
+    same slots, ``num_groups`` stays and the group width shrinks. Each group's mean and variance then run
+    over its kept channels: the weight's site has role ``"stats"`` (as for a LayerNorm over channels), and
+    the masked oracle normalises over the kept channels too. (3) No affine weight (the oracle finds the call
+    by it), or a layout that cannot be cut into whole groups: pinned.
     """
     t = ctx.tracked(x)
     xs = _shape(ctx.value(x))
@@ -1059,13 +1062,24 @@ def _group_norm(
     if t.dim != 1:
         ctx.pin(t, "group_norm over a dim that is not the channel dim")
         return None
-    if groups != xs[1]:
-        ctx.pin(t, f"group_norm with {groups} groups of {xs[1] // groups} channels (whole groups only)")
+    if groups == xs[1]:
+        for p in params:
+            ctx.claim(p, 0, t.segs, "norm")
+        if literal is not None:
+            ctx.literal(literal, None, t.segs)
+        return t
+    if params[0] is None:
+        ctx.pin(t, f"group_norm with {groups} groups of {xs[1] // groups} channels and no affine weight")
         return None
-    for p in params:
-        ctx.claim(p, 0, t.segs, "norm")
-    if literal is not None:
-        ctx.literal(literal, None, t.segs)
+    width = xs[1] // groups
+    pieces = [ctx.spaces.slice(t.segs, i * width, (i + 1) * width) for i in range(groups)]
+    if any(p is None for p in pieces):
+        ctx.pin(t, "group_norm groups cut a repeated channel block")
+        return None
+    for piece in pieces[1:]:
+        ctx.unify(pieces[0], piece, "group_norm: slot j of every group")  # type: ignore[arg-type]
+    ctx.claim(params[0], 0, t.segs, "stats")
+    ctx.claim(params[1], 0, t.segs, "norm")
     return t
 
 
@@ -1342,3 +1356,6 @@ def _matmul(ctx: RuleContext) -> Any:
     ta = batch[len(batch) - (len(sa) - 2) :] + "ij"
     tb = batch[len(batch) - (len(sb) - 2) :] + "jk"
     return _contraction(ctx, [ta, tb], batch + "ik", [a, b])
+
+
+from fxprune.passes import rules_swin  # noqa: E402, F401 - registers the Swin rules into these tables

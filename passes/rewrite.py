@@ -106,9 +106,13 @@ def _fix_layer_norm(m: nn.Module, before: dict[str, int]) -> None:
 
 
 def _fix_group_norm(m: nn.Module, before: dict[str, int]) -> None:
+    """One-channel groups lose whole groups; wider groups keep ``num_groups`` and lose the same slots in
+    every group (``op_rules._group_norm``)."""
     assert isinstance(m, nn.GroupNorm)
-    if m.weight is not None:  # only one-channel groups are ever sliced (op_rules._group_norm)
-        m.num_channels = m.num_groups = int(m.weight.shape[0])
+    if m.weight is not None:
+        m.num_channels = int(m.weight.shape[0])
+        if before["num_groups"] == before["num_channels"]:
+            m.num_groups = m.num_channels
 
 
 def _fix_mha(m: nn.Module, before: dict[str, int]) -> None:
@@ -126,7 +130,7 @@ _ATTR_FIXES: dict[type, tuple[tuple[str, ...], Callable[[nn.Module, dict[str, in
     nn.Linear: ((), _fix_linear),
     nn.modules.batchnorm._NormBase: ((), _fix_norm),
     nn.LayerNorm: ((), _fix_layer_norm),
-    nn.GroupNorm: ((), _fix_group_norm),
+    nn.GroupNorm: (("num_groups", "num_channels"), _fix_group_norm),
     nn.MultiheadAttention: ((), _fix_mha),
 }
 

@@ -49,7 +49,20 @@ ZOO: dict[str, tuple[Callable[[], torch.nn.Module], int]] = {
     "swin": (
         lambda: tvm.SwinTransformer([4, 4], 16, [2, 2], [2, 4], [4, 4], stochastic_depth_prob=0.1),
         32,
-    ),  # shifted windows, patch merging
+    ),  # shifted windows, patch merging, heads with their relative position bias
+    "swin_v2": (
+        lambda: tvm.SwinTransformer(
+            [4, 4],
+            16,
+            [2, 2],
+            [2, 4],
+            [4, 4],
+            stochastic_depth_prob=0.1,
+            block=tvm.swin_transformer.SwinTransformerBlockV2,
+            downsample_layer=tvm.swin_transformer.PatchMergingV2,
+        ),
+        32,
+    ),  # cosine attention (logit_scale), bias from an MLP (cpb_mlp), norm after the reduction
     "maxvit": (lambda: tvm.MaxVit((32, 32), 8, 2, [16, 32], [1, 1], 8, 0.1), 32),  # einsum attention
 }
 

@@ -402,13 +402,13 @@ def test_unknown_op_pins_with_reason_and_strict_raises() -> None:
             self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 2, 1)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.b(torch.roll(self.a(x), 1, dims=1))
+            return self.b(torch.cumsum(self.a(x), dim=1))
 
     g = _group_with(_groups(M(), X), "a.weight")
-    assert g.pinned == ("no rule for torch.roll at node 'roll'",)
+    assert g.pinned == ("no rule for torch.cumsum at node 'cumsum'",)
     gm = trace(M().eval())
     shape_propagate(gm, (X,))
-    with pytest.raises(UnsupportedOpError, match="torch.roll at node %roll"):
+    with pytest.raises(UnsupportedOpError, match="torch.cumsum at node %cumsum"):
         DependencyPass(strict=True)(gm)
 
 
@@ -502,7 +502,7 @@ def test_computed_sizes_follow_kept_counts_or_pin() -> None:
             n, c, h, w = y.shape
             z = self.b(y)
             if self.other:  # an op without a rule: z's channels are unknown, c is y's width
-                z = torch.roll(z, 1, dims=1)
+                z = torch.cumsum(z, dim=1)
             z = z.view(n, c, h * w).view(n, c, h, w)  # c is read from y, not from z
             return self.c(z)
 
@@ -541,35 +541,68 @@ def test_heads_split_on_the_last_dim_ties_slots(shuffle: bool) -> None:
     assert r.graph_module.b.in_features == r.graph_module.a.out_features == 3 * (4 - r.plan.removed_channels)
 
 
-@pytest.mark.parametrize("functional", [False, True])
-def test_group_norm_one_channel_groups_slice_others_pin(functional: bool) -> None:
-    class M(nn.Module):
-        def __init__(self, groups: int) -> None:
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
-            self.gn = nn.GroupNorm(groups, 8)
+class _GroupNormNet(nn.Module):
+    def __init__(self, groups: int, functional: bool, affine: bool = True) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 2, 1)
+        self.gn = nn.GroupNorm(groups, 16, affine=affine)
+        self.functional = functional
+        if affine:
             with torch.no_grad():
                 self.gn.weight.uniform_(0.5, 1.5)
                 self.gn.bias.normal_(0, 0.2)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.a(x)
-            if functional:
-                y = F.group_norm(y, self.gn.num_groups, self.gn.weight, self.gn.bias)
-            else:
-                y = self.gn(y)
-            return self.b(F.relu(y))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if self.functional:
+            y = F.group_norm(y, self.gn.num_groups, self.gn.weight, self.gn.bias)
+        else:
+            y = self.gn(y)
+        return self.b(F.relu(y))
 
-    g = _group_with(_groups(M(4), X), "a.weight")
-    assert "group_norm with 4 groups of 2 channels (whole groups only)" in " ".join(g.pinned)
-    g = _group_with(_groups(M(8), X), "a.weight")
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_group_norm_one_channel_groups_slice(functional: bool) -> None:
+    g = _group_with(_groups(_GroupNormNet(16, functional), X), "a.weight")
     assert g.prunable and {s.param for s in g.sites if s.role == "norm"} == {"gn.weight", "gn.bias"}
-    r = _prune_and_check(M(8))
+    r = _prune_and_check(_GroupNormNet(16, functional))
     kept = r.graph_module.a.out_channels
     if functional:
         assert f"group_norm(a, {kept}," in r.graph_module.code
     else:
         assert r.graph_module.gn.num_groups == r.graph_module.gn.num_channels == kept
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_group_norm_wide_groups_keep_the_same_slots_in_every_group(functional: bool) -> None:
+    """GroupNorm(4, 16): slot j of every group is one channel of a group of 4; num_groups stays 4 and each
+    group's statistics run over its kept slots (role "stats": the oracle normalises over them too)."""
+    g = _group_with(_groups(_GroupNormNet(4, functional), X), "a.weight")
+    assert g.prunable and g.size == 4
+    assert sorted(s.offset for s in g.sites if s.param == "a.weight") == [0, 4, 8, 12]
+    assert {(s.param, s.role) for s in g.sites if s.param.startswith("gn.")} == {
+        ("gn.weight", "stats"),
+        ("gn.bias", "norm"),
+    }
+    model = _GroupNormNet(4, functional)
+    r = _prune_and_check(model, target=0.5)
+    k = 4 - r.plan.removed_channels
+    assert 0 < k < 4 and r.graph_module.a.out_channels == 4 * k
+    kept = r.plan.params["a.weight"][0]
+    assert [i % 4 for i in kept] == [i % 4 for i in kept[:k]] * 4, "every group keeps the same slots"
+    if functional:
+        assert "group_norm(a, 4," in r.graph_module.code
+    else:
+        assert (r.graph_module.gn.num_groups, r.graph_module.gn.num_channels) == (4, 4 * k)
+    # the oracle is not vacuous: masking the consumer columns alone (statistics over all 16) differs
+    plain = fxprune.PrunePlan(r.plan.kept, r.plan.group_sizes, r.plan.params, r.plan.inputs, r.plan.modules)
+    with torch.no_grad():
+        assert not torch.allclose(fxprune.masked_model(model, plain)(X), r.graph_module(X), atol=1e-4)
+
+
+def test_group_norm_wide_groups_without_affine_pin() -> None:
+    g = _group_with(_groups(_GroupNormNet(4, False, affine=False), X), "a.weight")
+    assert "group_norm with 4 groups of 4 channels and no affine weight" in " ".join(g.pinned)
 
 
 def test_whole_shape_of_other_channels_pins() -> None:
