@@ -194,7 +194,10 @@ def _analyse(
     strict: bool,
 ) -> tuple[fx.GraphModule, DependencyResult]:
     with _timed(timings, "trace"):
-        gm = CanonicalizePass()(trace(work, leaf_modules, concrete_args))
+        gm = trace(work, leaf_modules, concrete_args)
+        if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
+            shape_propagate(gm, example, count_flops=False)  # the decomposition needs the input ranks
+            gm = CanonicalizePass()(gm)
         shape_propagate(gm, example)
     with _timed(timings, "dependency"):
         dep = DependencyPass(strict=strict)(gm)

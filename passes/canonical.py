@@ -1,6 +1,7 @@
 """Canonicalisation: rewrite composite modules into plain ops that the op rules understand.
 
-A transform pass on fxprune's private traced copy, run before shape propagation. Today it decomposes
+A transform pass on fxprune's private traced copy, run after a first shape propagation (it needs the rank of
+each attention input) and before the one that counts FLOPs. Today it decomposes
 ``nn.MultiheadAttention`` (self-attention with packed ``in_proj_weight``, no masks, attention weights not
 used) into the ops it computes::
 
@@ -30,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fxprune.passes.base import TransformPass
 
+from fxprune.data import META_VALUE, TensorValue
+
 __all__ = ["CanonicalizePass", "mha_unsupported"]
 
 
@@ -41,8 +44,11 @@ def mha_unsupported(node: fx.Node, m: nn.MultiheadAttention) -> str | None:
     """Why the call ``node`` of ``m`` cannot be decomposed, or None when it can."""
     args = {**dict(zip(_MHA_ARGS, node.args, strict=False)), **node.kwargs}
     q, k, v = args.get("query"), args.get("key"), args.get("value")
+    value = q.meta.get(META_VALUE) if isinstance(q, fx.Node) else None
     checks = (
         (not (q is k is v) or not isinstance(q, fx.Node), "query, key and value are not one tensor"),
+        (not isinstance(value, TensorValue), "query shape unknown (shape propagation has not run)"),
+        (isinstance(value, TensorValue) and len(value.shape) != 3, "unbatched (2-d) query"),
         (args.get("key_padding_mask") is not None or args.get("attn_mask") is not None, "attention mask"),
         (bool(args.get("is_causal", False)), "is_causal"),
         (not m._qkv_same_embed_dim or m.in_proj_weight is None, "separate kdim/vdim projections"),

@@ -253,6 +253,8 @@ class MaskedMha(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.inp(x)
+        if self.mode == "unbatched":
+            return self.out(self.attn(y, y, y, need_weights=False)[0])
         if self.mode == "mask":
             o, _ = self.attn(y, y, y, attn_mask=self.mask, need_weights=False)
             return self.out(o)
@@ -261,12 +263,20 @@ class MaskedMha(nn.Module):
 
 
 @pytest.mark.parametrize(
-    ("mode", "why"), [("mask", "attention mask"), ("weights", "the attention weights are used")]
+    ("mode", "why"),
+    [
+        ("mask", "attention mask"),
+        ("weights", "the attention weights are used"),
+        ("unbatched", "unbatched (2-d) query"),
+    ],
 )
 def test_mha_that_cannot_be_decomposed_pins_with_the_reason(mode: str, why: str) -> None:
-    x = torch.randn(2, 5, 6)
-    g = _group_with(fxprune.dependency_graph(MaskedMha(mode).eval(), x), "inp.weight", "out")
+    x = torch.randn(5, 6) if mode == "unbatched" else torch.randn(2, 5, 6)
+    model = MaskedMha(mode).eval()
+    g = _group_with(fxprune.dependency_graph(model, x), "inp.weight", "out")
     assert f"nn.MultiheadAttention 'attn' kept whole ({why})" in " ".join(g.pinned)
+    r = fxprune.compile(model, x, 1.0, score="magnitude", progress=False, latency_runs=0)  # still compiles
+    torch.testing.assert_close(r.graph_module(x), model(x), rtol=0, atol=0)
 
 
 def test_count_flops_counts_multihead_attention() -> None:
