@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fxprune.models_zoo.digits import DIGITS_MODELS, Digits, batches, evaluate, load_digits_32, train
 from fxprune.passes.masking import MaskedLoss
+from fxprune.passes.score import auto_score
 from scipy import stats
 
 import fxprune
@@ -206,10 +207,50 @@ def measured_changes(gm: Any, groups: Any, calib: Any, units: list[tuple[int, in
     return np.array(d_now), np.array(d_rt), lr
 
 
-def correlations(pred: np.ndarray, measured: np.ndarray) -> dict[str, float]:
-    rho = stats.spearmanr(pred, measured).statistic
+BOOTSTRAP = 1000
+
+
+def _resamples(n: int) -> np.ndarray:
+    """The same bootstrap resamples of ``n`` units for every criterion, so differences are paired."""
+    return np.random.default_rng(0).integers(0, n, (BOOTSTRAP, n))
+
+
+def _spearman(pred: np.ndarray, measured: np.ndarray) -> float:
+    return float(stats.spearmanr(pred, measured).statistic)
+
+
+def correlations(pred: np.ndarray, measured: np.ndarray) -> dict[str, Any]:
+    """Spearman and Kendall, and a 95% bootstrap interval of Spearman over the units."""
+    rho = _spearman(pred, measured)
     tau = stats.kendalltau(pred, measured).statistic
-    return {"spearman": float(rho), "kendall": float(tau)}
+    boot = [_spearman(pred[i], measured[i]) for i in _resamples(len(pred))]
+    lo, hi = np.nanpercentile(boot, [2.5, 97.5])
+    return {"spearman": rho, "kendall": float(tau), "spearman_ci": [float(lo), float(hi)]}
+
+
+def paired_differences(corr: list[dict[str, Any]], measured: dict[str, dict[str, list[float]]],
+                       reference: str) -> list[dict[str, Any]]:  # fmt: skip
+    """Per model: Spearman of ``reference`` minus each other criterion's, with the retrained loss change, on
+    the same bootstrap resamples of the units (95% interval; the share of resamples where it is > 0)."""
+    out = []
+    for model, m in measured.items():
+        target = np.array(m["retrained"])
+        preds = {c["criterion"]: np.array(c["pred"], dtype=float) for c in corr if c["model"] == model}
+        if reference not in preds:
+            continue
+        ref = preds[reference]
+        for crit, pred in preds.items():
+            ok = ~(np.isnan(pred) | np.isnan(ref))
+            if crit == reference or ok.sum() < 3:
+                continue
+            idx = _resamples(int(ok.sum()))
+            a, b, t = ref[ok], pred[ok], target[ok]
+            diff = np.array([_spearman(a[i], t[i]) - _spearman(b[i], t[i]) for i in idx])
+            lo, hi = np.nanpercentile(diff, [2.5, 97.5])
+            out.append({"model": model, "reference": reference, "other": crit,
+                        "difference": _spearman(a, t) - _spearman(b, t), "ci": [float(lo), float(hi)],
+                        "share_above": float(np.nanmean(diff > 0))})  # fmt: skip
+    return out
 
 
 # --- main --------------------------------------------------------------------------------------------------
@@ -238,6 +279,7 @@ def main() -> None:
     calib_batches = list(batches(data.x_train, data.y_train, 64, seed=7))[: args.calib_batches]
     rows: list[dict[str, Any]] = []
     corr: list[dict[str, Any]] = []
+    measured: dict[str, dict[str, list[float]]] = {}
     for name in args.models:
         t = time.perf_counter()
         model = trained(name, data, args.epochs)
@@ -263,6 +305,7 @@ def main() -> None:
         else:
             d_now, d_rt, lr = measured_changes(gm, dep.groups, calib, units, args.retrain_steps)
             np.savez(cache, now=d_now, retrained=d_rt, lr=lr)
+        measured[name] = {"now": d_now.tolist(), "retrained": d_rt.tolist()}
         print(f"measured {len(units)} single-channel removals in {time.perf_counter() - t:.0f}s "
               f"(retrain {args.retrain_steps} steps at lr {lr}; cache {cache.name})", flush=True)  # fmt: skip
         for crit in args.criteria:
@@ -274,7 +317,8 @@ def main() -> None:
                 ok = ~np.isnan(pred)
                 c_now = correlations(pred[ok], d_now[ok]) if ok.sum() > 2 else {}
                 c_rt = correlations(pred[ok], d_rt[ok]) if ok.sum() > 2 else {}
-                corr.append({**row_common, "retrain_lr": lr, "units": int(ok.sum()), "no_retrain": c_now,
+                corr.append({**row_common, "retrain_lr": lr, "units": int(ok.sum()), "pred": _listed(pred),
+                             "no_retrain": c_now,
                              "retrained": c_rt})  # fmt: skip
                 for target in args.targets:
                     t = time.perf_counter()
@@ -294,7 +338,8 @@ def main() -> None:
                                     verify=False, progress=False, **options)  # fmt: skip
             first_secs = time.perf_counter() - t
             pred = np.array([first.scores[g].mean[c] for g, c in units])
-            corr.append({**row_common, "retrain_lr": lr, "units": len(units), "no_retrain": correlations(pred, d_now),
+            corr.append({**row_common, "retrain_lr": lr, "units": len(units), "pred": _listed(pred),
+                         "no_retrain": correlations(pred, d_now),
                          "retrained": correlations(pred, d_rt)})  # fmt: skip
             for target in args.targets:
                 results = {
@@ -310,15 +355,23 @@ def main() -> None:
                 rows.append({**row_common, "target": target, "flops": results["none"].flops_ratio, "acc": acc,
                              "acc_comp": acc_b, "acc_lsq": acc_l, "acc_ft": acc_ft, "seconds": first_secs})  # fmt: skip
                 _print_row(rows[-1])
-        _write(args, rows, corr)  # after every model, so a long run leaves usable results
+        _write(args, rows, corr, measured)  # after every model, so a long run leaves usable results
     _print_tables(rows, corr)
+    _print_paired(paired_differences(corr, measured, auto_score(labelled=True)))
     print(f"\nwrote {args.out}")
 
 
-def _write(args: argparse.Namespace, rows: list[dict[str, Any]], corr: list[dict[str, Any]]) -> None:
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], corr: list[dict[str, Any]],
+           measured: dict[str, dict[str, list[float]]]) -> None:  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    paired = paired_differences(corr, measured, auto_score(labelled=True))
     args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                    "correlations": corr}, indent=1))  # fmt: skip
+                                    "correlations": corr, "measured": measured, "paired": paired},
+                                   indent=1))  # fmt: skip
+
+
+def _listed(pred: np.ndarray) -> list[float | None]:
+    return [None if np.isnan(v) else float(v) for v in pred]
 
 
 def _fmt(v: Any) -> str:
@@ -329,6 +382,20 @@ def _fmt(v: Any) -> str:
 
 def _print_row(r: dict[str, Any]) -> None:
     print("  ", " ".join(f"{k}={_fmt(v)}" for k, v in r.items() if k not in ("acc_full",)), flush=True)
+
+
+def _ci(c: dict[str, Any]) -> str:
+    lo, hi = c.get("spearman_ci", (None, None))
+    return f"[{_fmt(lo)}, {_fmt(hi)}]"
+
+
+def _print_paired(paired: list[dict[str, Any]]) -> None:
+    print("\n| model | default minus | Spearman difference (retrained) | 95% bootstrap | share > 0 |")
+    print("|---|---|---|---|---|")
+    for p in paired:
+        lo, hi = p["ci"]
+        print(f"| {p['model']} | {p['other']} | {p['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | "
+              f"{p['share_above']:.2f} |")  # fmt: skip
 
 
 def _print_tables(rows: list[dict[str, Any]], corr: list[dict[str, Any]]) -> None:
@@ -342,14 +409,15 @@ def _print_tables(rows: list[dict[str, Any]], corr: list[dict[str, Any]]) -> Non
             f"{_fmt(r.get('acc_comp'))} | {_fmt(r.get('acc_lsq'))} | {_fmt(r['acc_ft'])} | {r['seconds']:.1f} |"
         )
     print(
-        "\n| model | criterion | units | Spearman (no retrain) | Kendall | Spearman (retrained) | Kendall |"
+        "\n| model | criterion | units | Spearman (no retrain) | Kendall | Spearman (retrained) | 95% bootstrap "
+        "| Kendall |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for c in corr:
         a, b = c["no_retrain"], c["retrained"]
         print(
             f"| {c['model']} | {c['criterion']} | {c['units']} | {_fmt(a.get('spearman'))} | "
-            f"{_fmt(a.get('kendall'))} | {_fmt(b.get('spearman'))} | {_fmt(b.get('kendall'))} |"
+            f"{_fmt(a.get('kendall'))} | {_fmt(b.get('spearman'))} | {_ci(b)} | {_fmt(b.get('kendall'))} |"
         )
 
 
