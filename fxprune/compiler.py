@@ -44,9 +44,14 @@ def count_flops(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> int:
     ``nn.MultiheadAttention`` runs its slow path (``fxprune.trace.mha_slow_path``): its fused inference
     op counts as 0 FLOPs, which would hide every attention layer from the count.
     """
+    return count_flops_and_outputs(model, example)[0]
+
+
+def count_flops_and_outputs(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> tuple[int, Any]:
+    """``count_flops`` and the outputs of the same forward pass (the counter does not change them)."""
     with torch.no_grad(), mha_slow_path(), FlopCounterMode(display=False) as counter:
-        model(*example)
-    return int(counter.get_total_flops())
+        out = model(*example)
+    return int(counter.get_total_flops()), out
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -329,11 +334,18 @@ def compile(  # noqa: A001 - the product's name for it
                                             newton_options=score_options)  # fmt: skip
     with _timed(timings, "rewrite"):
         pruned = RewritePass(dep.groups, chosen.kept)(source) if chosen.kept else _fresh_copy(gm)
-    flops_after = count_flops(pruned, example)
     verification = None
-    if verify:
+    if verify and all(t.device.type == "cpu" for t in example):
+        # one counted eager run gives both the FLOPs and verify's reference outputs (verify runs on CPU)
+        flops_after, eager = count_flops_and_outputs(pruned, example)
         with _timed(timings, "verify"):
-            verification = verify_onnx(pruned, example, gm, rtol=rtol, latency_runs=latency_runs)
+            verification = verify_onnx(pruned, example, gm, rtol=rtol, latency_runs=latency_runs,
+                                       eager_outputs=eager)  # fmt: skip
+    else:
+        flops_after = count_flops(pruned, example)
+        if verify:
+            with _timed(timings, "verify"):
+                verification = verify_onnx(pruned, example, gm, rtol=rtol, latency_runs=latency_runs)
     result = CompileResult(
         graph_module=pruned,
         plan=plan,
