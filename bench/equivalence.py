@@ -95,6 +95,10 @@ def _record(model: torch.nn.Module, x: torch.Tensor, opts: dict[str, Any]) -> di
         "groups": r.dependency.groups,
         "code": r.graph_module.code,
         "state": {k: v.detach().clone() for k, v in r.graph_module.state_dict().items()},
+        "layout": {
+            k: (type(v).__name__, v.requires_grad, v.stride(), v.device.type)
+            for k, v in r.graph_module.state_dict(keep_vars=True).items()
+        },
         "output": out.detach().clone(),
         "verify": None if v is None else (v.passed, v.max_rel_error, v.exporter),
         "timings": r.timings,

@@ -189,7 +189,7 @@ def _sliced(old: torch.Tensor, param: str, dim: int, index: np.ndarray, length: 
     ``nn.Parameter`` for a parameter."""
     if old.shape[dim] != length:
         raise AssertionError(f"{param} has {old.shape[dim]} positions on dim {dim}, sites cover {length}")
-    sliced = old.index_select(dim, torch.as_tensor(index, device=old.device)).clone()
+    sliced = old.index_select(dim, torch.as_tensor(index, device=old.device))  # a new tensor
     if isinstance(old, nn.Parameter):
         return nn.Parameter(sliced, requires_grad=old.requires_grad)
     return sliced
