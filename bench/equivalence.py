@@ -65,7 +65,8 @@ def _zoo_case(
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-trivial BatchNorm statistics, as tests/conftest.py::randomize_norms
         for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_mean is not None:
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.running_var is not None:
+                assert m.running_mean is not None
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     x = torch.randn(2, 3, 16, 16, generator=g)

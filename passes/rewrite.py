@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -217,11 +218,11 @@ def _copy_sliced(
         key = (id(owner), leaf)
         old = slices[key][3] if key in slices else getattr(owner, leaf)
         slices[key] = (owner, owner_name, leaf, _sliced(old, param, dim, index, length))
-    saved = []
+    saved: list[tuple[dict[str, Any], str, Any]] = []
     memo: dict[int, object] = {}
     try:
         for owner, _, leaf, t in slices.values():
-            table = owner._parameters if leaf in owner._parameters else owner._buffers
+            table: dict[str, Any] = owner._parameters if leaf in owner._parameters else owner._buffers
             saved.append((table, leaf, table[leaf]))
             table[leaf] = t
             memo[id(t)] = t
