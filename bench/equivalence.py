@@ -32,6 +32,8 @@ TORCHVISION = (
     "shufflenet_v2_x1_0",
     "regnet_x_400mf",
     "convnext_tiny",
+    "vit_small",
+    "swin_small",
 )
 #: (models_zoo.toy net, score, compensation): data-driven scores and compensation on small nets
 ZOO = (
@@ -42,6 +44,15 @@ ZOO = (
 )
 
 
+#: small configurations of torchvision's attention models (as tests/test_zoo.py), at 32x32
+SMALL = {
+    "vit_small": lambda: __import__("torchvision").models.VisionTransformer(32, 8, 2, 2, 32, 64),
+    "swin_small": lambda: __import__("torchvision").models.SwinTransformer(
+        [4, 4], 16, [2, 2], [2, 4], [4, 4], stochastic_depth_prob=0.1
+    ),
+}
+
+
 def _torchvision_case(name: str) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
     import torchvision
 
@@ -49,8 +60,10 @@ def _torchvision_case(name: str) -> tuple[torch.nn.Module, torch.Tensor, dict[st
     import coverage as cov
 
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None).eval()
-    x = torch.randn(1, 3, 64, 64)
+    if name in SMALL:
+        model, x = SMALL[name]().eval(), torch.randn(1, 3, 32, 32)
+    else:
+        model, x = torchvision.models.get_model(name, weights=None).eval(), torch.randn(1, 3, 64, 64)
     cov._nontrivial(model, x)
     return model, x, {"score": "magnitude"}
 
