@@ -3,8 +3,10 @@
     python bench/coverage.py [--models resnet18,vit_b_16] [--size 64] [--timeout 900] [--all]
                              [--no-tp] [--out bench/results/coverage.json]
 
-Each model runs in two subprocesses, fxprune then Torch-Pruning (eval mode, random init, batch 1), each
-under a wall-clock ``--timeout`` and a resident-memory cap ``--max-gb``.
+Each model runs in two worker processes, fxprune then Torch-Pruning (eval mode, random init, batch 1), each
+under a wall-clock ``--timeout`` and a resident-memory cap ``--max-gb``. Workers are forked from a
+``multiprocessing`` fork server that has imported torch, torchvision, fxprune, Torch-Pruning and ONNX Runtime
+once, so a worker starts in well under a second instead of importing them again.
 The input is the smallest of ``SIZES`` the model accepts (or ``--size``; ``MIN_SIZE`` for windowed
 attention); ``_nontrivial`` makes the random-init output informative (zero heads, BN statistics). fxprune:
 ``fxprune.compile(model, x, 0.5, score="magnitude", latency_runs=0)``; a model *passes* when it compiles,
@@ -18,6 +20,20 @@ that fits ``flops = (1 - ratio) ** alpha`` to the first outcome, so its FLOPs ap
 ``fxprune.count_flops``. Its outcome (exception), achieved FLOPs ratio, and the wall time of the final run
 are recorded. ``HEAVY`` models are recorded as not run unless ``--all``.
 
+Timing, the same for both tools: one thread (``torch.set_num_threads(1)``), in a fresh worker that first
+runs its tool once on a small toy net (``models_zoo.toy.ResidualNet``, 16x16; ``warmup_seconds``), so
+neither timed call pays one-off costs (lazy imports, first-call initialisation of the dispatcher, the ONNX
+exporter and ONNX Runtime). Wall time (``seconds``) and CPU time of the process (``cpu_seconds``; less
+sensitive to other load on a shared machine) are recorded.
+- fxprune: the whole ``fxprune.compile`` call: private copy of the model, input check with the FLOPs count,
+  trace + shape/FLOPs propagation, dependency, cost, magnitude score, selection, rewrite, FLOPs count of
+  the pruned model, and verification (TorchScript ONNX export, ONNX Runtime session and run, comparison);
+  ``timings`` splits it by stage. "Without verify" subtracts ``timings["verify"]``.
+- Torch-Pruning: ``MetaPruner(...)`` (its dependency graph, traced with a forward pass) and
+  ``pruner.step()`` (importance and in-place pruning) of its final run; the deep copy of the model before
+  it and the FLOPs count after it are not included. Every run's times are in ``runs``.
+The summary gives the median fxprune/Torch-Pruning ratio with and without verify, in wall and CPU time.
+
 Prints a markdown table and writes JSON.
 """
 
@@ -30,8 +46,6 @@ import math
 import os
 import re
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -130,8 +144,21 @@ def _classifier(model: Any, num_classes: int = 1000) -> list[Any]:
 
 def _run_fxprune(model: Any, x: Any) -> dict[str, Any]:
     import fxprune
+    import fxprune.compiler
 
-    t = time.perf_counter()
+    verify_cpu = 0.0
+    real_verify = fxprune.compiler.verify_onnx
+
+    def verify_onnx(*args: Any, **kwargs: Any) -> Any:  # the verify stage's CPU time (timings: wall)
+        nonlocal verify_cpu
+        c = time.process_time()
+        try:
+            return real_verify(*args, **kwargs)
+        finally:
+            verify_cpu += time.process_time() - c
+
+    fxprune.compiler.verify_onnx = verify_onnx
+    t, c = time.perf_counter(), time.process_time()
     try:
         r = fxprune.compile(model, x, 0.5, score="magnitude", latency_runs=0, progress=False)
     except Exception as exc:
@@ -140,7 +167,9 @@ def _run_fxprune(model: Any, x: Any) -> dict[str, Any]:
             "seconds": time.perf_counter() - t,
             "error": f"{type(exc).__name__}: {exc}"[:400],
         }
-    seconds = time.perf_counter() - t
+    finally:
+        fxprune.compiler.verify_onnx = real_verify
+    seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
     reasons: Counter[str] = Counter()
     pinned_channels = 0
     total_channels = 0
@@ -157,6 +186,8 @@ def _run_fxprune(model: Any, x: Any) -> dict[str, Any]:
     return {
         "ok": True,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "verify_cpu_seconds": verify_cpu,
         "flops_ratio": flops,
         "params_ratio": params,
         "ort_rel_error": None if v is None else v.max_rel_error,
@@ -171,14 +202,15 @@ def _run_fxprune(model: Any, x: Any) -> dict[str, Any]:
     }
 
 
-def _tp_once(model: Any, x: Any, ratio: float) -> tuple[float, float]:
+def _tp_once(model: Any, x: Any, ratio: float) -> tuple[float, float, float]:
+    """Torch-Pruning at ``ratio`` on a copy: (FLOPs after, wall seconds, CPU seconds)."""
     import torch
     import torch_pruning as tp
 
     import fxprune
 
     m = copy.deepcopy(model)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     pruner = tp.pruner.MetaPruner(
         m,
         x,
@@ -188,9 +220,9 @@ def _tp_once(model: Any, x: Any, ratio: float) -> tuple[float, float]:
         ignored_layers=_classifier(m),
     )
     pruner.step()
-    seconds = time.perf_counter() - t
+    seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
     with torch.no_grad():
-        return fxprune.count_flops(m, (x,)), seconds
+        return fxprune.count_flops(m, (x,)), seconds, cpu_seconds
 
 
 def _run_tp(model: Any, x: Any) -> dict[str, Any]:
@@ -200,20 +232,23 @@ def _run_tp(model: Any, x: Any) -> dict[str, Any]:
     ratio = 1 - math.sqrt(0.5)
     t0 = time.perf_counter()
     runs: list[dict[str, float]] = []
+
+    def run(ratio: float) -> float:
+        flops, seconds, cpu_seconds = _tp_once(model, x, ratio)
+        runs.append(
+            {"ratio": ratio, "flops_ratio": flops / base, "seconds": seconds, "cpu_seconds": cpu_seconds}
+        )
+        return flops / base
+
     try:
-        flops, seconds = _tp_once(model, x, ratio)
-        runs.append({"ratio": ratio, "flops_ratio": flops / base, "seconds": seconds})
-        f = flops / base
+        f = run(ratio)
         if 0 < f < 1 and abs(f - 0.5) > 0.01:
             alpha = math.log(f) / math.log(1 - ratio)
             ratio = min(0.95, max(0.01, 1 - 0.5 ** (1 / alpha)))
-            flops, seconds = _tp_once(model, x, ratio)
-            runs.append({"ratio": ratio, "flops_ratio": flops / base, "seconds": seconds})
+            run(ratio)
             (a, fa), (b, fb) = ((r["ratio"], r["flops_ratio"]) for r in runs)
             if abs(fb - 0.5) > 0.01 and fa != fb:  # one secant step between the two runs
-                ratio = min(0.95, max(0.01, a + (0.5 - fa) * (b - a) / (fb - fa)))
-                flops, seconds = _tp_once(model, x, ratio)
-                runs.append({"ratio": ratio, "flops_ratio": flops / base, "seconds": seconds})
+                run(min(0.95, max(0.01, a + (0.5 - fa) * (b - a) / (fb - fa))))
     except Exception as exc:
         return {
             "ok": False,
@@ -225,10 +260,27 @@ def _run_tp(model: Any, x: Any) -> dict[str, Any]:
     return {
         "ok": True,
         "seconds": runs[-1]["seconds"],
+        "cpu_seconds": runs[-1]["cpu_seconds"],
         "flops_ratio": best["flops_ratio"],
         "ratio": best["ratio"],
         "runs": runs,
     }
+
+
+def _warm_up(part: str) -> float:
+    """Run the tool(s) of ``part`` once on a toy net (see the module docstring); returns the seconds."""
+    import torch
+    from fxprune.models_zoo.toy import ResidualNet
+
+    t = time.perf_counter()
+    toy, x = ResidualNet(num_classes=1000).eval(), torch.randn(1, 3, 16, 16)
+    if part in ("fx", "both"):
+        import fxprune
+
+        fxprune.compile(toy, x, 0.5, score="magnitude", latency_runs=0, progress=False)
+    if part in ("tp", "both"):
+        _tp_once(toy, x, 0.3)
+    return time.perf_counter() - t
 
 
 def worker(name: str, size: int | None, part: str) -> dict[str, Any]:
@@ -236,6 +288,7 @@ def worker(name: str, size: int | None, part: str) -> dict[str, Any]:
     import torch
     import torchvision
 
+    warmup = _warm_up(part)
     torch.manual_seed(0)
     row: dict[str, Any] = {"model": name}
     model = torchvision.models.get_model(name, weights=None).eval()
@@ -245,9 +298,9 @@ def worker(name: str, size: int | None, part: str) -> dict[str, Any]:
     row["input"] = list(x.shape)
     row["params"] = sum(p.numel() for p in model.parameters())
     if part in ("fx", "both"):
-        row["fxprune"] = _run_fxprune(model, x)
+        row["fxprune"] = {**_run_fxprune(model, x), "warmup_seconds": warmup}
     if part in ("tp", "both"):
-        row["tp"] = _run_tp(model, x)
+        row["tp"] = {**_run_tp(model, x), "warmup_seconds": warmup}
     return row
 
 
@@ -261,39 +314,73 @@ def _rss_gb(pid: int) -> float:
     return 0.0
 
 
+#: imported once by the fork server; every worker is forked from it with these already loaded
+PRELOAD = [
+    "torch",
+    "torchvision",
+    "onnx",
+    "onnxruntime",
+    "torch_pruning",
+    "fxprune",
+    "fxprune.passes.op_rules",
+]
+_CONTEXT: Any = None
+
+
+def _context() -> Any:
+    global _CONTEXT
+    if _CONTEXT is None:
+        import multiprocessing
+
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(PRELOAD)
+    return _CONTEXT
+
+
+def _child(name: str, size: int | None, part: str, out: str, err: str) -> None:
+    """Worker process body: stdout to /dev/null, stderr to ``err``, the row as JSON to ``out``."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.dup2(os.open(err, os.O_WRONLY | os.O_APPEND), 2)
+    import torch
+
+    torch.set_num_threads(1)
+    Path(out).write_text(json.dumps(worker(name, size, part)))
+
+
 def run_part(name: str, part: str, args: argparse.Namespace) -> dict[str, Any]:
-    """``worker(name, part)`` in a subprocess under ``--timeout`` seconds and ``--max-gb`` of resident
+    """``worker(name, part)`` in a worker process under ``--timeout`` seconds and ``--max-gb`` of resident
     memory (polled; the machine is shared). A failure is returned as ``{"error": ...}``."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         tmp = Path(f.name)
-    with tempfile.TemporaryFile(mode="w+") as err:
-        cmd = [sys.executable, __file__, "--worker", name, "--part", part, "--worker-out", str(tmp)]
-        if args.size:
-            cmd += ["--size", str(args.size)]
+    with tempfile.NamedTemporaryFile(suffix=".err", delete=False) as f:
+        err = Path(f.name)
+    try:
         t = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=os.environ)
+        proc = _context().Process(target=_child, args=(name, args.size, part, str(tmp), str(err)))
+        proc.start()
         why = None
-        while proc.poll() is None:
-            time.sleep(0.5)
+        while proc.is_alive():
+            proc.join(0.5)
+            if not proc.is_alive():
+                break
             if time.perf_counter() - t > args.timeout:
                 why = f"timeout: over {args.timeout:.0f} s"
             elif _rss_gb(proc.pid) > args.max_gb:
                 why = f"memory: over {args.max_gb:.0f} GB resident"
             if why:
                 proc.kill()
-                proc.wait()
+                proc.join()
                 break
-        try:
-            text = tmp.read_text()
-        finally:
-            tmp.unlink(missing_ok=True)
+        text = tmp.read_text()
         if text and why is None:
             return json.loads(text)
         if why is None:
-            err.seek(0)
-            tail = err.read().strip().splitlines()[-1:] or ["no output"]
-            why = f"crash rc={proc.returncode}: {tail[0][:300]}"
+            tail = err.read_text().strip().splitlines()[-1:] or ["no output"]
+            why = f"crash rc={proc.exitcode}: {tail[0][:300]}"
         return {"error": why, "seconds": time.perf_counter() - t}
+    finally:
+        tmp.unlink(missing_ok=True)
+        err.unlink(missing_ok=True)
 
 
 def _fmt(v: Any, spec: str = ".3f") -> str:
@@ -302,8 +389,9 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| model | input | fxprune | FLOPs | params | ORT rel err | time s | TP | TP FLOPs | TP time s | why not |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | input | fxprune | FLOPs | params | ORT rel err | time s | w/o verify s | TP | TP FLOPs "
+        "| TP time s | why not |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         fx_, tp = r.get("fxprune") or {}, r.get("tp") or {}
@@ -313,11 +401,14 @@ def table(rows: list[dict[str, Any]]) -> str:
             why = next(iter(fx_["pinned_reasons"]))
         tp_status = "" if not tp else ("ok" if tp.get("ok") else tp.get("error", "")[:60])
         inp = "x".join(str(s) for s in r.get("input", [])[2:])
+        verify_s = (fx_.get("timings") or {}).get("verify", 0.0)
+        no_verify = fx_["seconds"] - verify_s if fx_.get("ok") else None
         lines.append(
             f"| {r['model']} | {inp} | {status} | {_fmt(fx_.get('flops_ratio'))} | "
             f"{_fmt(fx_.get('params_ratio'))} | {_fmt(fx_.get('ort_rel_error'), '.1e')} | "
-            f"{_fmt(fx_.get('seconds'), '.1f')} | {tp_status} | {_fmt(tp.get('flops_ratio'))} | "
-            f"{_fmt(tp.get('seconds'), '.1f')} | {why[:100]} |"
+            f"{_fmt(fx_.get('seconds'), '.2f')} | {_fmt(no_verify, '.2f')} | {tp_status} | "
+            f"{_fmt(tp.get('flops_ratio'))} | "
+            f"{_fmt(tp.get('seconds'), '.2f')} | {why[:100]} |"
         )
     return "\n".join(lines)
 
@@ -330,17 +421,35 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for r in rows
         if (r.get("tp") or {}).get("ok") and abs(r["tp"]["flops_ratio"] - 0.5) <= 0.05
     ]
-    ratios = [
-        r["fxprune"]["seconds"] / r["tp"]["seconds"]
-        for r in rows
-        if (r.get("fxprune") or {}).get("ok") and (r.get("tp") or {}).get("ok") and r["tp"]["seconds"] > 0
-    ]
+    both = [r for r in rows if (r.get("fxprune") or {}).get("ok") and (r.get("tp") or {}).get("ok")]
+
+    def median_ratio(key: str, verify: bool) -> float | None:
+        ratios = []
+        for r in both:
+            fx_, tp = r["fxprune"], r["tp"]
+            if fx_.get(key) is None or not tp.get(key):
+                continue  # rows of runs before cpu_seconds was recorded
+            stage = (
+                fx_.get("timings", {}).get("verify", 0.0)
+                if key == "seconds"
+                else fx_.get("verify_cpu_seconds")
+            )
+            if stage is None:
+                continue
+            verify_s = 0.0 if verify else stage
+            ratios.append((fx_[key] - verify_s) / tp[key])
+        return statistics.median(ratios) if ratios else None
+
     return {
         "models": n,
         "fxprune_pass": len(fx_pass),
         "tp_ok_flops_within_0.05_of_0.5": len(tp_ok),
         "tp_ran": sum(1 for r in rows if (r.get("tp") or {}).get("ok")),
-        "median_time_ratio_fxprune_over_tp": statistics.median(ratios) if ratios else None,
+        "timed_pairs": len(both),
+        "median_time_ratio_fxprune_over_tp": median_ratio("seconds", True),
+        "median_time_ratio_fxprune_over_tp_without_verify": median_ratio("seconds", False),
+        "median_cpu_ratio_fxprune_over_tp": median_ratio("cpu_seconds", True),
+        "median_cpu_ratio_fxprune_over_tp_without_verify": median_ratio("cpu_seconds", False),
         "not_run": [r["model"] for r in rows if r.get("status") == "not run"],
     }
 

@@ -94,6 +94,17 @@ def select(
             total_flops=cost.total,
         )
     touching = cost.touching()
+    # A group's marginal saving depends only on the sizes of the groups sharing its nodes: it is
+    # recomputed when one of those changed in the last round (the same numbers, computed once).
+    depends = {
+        gid: {g for i in touching.get(gid, []) for segs in cost.nodes[i].dims for g, _ in segs} | {gid}
+        for gid in ladders
+    }
+    cumulative = {
+        gid: np.concatenate([[0.0], np.cumsum(np.asarray(scores[gid], dtype=np.float64)[order[gid]])])
+        for gid in ladders
+    }
+    marginal: dict[int, float] = {}
     flops = cost.flops(sizes)
     while flops > target:
         cand_gid: list[int] = []
@@ -102,13 +113,15 @@ def select(
         for gid, lad in ladders.items():
             if step[gid] + 1 >= len(lad):
                 continue
-            per_channel = _marginal(cost, touching.get(gid, []), sizes, gid)
+            if gid not in marginal:
+                marginal[gid] = _marginal(cost, touching.get(gid, []), sizes, gid)
+            per_channel = marginal[gid]
             if per_channel <= 0:
                 continue
             n = ladders[gid][0]
             ladder = np.asarray(ladders[gid][step[gid] :])
             hi, lo = ladder[:-1], ladder[1:]
-            cs = np.concatenate([[0.0], np.cumsum(np.asarray(scores[gid], dtype=np.float64)[order[gid]])])
+            cs = cumulative[gid]
             saved = per_channel * (hi - lo)
             pri = np.maximum.accumulate((cs[n - lo] - cs[n - hi]) / saved**cost_exponent)
             cand_gid.extend([gid] * len(pri))
@@ -119,13 +132,16 @@ def select(
         excess = flops - target
         idx = np.argsort(np.asarray(cand_pri), kind="stable")
         budget, taken = 0.5 * excess, 0.0
+        changed = set()
         for i in idx:
             gid = cand_gid[i]
             step[gid] += 1
             sizes[gid] = ladders[gid][step[gid]]
+            changed.add(gid)
             taken += cand_save[i]
             if taken >= budget:
                 break
+        marginal = {gid: m for gid, m in marginal.items() if not depends[gid] & changed}
         flops = cost.flops(sizes)
     kept = {}
     for gid, lad in ladders.items():

@@ -198,18 +198,29 @@ def _describe(value: Any) -> Any:
 
 
 class _ShapeFlopProp(fx.Interpreter):
+    """Runs the graph once under one ``FlopCounterMode``; a node's FLOPs are the counter's increase
+    while it ran (the same integers as a counter per node, without entering and leaving one per node)."""
+
     def __init__(self, gm: fx.GraphModule, count_flops: bool) -> None:
         super().__init__(gm)
-        self.count_flops = count_flops
+        self.counter = FlopCounterMode(display=False) if count_flops else None
+        self.counted = 0
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        if self.counter is None:
+            return super().run(*args, **kwargs)
+        with self.counter:
+            return super().run(*args, **kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         try:
-            if self.count_flops and n.op in ("call_module", "call_function", "call_method"):
-                with FlopCounterMode(display=False) as counter:
-                    out = super().run_node(n)
-                n.meta[META_FLOPS] = int(counter.get_total_flops())
+            out = super().run_node(n)
+            if self.counter is not None:
+                total = int(self.counter.get_total_flops())
+                computes = n.op in ("call_module", "call_function", "call_method")
+                n.meta[META_FLOPS] = total - self.counted if computes else 0
+                self.counted = total
             else:
-                out = super().run_node(n)
                 n.meta[META_FLOPS] = 0
         except Exception as exc:
             raise TraceError(

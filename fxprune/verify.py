@@ -83,11 +83,24 @@ def _export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...], opse
     raise RuntimeError("ONNX export failed: " + " | ".join(errors))
 
 
-def ort_session(onnx_bytes: bytes) -> Any:
+#: ``ort_session(optimization=...)`` -> ONNX Runtime's graph optimisation level
+_ORT_LEVELS = {
+    "none": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
+
+
+def ort_session(onnx_bytes: bytes, optimization: str = "all") -> Any:
+    """A CPU ONNX Runtime session. ``optimization`` is the graph optimisation level: ``"all"`` (ORT's
+    default, as deployed: with layout transformations), ``"extended"``, ``"basic"`` (constant folding,
+    redundant-node elimination and semantics-preserving fusions only) or ``"none"``."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization])
     return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
 
 
@@ -115,17 +128,26 @@ def verify_onnx(
     rtol: float = 1e-4,
     opset: int = 18,
     latency_runs: int = 10,
+    eager_outputs: Any = None,
 ) -> Verification:
-    """Export ``pruned`` to ONNX, run it in ONNX Runtime, compare with eager; time original and pruned."""
+    """Export ``pruned`` to ONNX, run it in ONNX Runtime, compare with eager; time original and pruned.
+
+    The comparison runs ONNX Runtime at the ``"basic"`` optimisation level (``ort_session``: constant
+    folding, redundant-node elimination and semantics-preserving fusions such as Conv+BatchNorm, no layout
+    transformations); its session builds about a third faster than at the default level. Latencies are
+    timed in sessions at the default level (``"all"``), as deployed, built only when ``latency_runs`` > 0.
+    ``eager_outputs``: ``pruned(*example)`` on the CPU if the caller already has it (saves one forward).
+    """
     example = tuple(t.detach().cpu() for t in example)
     pruned = pruned.cpu()
     try:
         blob, exporter = export_onnx(pruned, example, opset)
-        sess = ort_session(blob)
+        sess = ort_session(blob, "basic")
         got = _ort_run(sess, example)
     except Exception as exc:
         return Verification(False, float("inf"), float("inf"), rtol, "none", opset, None, None, str(exc))
-    ref = [t.detach().float().numpy() for t in flatten_outputs(pruned(*example))]
+    eager = pruned(*example) if eager_outputs is None else eager_outputs
+    ref = [t.detach().float().numpy() for t in flatten_outputs(eager)]
     if len(got) != len(ref):
         return Verification(False, float("inf"), float("inf"), rtol, exporter, opset, None, None,
                             f"ONNX model has {len(got)} outputs, eager has {len(ref)}")  # fmt: skip
@@ -135,7 +157,12 @@ def verify_onnx(
     )
     scale = max((float(np.max(np.abs(r))) if r.size else 0.0) for r in ref)
     rel = abs_err / scale if scale > 0 else abs_err
-    ms_after = _latency_ms(sess, example, latency_runs) if latency_runs else None
+    ms_after = None
+    if latency_runs:
+        try:
+            ms_after = _latency_ms(ort_session(blob), example, latency_runs)
+        except Exception as exc:  # the check passed at "basic"; only the deployed-level timing failed
+            log.warning("could not time the compiled model in ONNX Runtime: %s", exc)
     ms_before = None
     if original is not None and latency_runs:
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ def build_plan(groups: Sequence[ChannelGroup], kept: Mapping[int, tuple[int, ...
     idx = param_indices(groups, kept)
     params: dict[str, dict[int, tuple[int, ...]]] = {}
     for (p, d), (k, _) in sorted(idx.items()):
-        params.setdefault(p, {})[d] = tuple(int(i) for i in k)
+        params.setdefault(p, {})[d] = tuple(k.tolist())
     in_params = {(s.param, s.dim) for g in groups for s in g.sites if s.role == "in"}
     inputs = {p: (d, params[p][d]) for p, d in sorted(in_params) if p in params and d in params[p]}
     stat_params = {(s.param, s.dim) for g in groups for s in g.sites if s.role == "stats"}
@@ -141,28 +142,27 @@ class RewritePass(TransformPass):
         self.kept = dict(kept)
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
-        new = copy.deepcopy(gm)
-        touched: set[str] = set()
+        indices = param_indices(self.groups, self.kept)
+        new, touched = _copy_sliced(gm, indices)
+        slice_in_copy = new is None  # a sliced tensor is not a registered parameter/buffer of its owner
+        if new is None:
+            new = copy.deepcopy(gm)
         remembered: dict[str, dict[str, int]] = {}
         for name, m in new.named_modules():
             for typ, (attrs, _) in _ATTR_FIXES.items():
                 if isinstance(m, typ):
                     remembered[name] = {a: int(getattr(m, a)) for a in attrs}
-        with torch.no_grad():
-            for (param, dim), (index, length) in param_indices(self.groups, self.kept).items():
-                owner_name, _, leaf = param.rpartition(".")
-                owner = new.get_submodule(owner_name)
-                old = getattr(owner, leaf)
-                if old.shape[dim] != length:
-                    raise AssertionError(
-                        f"{param} has {old.shape[dim]} positions on dim {dim}, sites cover {length}"
-                    )
-                sliced = old.index_select(dim, torch.as_tensor(index, device=old.device)).clone()
-                if isinstance(old, nn.Parameter):
-                    setattr(owner, leaf, nn.Parameter(sliced, requires_grad=old.requires_grad))
-                else:
-                    owner._buffers[leaf] = sliced
-                touched.add(owner_name)
+        if slice_in_copy:
+            with torch.no_grad():
+                for (param, dim), (index, length) in indices.items():
+                    owner_name, _, leaf = param.rpartition(".")
+                    owner = new.get_submodule(owner_name)
+                    owner_leaf = _sliced(getattr(owner, leaf), param, dim, index, length)
+                    if isinstance(owner_leaf, nn.Parameter):
+                        setattr(owner, leaf, owner_leaf)
+                    else:
+                        owner._buffers[leaf] = owner_leaf
+                    touched.add(owner_name)
         for name in touched:
             m = new.get_submodule(name)
             for typ, (_, fix) in _ATTR_FIXES.items():
@@ -183,6 +183,54 @@ class RewritePass(TransformPass):
         new.graph.lint()
         new.recompile()
         return new
+
+
+def _sliced(old: torch.Tensor, param: str, dim: int, index: np.ndarray, length: int) -> torch.Tensor:
+    """``old`` with the positions ``index`` of ``dim`` (of ``length``) kept: a new tensor, a new
+    ``nn.Parameter`` for a parameter."""
+    if old.shape[dim] != length:
+        raise AssertionError(f"{param} has {old.shape[dim]} positions on dim {dim}, sites cover {length}")
+    sliced = old.index_select(dim, torch.as_tensor(index, device=old.device))  # a new tensor
+    if isinstance(old, nn.Parameter):
+        return nn.Parameter(sliced, requires_grad=old.requires_grad)
+    return sliced
+
+
+@torch.no_grad()
+def _copy_sliced(
+    gm: fx.GraphModule, indices: Mapping[tuple[str, int], tuple[np.ndarray, int]]
+) -> tuple[fx.GraphModule | None, set[str]]:
+    """A deep copy of ``gm`` in which every tensor of ``indices`` is already sliced, and the owners touched.
+
+    The same result as deep-copying and then slicing the copy's tensors, without cloning the tensors that
+    are replaced: each is sliced from ``gm``'s own, the slice is put in its place during the deep copy
+    (the memo hands it over as it is, so the copy holds it and nothing else does) and ``gm``'s tensor is
+    put back right after. Tied tensors keep their behaviour: only the named owner's entry is swapped.
+    Returns ``(None, set())``, with ``gm`` untouched, when a tensor is not a registered parameter or
+    buffer of its owner (the caller then slices inside a full copy).
+    """
+    slices: dict[tuple[int, str], tuple[torch.nn.Module, str, str, torch.Tensor]] = {}
+    for (param, dim), (index, length) in indices.items():
+        owner_name, _, leaf = param.rpartition(".")
+        owner = gm.get_submodule(owner_name)
+        if leaf in owner.__dict__ or (leaf not in owner._parameters and leaf not in owner._buffers):
+            return None, set()
+        key = (id(owner), leaf)
+        old = slices[key][3] if key in slices else getattr(owner, leaf)
+        slices[key] = (owner, owner_name, leaf, _sliced(old, param, dim, index, length))
+    saved: list[tuple[dict[str, Any], str, Any]] = []
+    memo: dict[int, object] = {}
+    try:
+        for owner, _, leaf, t in slices.values():
+            table: dict[str, Any] = owner._parameters if leaf in owner._parameters else owner._buffers
+            saved.append((table, leaf, table[leaf]))
+            table[leaf] = t
+            memo[id(t)] = t
+        new = copy.deepcopy(gm, memo)
+    finally:
+        for table, leaf, original in reversed(saved):
+            table[leaf] = original
+    return new, {owner_name for _, owner_name, _, _ in slices.values()}
 
 
 def _put(arg: object, item: int | None, value: object) -> object:

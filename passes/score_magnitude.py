@@ -13,12 +13,24 @@ from fxprune.passes.score import GroupScore, ScorePass, register_score
 
 from fxprune.data import ChannelGroup
 
-__all__ = ["MagnitudeScore", "channel_sums"]
+__all__ = ["MagnitudeScore", "channel_sums", "position_sums"]
+
+
+def position_sums(t: torch.Tensor, dim: int, squared: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of ``t**2`` over everything but ``dim``: one value per position of ``dim``.
+
+    ``squared``: ``t.detach().float().pow(2)`` if the caller already has it.
+    """
+    sq = t.detach().float().pow(2) if squared is None else squared
+    return sq.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1)
 
 
 def channel_sums(t: torch.Tensor, dim: int, offset: int, repeat: int, n: int) -> torch.Tensor:
     """Sum of ``t**2`` over every position a group channel selects (``n`` channels)."""
-    per_pos = t.detach().float().pow(2).movedim(dim, 0).reshape(t.shape[dim], -1).sum(1)
+    return _channels(position_sums(t, dim), offset, repeat, n)
+
+
+def _channels(per_pos: torch.Tensor, offset: int, repeat: int, n: int) -> torch.Tensor:
     return per_pos[offset : offset + n * repeat].reshape(n, repeat).sum(1)
 
 
@@ -31,12 +43,26 @@ class MagnitudeScore(ScorePass):
 
     def score_groups(self, gm: fx.GraphModule, groups: list[ChannelGroup]) -> dict[int, GroupScore]:
         tensors = dict(gm.state_dict(keep_vars=True))
+        # a weight read by many groups (the input columns of a conv after a concat: densenet, googlenet)
+        # is reduced once, not once per group, and squared once for all its dims (one square at a time)
+        dims: dict[str, list[int]] = {}
+        for g in groups:
+            for s in g.sites:
+                if s.role in ("out", "in") and s.param in tensors and s.dim not in dims.get(s.param, []):
+                    dims.setdefault(s.param, []).append(s.dim)
+        per_pos: dict[tuple[str, int], torch.Tensor] = {}
+        for param, ds in dims.items():
+            t = tensors[param]
+            squared = t.detach().float().pow(2)
+            for d in ds:
+                per_pos[param, d] = position_sums(t, d, squared)
+            del squared
         out: dict[int, GroupScore] = {}
         for g in groups:
             acc = torch.zeros(g.size)
             for s in g.sites:
                 if s.role in ("out", "in") and s.param in tensors:
-                    acc += channel_sums(tensors[s.param], s.dim, s.offset, s.repeat, g.size)
+                    acc += _channels(per_pos[s.param, s.dim], s.offset, s.repeat, g.size)
             v = acc.sqrt().numpy().astype(np.float64)
             mean = float(v.mean())
             out[g.id] = GroupScore(v / mean if mean > 0 else v)
