@@ -79,7 +79,9 @@ class MaskedLoss:
         weight_decay: float = 0.0,
     ) -> None:
         self.device = device
-        self._batched = True
+        # vmap'd double backward (is_grads_batched) is for accelerators: on CPU a loop over the vectors was
+        # 2.2x faster (8 products on the digits ResNet-20, 12.8 s vs 29.0 s)
+        self._batched = device.type != "cpu"
         self.model = copy.deepcopy(gm).to(device).eval()
         self.calib = calib
         self.weight_decay = weight_decay

@@ -140,6 +140,26 @@ def test_exact_mask_hessian_blocks_match_brute_force(setup) -> None:
     np.testing.assert_allclose(hw.numpy(), (h[:nw, nw:] @ ones.double()).numpy(), rtol=1e-5, atol=1e-10)
 
 
+def test_batched_and_looped_hessian_vector_products_agree(setup) -> None:
+    """The vmap'd path (used off CPU) and the loop (used on CPU) compute the same products."""
+    from fxprune.passes.masking import MaskedLoss
+
+    model, gm, dep, calib, *_ = setup
+    ml = MaskedLoss(gm, dep.groups, calib, torch.device("cpu"))
+    assert not ml._batched
+    g = torch.Generator().manual_seed(0)
+    vectors = [([torch.randn(w.shape, generator=g, dtype=w.dtype) for w in ml.w0],
+                torch.randn(ml.size, generator=g, dtype=torch.float64)) for _ in range(3)]  # fmt: skip
+    looped = ml.hvp(calib.batches[0], vectors)
+    ml._batched = True
+    batched = ml.hvp(calib.batches[0], vectors)
+    assert ml._batched  # the batched path ran (no fallback)
+    for (lw, lm), (bw, bm) in zip(looped, batched, strict=True):
+        torch.testing.assert_close(bm, lm)
+        for a, b in zip(bw, lw, strict=True):
+            torch.testing.assert_close(a, b)
+
+
 def test_influence_exact_diag_is_the_schur_complement(setup) -> None:
     model, gm, dep, calib, batches, order, nw, z0, loss, grads, hess = setup
     h = hess.mean(0)
