@@ -5,8 +5,11 @@ target and each criterion, report test accuracy with no fine-tuning (fxprune: wi
 compensation), after a fixed short fine-tune, and the compile time; and, per model, the Spearman / Kendall
 correlation between each criterion's per-channel prediction and the loss change measured by removing that
 channel alone (no retraining; and after a fixed short warm-start retrain, relative to the same retrain with
-nothing removed). FLOPs are counted by torch's counter for every tool; Torch-Pruning's global ratio is
-searched so that its FLOPs match the target.
+nothing removed; the retrain uses the largest learning rate in ``RETRAIN_LRS`` under which that reference
+retrain does not raise the loss). Each Spearman gets a 95% bootstrap interval over the units, and a paired
+bootstrap (the same resamples) compares the default score with every other criterion. FLOPs are counted by
+torch's counter for every tool; Torch-Pruning's global ratio is searched so that its FLOPs match the target.
+The measured changes are cached under bench/results/cache/ (deterministic; the slowest part).
 
     python bench/quality.py                 # full run (under an hour on 2 idle CPU cores)
     python bench/quality.py --quick         # one model, one target, a few criteria (a smoke run)
@@ -298,7 +301,8 @@ def main() -> None:
         shape_propagate(gm, (x1,))
         calib = make_calibration(gm, (x1,), calib_batches, None)
         t = time.perf_counter()
-        cache = RESULTS / "cache" / f"{name}-e{args.epochs}-measured-u{args.units}-r{args.retrain_steps}.npz"
+        key = f"e{args.epochs}-measured-u{args.units}-r{args.retrain_steps}-c{args.calib_batches}"
+        cache = RESULTS / "cache" / f"{name}-{key}.npz"
         if cache.exists():  # the measurement is deterministic and the slowest part: reuse it
             z = np.load(cache)
             d_now, d_rt, lr = z["now"], z["retrained"], float(z["lr"])
