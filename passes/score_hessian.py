@@ -16,7 +16,7 @@ from fxprune.passes.score import register_score
 
 from fxprune.calib import Batch
 
-__all__ = ["GradNormScore", "IFSOCodeScore", "InfluenceScore", "SOSPHScore", "mask_products"]
+__all__ = ["GradNormScore", "IFSOCodeScore", "InfluenceScore", "SOSPHScore", "mask_products", "probe_chunk"]
 
 
 def mask_products(
@@ -34,6 +34,18 @@ def mask_products(
                 x.add_(y, alpha=1.0 / len(batches))
             am.add_(hm, alpha=1.0 / len(batches))
     return acc
+
+
+#: weight-sized vectors one probe keeps alive while the influence score runs (its curvature product, the CG
+#: iterate, residual, direction and product, and the back product)
+VECTORS_PER_PROBE = 6
+
+
+def probe_chunk(loss: MaskedLoss, memory_gb: float, most: int = 8) -> int:
+    """How many probes to run in lockstep so their weight-sized vectors fit in ``memory_gb`` (1 to ``most``)."""
+    w_bytes = sum(w.numel() * w.element_size() for w in loss.w0)
+    fits = int(memory_gb * 2**30 // max(1, VECTORS_PER_PROBE * w_bytes))
+    return max(1, min(most, fits))
 
 
 @register_score("grad_norm")
@@ -92,7 +104,9 @@ class InfluenceScore(MaskScorePass):
 
     ``H_ww^-1`` by damped conjugate gradients (``cg_iters``) on the exact Hessian or the Gauss-Newton matrix
     (``curvature``); the diagonal for all channels at once by ``probes`` Rademacher (Hutchinson) probes, or
-    exactly with ``diag="exact"`` (one probe per channel: for small models and tests). ``spread`` is the
+    exactly with ``diag="exact"`` (one probe per channel: for small models and tests). Probes run in
+    lockstep chunks of at most 8, fewer when the weight-sized vectors that a chunk keeps would exceed
+    ``memory_gb`` (``probe_chunk``; at least one). ``spread`` is the
     standard error of the Hutchinson estimate. ``hessian_batches`` limits the batches used for curvature
     (the gradient ``g`` always uses all of them; ``None`` = all).
 
@@ -115,6 +129,7 @@ class InfluenceScore(MaskScorePass):
         "diag": "hutchinson",
         "hessian_batches": 1,
         "retrained": True,
+        "memory_gb": 2.0,
     }
 
     def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,7 +149,7 @@ class InfluenceScore(MaskScorePass):
             raise InputError(f"diag={opts['diag']!r}: choose 'hutchinson' or 'exact'")
         zero_m = torch.zeros(k, device=loss.device)
         samples_mm, samples_a = [], []
-        chunk = 8  # probes per shared backward graph: bounds memory
+        chunk = probe_chunk(loss, float(opts["memory_gb"]))
         for start in self.bar(range(0, len(probes), chunk), "probes"):
             zs = probes[start : start + chunk]
             prods = mask_products(loss, batches, [(loss.zeros_w(), z) for z in zs], curv)

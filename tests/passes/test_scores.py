@@ -160,6 +160,20 @@ def test_batched_and_looped_hessian_vector_products_agree(setup) -> None:
             torch.testing.assert_close(a, b)
 
 
+def test_influence_probe_chunks_fit_the_memory_budget_and_do_not_change_the_score(setup) -> None:
+    from fxprune.passes.masking import MaskedLoss
+    from fxprune.passes.score_hessian import probe_chunk
+
+    model, gm, dep, calib, *_ = setup
+    ml = MaskedLoss(gm, dep.groups, calib, torch.device("cpu"))
+    w_bytes = sum(w.numel() * w.element_size() for w in ml.w0)
+    assert probe_chunk(ml, 1.0) == 8  # a tiny model: the most
+    assert probe_chunk(ml, 3 * 6 * w_bytes / 2**30) == 3
+    assert probe_chunk(ml, 1e-12) == 1  # never zero
+    one_at_a_time = run(setup, "influence", probes=5, memory_gb=1e-12)
+    np.testing.assert_allclose(one_at_a_time, run(setup, "influence", probes=5), rtol=1e-10, atol=1e-14)
+
+
 def test_influence_exact_diag_is_the_schur_complement(setup) -> None:
     model, gm, dep, calib, batches, order, nw, z0, loss, grads, hess = setup
     h = hess.mean(0)
