@@ -886,8 +886,10 @@ def _conv_functional(ctx: RuleContext) -> Any:
     return _conv(ctx, ctx.arg(0, "input"), w.name, _param_name(ctx, "bias"), w_shape, groups, literal)
 
 
-def _linear(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Sequence[int]) -> Any:
-    """Linear: the last dim of ``x`` cuts weight columns; the output's last dim is a new space."""
+def _linear(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Sequence[int],
+            out_dim: int | None = None) -> Any:  # fmt: skip
+    """Linear: the last dim of ``x`` cuts weight columns; the output's last dim (or ``out_dim``, for an op
+    that also reshapes, like Swin's window merge) is a new space."""
     t = ctx.tracked(x)
     xs = _shape(ctx.value(x)) or ()
     if t is not None and t.dim != len(xs) - 1:
@@ -899,7 +901,7 @@ def _linear(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Se
     ctx.claim(weight, 0, out, "out")
     ctx.claim(bias, 0, out, "out")
     ctx.cost(t.segs if t is not None else None, out)
-    return Tracked(len(xs) - 1, out)
+    return Tracked(len(xs) - 1 if out_dim is None else out_dim, out)
 
 
 @register(nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)

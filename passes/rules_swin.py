@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from fxprune.passes import swin_ops
 from fxprune.passes.dependency import ParamRef, RuleContext, Tracked
-from fxprune.passes.op_rules import _norm_dim, _self_arg, _shape, register
+from fxprune.passes.op_rules import _linear, _norm_dim, _self_arg, _shape, register
 from fxprune.passes.spaces import Seg
 
 from fxprune.trace import EXPANSIONS
@@ -254,17 +254,7 @@ def _window_merge(ctx: RuleContext) -> Any:
         ctx.pin_inputs("window attention with a computed proj weight or bias")
         return None
     weight, bias = names
-    t = ctx.tracked(x)
-    if t is not None and t.dim != 2:
-        ctx.pin(t, "window attention output carries channels on a non-channel dim")
-        t = None
-    out = ctx.new_space(w_shape[0])
-    if t is not None:
-        ctx.claim(weight, 1, t.segs, "in")
-    ctx.claim(weight, 0, out, "out")
-    ctx.claim(bias, 0, out, "out")
-    ctx.cost(t.segs if t is not None else None, out)
-    return Tracked(3, out)
+    return _linear(ctx, x, weight, bias, w_shape, out_dim=3)  # x: [B * windows, N, heads * d]
 
 
 _register_torchvision()
