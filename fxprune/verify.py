@@ -8,7 +8,7 @@ import logging
 import statistics
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -233,48 +233,32 @@ class _StatsMasked(torch.nn.Module):
             if dim != 0 or w.dim() != 1:
                 raise NotImplementedError(f"statistics site {name} on dim {dim} of a {w.dim()}-d weight")
             sites[id(w)] = torch.as_tensor(kept, dtype=torch.long, device=w.device)
-        real = F.layer_norm
-
-        def layer_norm(
-            input: torch.Tensor,
-            normalized_shape: Sequence[int],
-            weight: torch.Tensor | None = None,
-            bias: torch.Tensor | None = None,
-            eps: float = 1e-5,
-        ) -> torch.Tensor:
-            idx = sites.get(id(weight)) if weight is not None else None
-            if idx is None or weight is None:
-                return real(input, normalized_shape, weight, bias, eps)
-            y = real(
-                input.index_select(-1, idx),
-                (len(idx),),
-                weight[idx],
-                None if bias is None else bias[idx],
-                eps,
-            )
-            return input.new_zeros(input.shape).index_copy(-1, idx, y)
-
-        real_gn = F.group_norm
-
-        def group_norm(
-            input: torch.Tensor,
-            num_groups: int,
-            weight: torch.Tensor | None = None,
-            bias: torch.Tensor | None = None,
-            eps: float = 1e-5,
-        ) -> torch.Tensor:
-            idx = sites.get(id(weight)) if weight is not None else None
-            if idx is None or weight is None:
-                return real_gn(input, num_groups, weight, bias, eps)
-            y = real_gn(
-                input.index_select(1, idx), num_groups, weight[idx], None if bias is None else bias[idx], eps
-            )
-            return input.new_zeros(input.shape).index_copy(1, idx, y)
-
-        F.layer_norm = layer_norm  # type: ignore[assignment]
-        F.group_norm = group_norm  # type: ignore[assignment]
+        real_ln, real_gn = F.layer_norm, F.group_norm
+        F.layer_norm = _over_kept(real_ln, sites, -1, lambda shape, idx: (len(idx),))  # type: ignore[assignment]
+        F.group_norm = _over_kept(real_gn, sites, 1, lambda groups, idx: groups)  # type: ignore[assignment]
         try:
             return self.model(*args, **kwargs)
         finally:
-            F.layer_norm = real
-            F.group_norm = real_gn
+            F.layer_norm, F.group_norm = real_ln, real_gn
+
+
+def _over_kept(
+    real: Callable[..., torch.Tensor],
+    sites: Mapping[int, torch.Tensor],
+    dim: int,
+    shape_arg: Callable[[Any, torch.Tensor], Any],
+) -> Callable[..., torch.Tensor]:
+    """``real`` (``F.layer_norm`` or ``F.group_norm``: ``(input, arg, weight, bias, eps)``), computed over the
+    kept channels ``sites[id(weight)]`` of ``dim`` only, with zeros at the removed ones; ``shape_arg`` gives
+    the second argument for the kept channels. Calls whose weight is not a site are passed through."""
+
+    def fn(input: torch.Tensor, arg: Any, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+           eps: float = 1e-5) -> torch.Tensor:  # fmt: skip
+        idx = sites.get(id(weight)) if weight is not None else None
+        if idx is None or weight is None:
+            return real(input, arg, weight, bias, eps)
+        y = real(input.index_select(dim, idx), shape_arg(arg, idx), weight[idx],
+                 None if bias is None else bias[idx], eps)  # fmt: skip
+        return input.new_zeros(input.shape).index_copy(dim, idx, y)
+
+    return fn
