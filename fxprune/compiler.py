@@ -19,8 +19,8 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.calib import Calibration, LossFn, make_calibration
-from fxprune.data import PrunePlan
-from fxprune.errors import InputError, VerificationError
+from fxprune.data import META_FLOPS, PrunePlan
+from fxprune.errors import InputError, TraceError, VerificationError
 from fxprune.passes.canonical import CanonicalizePass
 from fxprune.passes.compensate import COMPENSATIONS, Compensation
 from fxprune.passes.compensate import compensate as run_compensation
@@ -227,15 +227,29 @@ def _analyse(
     concrete_args: dict[str, Any] | None,
     strict: bool,
 ) -> tuple[fx.GraphModule, DependencyResult]:
+    """Trace, propagate shapes and FLOPs (``graph_flops(gm)`` is then the model's FLOPs), group channels.
+
+    An example the traced graph cannot run is checked against the model itself: if the model fails on
+    it too, that is an ``InputError`` about the example (``_check_runs``), not a tracing problem.
+    """
     with _timed(timings, "trace"):
         gm = trace(work, leaf_modules, concrete_args)
-        if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
-            shape_propagate(gm, example, count_flops=False)  # the decomposition needs the input ranks
-            gm = CanonicalizePass()(gm)
-        shape_propagate(gm, example)
+        try:
+            if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
+                shape_propagate(gm, example, count_flops=False)  # the decomposition needs the input ranks
+                gm = CanonicalizePass()(gm)
+            shape_propagate(gm, example)
+        except TraceError:
+            _check_runs(work, example)
+            raise
     with _timed(timings, "dependency"):
         dep = DependencyPass(strict=strict)(gm)
     return gm, dep
+
+
+def graph_flops(gm: fx.GraphModule) -> int:
+    """The FLOPs of ``gm`` as its last ``shape_propagate`` counted them (torch's ``FlopCounterMode``)."""
+    return sum(int(n.meta.get(META_FLOPS, 0)) for n in gm.graph.nodes)
 
 
 def dependency_graph(
@@ -328,23 +342,23 @@ def compile(  # noqa: A001 - the product's name for it
     method = compensate if compensate is not None else ("lsq" if data is not None else "none")
     if method not in COMPENSATIONS:
         raise InputError(f"compensate={method!r} is not a method; choose one of {', '.join(COMPENSATIONS)}")
-    flops_before = _check_runs(work, example)
-    resolve_target(target_flops, max(flops_before, 1))  # argument errors before any heavy work
+    resolve_target(target_flops, None)  # argument errors before any heavy work
     dev = default_device(device)
     calib = None
     wants_data = data is not None if score == AUTO else get_score(score).uses_data
     if wants_data or method != "none":
+        _check_runs(work, example)  # an example error before any data error (calibration may run it)
         with _timed(timings, "score"):
             calib = make_calibration(work, example, data, loss_fn, max_batches=max_batches)
     if score == AUTO:
         score = auto_score(calib is not None and data is not None and calib.labelled)
         get_score(score).check_options(score_options)
     score_cls = get_score(score)
+    # the traced graph's counted run gives the FLOPs (and checks the example) in the pass that records shapes
     gm, dep = _analyse(work, example, timings, leaf_modules, concrete_args, strict)
+    flops_before = graph_flops(gm)
     with _timed(timings, "cost"):
         cost = CostPass({g.id: g.size for g in dep.groups})(gm)
-        if cost.total != flops_before:
-            log.warning("per-node FLOPs sum to %d but the whole model counts %d", cost.total, flops_before)
         target = resolve_target(target_flops, flops_before)
     with _timed(timings, "score"), _autograd_errors(gm, f"score={score!r}"):
         if scores is None:
@@ -365,17 +379,15 @@ def compile(  # noqa: A001 - the product's name for it
     with _timed(timings, "rewrite"):
         pruned = RewritePass(dep.groups, chosen.kept)(source) if chosen.kept else _fresh_copy(gm)
     verification = None
-    if verify and all(t.device.type == "cpu" for t in example):
-        # one counted eager run gives both the FLOPs and verify's reference outputs (verify runs on CPU)
-        flops_after, eager = count_flops_and_outputs(pruned, example)
+    # one counted run of the pruned graph gives its FLOPs, the shapes for the ONNX writer and (on the CPU,
+    # where verify runs) verify's reference outputs
+    eager = shape_propagate(pruned, example)
+    flops_after = graph_flops(pruned)
+    if verify:
+        on_cpu = all(t.device.type == "cpu" for t in example)
         with _timed(timings, "verify"):
             verification = verify_onnx(pruned, example, gm, rtol=rtol, latency_runs=latency_runs,
-                                       eager_outputs=eager)  # fmt: skip
-    else:
-        flops_after = count_flops(pruned, example)
-        if verify:
-            with _timed(timings, "verify"):
-                verification = verify_onnx(pruned, example, gm, rtol=rtol, latency_runs=latency_runs)
+                                       eager_outputs=eager if on_cpu else None, shapes_propagated=True)  # fmt: skip
     result = CompileResult(
         graph_module=pruned,
         plan=plan,

@@ -35,16 +35,19 @@ def allowed_sizes(n: int, min_channels: int, round_to: int) -> list[int]:
     return sizes
 
 
-def resolve_target(target_flops: float, total: int) -> float:
-    """A fraction in (0, 1] of ``total``, or an absolute FLOPs count (> 1)."""
+def resolve_target(target_flops: float, total: int | None) -> float:
+    """A fraction in (0, 1] of ``total``, or an absolute FLOPs count (> 1). ``total=None`` checks the form
+    only (before the FLOPs are counted) and returns the number."""
     if isinstance(target_flops, bool) or not isinstance(target_flops, numbers.Real):
         raise TargetError(f"target_flops must be a number, got {type(target_flops).__name__}; pass e.g. 0.5")
     t = float(target_flops)
     if math.isnan(t) or math.isinf(t) or t <= 0:
         raise TargetError(
             f"target_flops={target_flops!r} is out of range: pass a fraction in (0, 1] of the original FLOPs "
-            f"or an absolute FLOPs count up to {total}"
+            "or an absolute FLOPs count" + (f" up to {total}" if total is not None else "")
         )
+    if total is None:
+        return t
     if t <= 1.0:
         return t * total
     if t > total:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fxprune.data import PrunePlan
+from fxprune.onnx_writer import Unsupported, write_onnx
 from fxprune.trace import fold_parametrizations, mha_slow_path
 
 __all__ = ["Verification", "export_onnx", "flatten_outputs", "masked_model", "ort_session", "verify_onnx"]
@@ -55,12 +56,20 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
 def export_onnx(
     model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int = 18
 ) -> tuple[bytes, str]:
-    """Export with the TorchScript exporter (fast), falling back to the dynamo exporter.
+    """``model`` as a self-contained ONNX model, and the name of the exporter that wrote it.
 
+    A GraphModule whose every node ``fxprune.onnx_writer`` translates is written by it (``"fxprune"``,
+    opset 18 only); anything else goes to torch's TorchScript exporter (``"torchscript"``), falling back
+    to the dynamo exporter (``"dynamo"``).
     ``nn.MultiheadAttention``'s inference fast path (``aten::_native_multi_head_attention``, taken under
     ``no_grad``) has no ONNX symbolic; it is switched off during the export, so the exported graph holds
     the same computation as plain ops.
     """
+    if isinstance(model, torch.fx.GraphModule) and opset == 18:
+        try:
+            return write_onnx(model, example)[0], "fxprune"
+        except Unsupported as exc:
+            log.debug("fxprune's ONNX writer falls back to torch's exporter: %s", exc)
     with mha_slow_path():
         return _export_onnx(model, example, opset)
 
@@ -92,15 +101,22 @@ _ORT_LEVELS = {
 }
 
 
-def ort_session(onnx_bytes: bytes, optimization: str = "all") -> Any:
+def ort_session(
+    onnx_bytes: bytes, optimization: str = "all", externals: Mapping[str, np.ndarray] | None = None
+) -> Any:
     """A CPU ONNX Runtime session. ``optimization`` is the graph optimisation level: ``"all"`` (ORT's
     default, as deployed: with layout transformations), ``"extended"``, ``"basic"`` (constant folding,
-    redundant-node elimination and semantics-preserving fusions only) or ``"none"``."""
+    redundant-node elimination and semantics-preserving fusions only) or ``"none"``. ``externals``: the
+    initializers ``fxprune.onnx_writer.write_onnx(..., external=True)`` left out of the model."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization])
+    if externals:
+        opts.add_external_initializers(
+            list(externals), [ort.OrtValue.ortvalue_from_numpy(a) for a in externals.values()]
+        )
     return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
 
 
@@ -119,6 +135,24 @@ def _latency_ms(sess: Any, example: Sequence[torch.Tensor], runs: int) -> float:
     return statistics.median(times)
 
 
+def _compare(got: list[np.ndarray], ref: list[np.ndarray]) -> tuple[float, float, str | None]:
+    """(max abs error, max |ref|, why they cannot be compared or None)."""
+    if len(got) != len(ref):
+        return float("inf"), 0.0, f"ONNX model has {len(got)} outputs, eager has {len(ref)}"
+    if any(g.shape != r.shape for g, r in zip(got, ref, strict=True)):
+        return (
+            float("inf"),
+            0.0,
+            "ONNX output shapes differ from eager: "
+            + ", ".join(f"{g.shape} vs {r.shape}" for g, r in zip(got, ref, strict=True)),
+        )
+    abs_err = max(
+        (float(np.max(np.abs(g.astype(np.float64) - r))) if r.size else 0.0)
+        for g, r in zip(got, ref, strict=True)
+    )
+    return abs_err, max((float(np.max(np.abs(r))) if r.size else 0.0) for r in ref), None
+
+
 @torch.no_grad()
 def verify_onnx(
     pruned: torch.nn.Module,
@@ -129,38 +163,58 @@ def verify_onnx(
     opset: int = 18,
     latency_runs: int = 10,
     eager_outputs: Any = None,
+    shapes_propagated: bool = False,
 ) -> Verification:
     """Export ``pruned`` to ONNX, run it in ONNX Runtime, compare with eager; time original and pruned.
 
+    The export is ``fxprune.onnx_writer``'s when it translates every node (its weights handed to ONNX
+    Runtime without a serialized copy), else torch's (``export_onnx``). Should the writer's model fail
+    the check, torch's exporter is tried as well and its outcome reported, so a gap in the writer can cost
+    time but never fail a model that torch's exporter gets right; ``exporter`` names the one reported.
     The comparison runs ONNX Runtime at the ``"basic"`` optimisation level (``ort_session``: constant
     folding, redundant-node elimination and semantics-preserving fusions such as Conv+BatchNorm, no layout
     transformations); its session builds about a third faster than at the default level. Latencies are
     timed in sessions at the default level (``"all"``), as deployed, built only when ``latency_runs`` > 0.
-    ``eager_outputs``: ``pruned(*example)`` on the CPU if the caller already has it (saves one forward).
+    ``eager_outputs``: ``pruned(*example)`` on the CPU if the caller already has it (saves one forward);
+    ``shapes_propagated``: the caller has just run ``fxprune.trace.shape_propagate(pruned, example)``.
     """
     example = tuple(t.detach().cpu() for t in example)
     pruned = pruned.cpu()
-    try:
-        blob, exporter = export_onnx(pruned, example, opset)
-        sess = ort_session(blob, "basic")
-        got = _ort_run(sess, example)
-    except Exception as exc:
-        return Verification(False, float("inf"), float("inf"), rtol, "none", opset, None, None, str(exc))
     eager = pruned(*example) if eager_outputs is None else eager_outputs
     ref = [t.detach().float().numpy() for t in flatten_outputs(eager)]
-    if len(got) != len(ref):
-        return Verification(False, float("inf"), float("inf"), rtol, exporter, opset, None, None,
-                            f"ONNX model has {len(got)} outputs, eager has {len(ref)}")  # fmt: skip
-    abs_err = max(
-        (float(np.max(np.abs(g.astype(np.float64) - r))) if r.size else 0.0)
-        for g, r in zip(got, ref, strict=True)
-    )
-    scale = max((float(np.max(np.abs(r))) if r.size else 0.0) for r in ref)
+    outcome = None
+    if isinstance(pruned, torch.fx.GraphModule) and opset == 18:
+        try:
+            blob, externals = write_onnx(pruned, None if shapes_propagated else example, external=True)
+            sess = ort_session(blob, "basic", externals)
+            abs_err, scale, why = _compare(_ort_run(sess, example), ref)
+            if why is None and abs_err <= rtol * max(scale, 1e-12):
+                outcome = (blob, externals, "fxprune", abs_err, scale)
+            else:
+                log.warning("fxprune's ONNX model does not match eager (%s); trying torch's exporter",
+                            why or f"max abs error {abs_err:.3g}")  # fmt: skip
+        except Unsupported as exc:
+            log.debug("fxprune's ONNX writer falls back to torch's exporter: %s", exc)
+        except Exception as exc:  # ONNX Runtime rejected the writer's model: torch's exporter decides
+            log.warning("ONNX Runtime rejects fxprune's ONNX model (%s); trying torch's exporter", exc)
+    if outcome is None:
+        try:
+            with mha_slow_path():
+                blob, exporter = _export_onnx(pruned, example, opset)
+            sess = ort_session(blob, "basic")
+            got = _ort_run(sess, example)
+        except Exception as exc:
+            return Verification(False, float("inf"), float("inf"), rtol, "none", opset, None, None, str(exc))
+        abs_err, scale, why = _compare(got, ref)
+        if why is not None:
+            return Verification(False, float("inf"), float("inf"), rtol, exporter, opset, None, None, why)
+        outcome = (blob, {}, exporter, abs_err, scale)
+    blob, externals, exporter, abs_err, scale = outcome
     rel = abs_err / scale if scale > 0 else abs_err
     ms_after = None
     if latency_runs:
         try:
-            ms_after = _latency_ms(ort_session(blob), example, latency_runs)
+            ms_after = _latency_ms(ort_session(blob, "all", externals), example, latency_runs)
         except Exception as exc:  # the check passed at "basic"; only the deployed-level timing failed
             log.warning("could not time the compiled model in ONNX Runtime: %s", exc)
     ms_before = None

@@ -124,13 +124,6 @@ def test_untraceable_forward_is_trace_error_naming_the_line(cls: type[nn.Module]
 @pytest.mark.parametrize(
     ("example", "match"),
     [
-        (
-            torch.randn(2, 3, 8),
-            r"example_input \(\(2, 3, 8\) torch.float32 on cpu\) does not run.*shape, dtype",
-        ),
-        (torch.randn(2, 5, 8, 8), r"example_input \(\(2, 5, 8, 8\).*does not run.*5 channels"),
-        (torch.randint(0, 9, (2, 3, 8, 8)), r"torch.int64 on cpu\) does not run.*dtype"),
-        (X.half(), r"torch.float16 on cpu\) does not run"),
         (torch.device("cuda"), "example_input must be a tensor or a non-empty tuple of tensors, got device"),
         ((), "non-empty tuple of tensors"),
         ((X, 3), r"example_input\[1\] is a int, not a tensor.*concrete_args="),
@@ -142,6 +135,38 @@ def test_untraceable_forward_is_trace_error_naming_the_line(cls: type[nn.Module]
 )
 def test_bad_example_input_is_input_error(no_tracing: None, example: Any, match: str) -> None:
     expect_error(fxprune.InputError, residual(), example, match=match)
+
+
+@pytest.mark.parametrize(
+    ("example", "match"),
+    [
+        (
+            torch.randn(2, 3, 8),
+            r"example_input \(\(2, 3, 8\) torch.float32 on cpu\) does not run.*shape, dtype",
+        ),
+        (torch.randn(2, 5, 8, 8), r"example_input \(\(2, 5, 8, 8\).*does not run.*5 channels"),
+        (torch.randint(0, 9, (2, 3, 8, 8)), r"torch.int64 on cpu\) does not run.*dtype"),
+        (X.half(), r"torch.float16 on cpu\) does not run"),
+    ],
+)
+def test_example_that_does_not_run_is_input_error(example: Any, match: str) -> None:
+    """Found by the first (counted) run of the traced graph, which then runs the model itself: an example
+    the model rejects too is an InputError about the example, not a TraceError, and nothing is changed."""
+    msg = expect_error(fxprune.InputError, residual(), example, match=match)
+    assert "traced graph" not in msg
+
+
+def test_graph_that_fails_where_the_model_runs_stays_a_trace_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The example runs through the model, so a failing traced graph is a TraceError (not blamed on the
+    example)."""
+    real = fxprune.compiler.shape_propagate
+
+    def broken(gm: Any, example: Any, count_flops: bool = True) -> Any:
+        raise fxprune.TraceError("the traced graph fails at node x")
+
+    monkeypatch.setattr(fxprune.compiler, "shape_propagate", broken)
+    expect_error(fxprune.TraceError, residual(), X, match="the traced graph fails at node x")
+    monkeypatch.setattr(fxprune.compiler, "shape_propagate", real)
 
 
 def test_model_on_meta_device_is_input_error(no_tracing: None) -> None:
@@ -174,11 +199,16 @@ def test_device_without_cuda_is_input_error(no_tracing: None) -> None:
         ("0.5", "target_flops must be a number, got str; pass e.g. 0.5"),
         (None, "target_flops must be a number, got NoneType"),
         (torch.tensor(0.5), "target_flops must be a number, got Tensor"),
-        (10**12, r"target_flops=1000000000000 exceeds the model's \d+ FLOPs; pass at most \d+ or a fraction"),
     ],
 )
 def test_malformed_target_is_target_error(no_tracing: None, target: Any, match: str) -> None:
     expect_error(fxprune.TargetError, residual(), X, target, match=match)
+
+
+def test_target_above_the_model_flops_is_target_error() -> None:
+    """Needs the FLOPs count, so it comes after the first (counted) run, before scoring."""
+    expect_error(fxprune.TargetError, residual(), X, 10**12,
+                 match=r"target_flops=1000000000000 exceeds the model's \d+ FLOPs; pass at most \d+ or a fraction")  # fmt: skip
 
 
 @pytest.mark.parametrize("target", [0.001, 1.5, 1000])  # 1.5 and 1000 are absolute FLOPs counts (> 1)
