@@ -30,7 +30,14 @@ from fxprune.passes.masking import default_device
 from fxprune.passes.rewrite import RewritePass, build_plan
 from fxprune.passes.score import AUTO, GroupScore, ScoreContext, auto_score, get_score
 from fxprune.select import resolve_target, select
-from fxprune.trace import as_example_tuple, fold_parametrizations, mha_slow_path, shape_propagate, trace
+from fxprune.trace import (
+    as_example_tuple,
+    copy_module,
+    fold_parametrizations,
+    mha_slow_path,
+    shape_propagate,
+    trace,
+)
 from fxprune.verify import Verification, verify_onnx
 
 __all__ = ["STAGES", "CompileResult", "compile", "count_flops", "count_params", "dependency_graph"]
@@ -158,7 +165,7 @@ def _prepare(
     example = as_example_tuple(example_input)
     _check_devices(model, example)
     try:
-        work = copy.deepcopy(model)
+        work = copy_module(model)
     except Exception as exc:
         raise InputError(
             f"model cannot be deep-copied ({type(exc).__name__}: {exc}); fxprune compiles a private copy and "

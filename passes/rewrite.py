@@ -8,7 +8,6 @@ dimension that a pruned group indexes (``Site``), updates module attributes (``o
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch.nn as nn
 from fxprune.passes.base import TransformPass
 
 from fxprune.data import META_LITERALS, ChannelGroup, PrunePlan
+from fxprune.trace import copy_graph_module
 
 __all__ = ["RewritePass", "build_plan", "param_indices"]
 
@@ -146,7 +146,7 @@ class RewritePass(TransformPass):
         new, touched = _copy_sliced(gm, indices)
         slice_in_copy = new is None  # a sliced tensor is not a registered parameter/buffer of its owner
         if new is None:
-            new = copy.deepcopy(gm)
+            new = copy_graph_module(gm)
         remembered: dict[str, dict[str, int]] = {}
         for name, m in new.named_modules():
             for typ, (attrs, _) in _ATTR_FIXES.items():
@@ -226,7 +226,7 @@ def _copy_sliced(
             saved.append((table, leaf, table[leaf]))
             table[leaf] = t
             memo[id(t)] = t
-        new = copy.deepcopy(gm, memo)
+        new = copy_graph_module(gm, memo)
     finally:
         for table, leaf, original in reversed(saved):
             table[leaf] = original
