@@ -60,8 +60,9 @@ class _Writer:
 
     # -- helpers -------------------------------------------------------------------------------------------
     def name(self, hint: str) -> str:
+        """A fresh value name: ``#`` never occurs in an fx node name (identifiers), so none collides."""
         self.fresh += 1
-        return f"_{hint}_{self.fresh}"
+        return f"#{hint}{self.fresh}"
 
     def emit(
         self, op: str, inputs: Sequence[str], outputs: Sequence[str] | str | None = None, **attrs: Any
@@ -80,7 +81,7 @@ class _Writer:
     ) -> str:
         if t.dtype != torch.float32:
             raise Unsupported(f"tensor {qualname} is {t.dtype}")
-        key = qualname if transform is None else f"{qualname}__t"
+        key = f"#{qualname}" if transform is None else f"#{qualname}.T"  # not an fx node name
         if key not in self.initializers:
             arr = t.detach().cpu().numpy()
             self.initializers[key] = np.ascontiguousarray(arr if transform is None else transform(arr))
@@ -106,13 +107,14 @@ class _Writer:
     def run(self, external: bool) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
         """The model, and the initializers left out of it (``external``: see ``write_onnx``)."""
         inputs, outputs = [], []
+        taken = {n.name for n in self.gm.graph.nodes}
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
                 inputs.append(helper.make_tensor_value_info(n.name, TensorProto.FLOAT, list(self.shape(n))))
             elif n.op == "output":
                 for i, o in enumerate(_flat_nodes(n.args[0])):
                     # a graph output gets its own name: one value may be returned twice, or be an input
-                    name = f"output_{i}"
+                    name = f"output_{i}" if f"output_{i}" not in taken else f"#output_{i}"
                     shape = list(self.shape(o))
                     self.emit("Identity", [o.name], name)
                     outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
@@ -204,7 +206,7 @@ def _ints(v: Any, k: int) -> list[int]:
 def _conv(w: _Writer, n: fx.Node, m: nn.modules.conv._ConvNd) -> None:
     if m.transposed or m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise Unsupported(f"{n.target}: transposed/padding_mode/string padding")
-    k = len(m.kernel_size)
+    k = _spatial(w, n, n.args[0], len(m.kernel_size))  # type: ignore[arg-type]
     ins = [n.args[0].name, w.tensor(f"{n.target}.weight", m.weight)]  # type: ignore[union-attr]
     if m.bias is not None:
         ins.append(w.tensor(f"{n.target}.bias", m.bias))
@@ -259,9 +261,17 @@ def _layer_norm_module(w: _Writer, n: fx.Node, m: nn.LayerNorm) -> None:
     _layer_norm_parts(w, n, n.args[0], m.normalized_shape, scale, bias, m.eps)  # type: ignore[arg-type]
 
 
-def _pool_common(w: _Writer, n: fx.Node, x: fx.Node, op: str, kernel: Any, stride: Any, padding: Any,
+def _spatial(w: _Writer, n: fx.Node, x: fx.Node, k: int) -> int:
+    """``k``, the op's number of spatial dims, when ``x`` is batched (N, C, *k dims): ONNX's pooling and
+    convolution take no unbatched input."""
+    if len(w.shape(x)) != k + 2:
+        raise Unsupported(f"{n.name}: a {k}-d op on a rank-{len(w.shape(x))} input (unbatched)")
+    return k
+
+
+def _pool_common(w: _Writer, n: fx.Node, x: fx.Node, op: str, k: int, kernel: Any, stride: Any, padding: Any,
                  ceil_mode: bool, **extra: Any) -> None:  # fmt: skip
-    k = len(w.shape(x)) - 2
+    k = _spatial(w, n, x, k)
     kernel = _ints(kernel, k)
     stride = _ints(stride, k) if stride not in (None, [], ()) else kernel
     w.emit(op, [x.name], n.name, kernel_shape=kernel, strides=stride, pads=_pair_pads(_ints(padding, k)),
@@ -271,19 +281,20 @@ def _pool_common(w: _Writer, n: fx.Node, x: fx.Node, op: str, kernel: Any, strid
 def _max_pool(w: _Writer, n: fx.Node, m: nn.MaxPool2d) -> None:
     if m.return_indices:
         raise Unsupported(f"{n.target}: return_indices")
-    k = len(w.shape(n.args[0])) - 2
-    _pool_common(w, n, n.args[0], "MaxPool", m.kernel_size, m.stride, m.padding, m.ceil_mode,  # type: ignore[arg-type]
+    k = _DIMS[type(m)]
+    _pool_common(w, n, n.args[0], "MaxPool", k, m.kernel_size, m.stride, m.padding, m.ceil_mode,  # type: ignore[arg-type]
                  dilations=_ints(m.dilation, k))  # fmt: skip
 
 
 def _avg_pool(w: _Writer, n: fx.Node, m: nn.AvgPool2d) -> None:
-    if m.divisor_override is not None:
+    if getattr(m, "divisor_override", None) is not None:  # AvgPool1d has none
         raise Unsupported(f"{n.target}: divisor_override")
-    _pool_common(w, n, n.args[0], "AveragePool", m.kernel_size, m.stride, m.padding, m.ceil_mode,  # type: ignore[arg-type]
+    _pool_common(w, n, n.args[0], "AveragePool", _DIMS[type(m)], m.kernel_size, m.stride, m.padding, m.ceil_mode,  # type: ignore[arg-type]
                  count_include_pad=int(m.count_include_pad))  # fmt: skip
 
 
-def _adaptive_avg(w: _Writer, n: fx.Node, x: fx.Node) -> None:
+def _adaptive_avg(w: _Writer, n: fx.Node, x: fx.Node, k: int) -> None:
+    _spatial(w, n, x, k)
     ins, out = w.shape(x), w.shape(n)
     if all(o == 1 for o in out[2:]):
         w.emit("GlobalAveragePool", [x.name], n.name)
@@ -330,7 +341,8 @@ def _identity(w: _Writer, n: fx.Node, m: Any = None) -> None:
 
 
 def _reshape(w: _Writer, n: fx.Node, m: Any = None) -> None:
-    w.emit("Reshape", [n.args[0].name, w.const(w.shape(n), "shape", np.int64)], n.name)  # type: ignore[union-attr]
+    # allowzero: a 0 in the (static) target shape is an empty dim, not "copy the input's"
+    w.emit("Reshape", [n.args[0].name, w.const(w.shape(n), "shape", np.int64)], n.name, allowzero=1)  # type: ignore[union-attr]
 
 
 _MODULES: dict[type, Callable[..., None]] = {
@@ -348,9 +360,9 @@ _MODULES: dict[type, Callable[..., None]] = {
     nn.AvgPool1d: _avg_pool,
     nn.AvgPool2d: _avg_pool,
     nn.AvgPool3d: _avg_pool,
-    nn.AdaptiveAvgPool1d: lambda w, n, m: _adaptive_avg(w, n, n.args[0]),
-    nn.AdaptiveAvgPool2d: lambda w, n, m: _adaptive_avg(w, n, n.args[0]),
-    nn.AdaptiveAvgPool3d: lambda w, n, m: _adaptive_avg(w, n, n.args[0]),
+    nn.AdaptiveAvgPool1d: lambda w, n, m: _adaptive_avg(w, n, n.args[0], 1),
+    nn.AdaptiveAvgPool2d: lambda w, n, m: _adaptive_avg(w, n, n.args[0], 2),
+    nn.AdaptiveAvgPool3d: lambda w, n, m: _adaptive_avg(w, n, n.args[0], 3),
     nn.ReLU: _unary("Relu"),
     nn.ReLU6: _relu6,
     nn.SiLU: _silu,
@@ -363,6 +375,11 @@ _MODULES: dict[type, Callable[..., None]] = {
     nn.Identity: _identity,
     nn.Flatten: _reshape,
 }
+
+#: spatial dims of the pooling modules
+_DIMS = {
+    nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+}  # fmt: skip
 
 #: subclasses that keep the parent's forward (e.g. MHA's ``NonDynamicallyQuantizableLinear``)
 _SUBCLASSABLE = (nn.Linear,)
@@ -386,7 +403,7 @@ def _cat(w: _Writer, n: fx.Node) -> None:
 
 
 def _permute(w: _Writer, n: fx.Node) -> None:
-    dims = _arg(n, 1, "dims") if n.op == "call_function" else n.args[1:]
+    dims = _arg(n, 1, "dims") if n.op == "call_function" else (n.args[1:] or n.kwargs.get("dims"))
     if n.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
         dims = dims[0]
     rank = len(w.shape(n))
@@ -424,22 +441,21 @@ def _relu_fn(w: _Writer, n: fx.Node) -> None:
 
 
 def _adaptive_fn(w: _Writer, n: fx.Node) -> None:
-    _adaptive_avg(w, n, n.args[0])  # type: ignore[arg-type]
+    _adaptive_avg(w, n, n.args[0], 2)  # type: ignore[arg-type]
 
 
 def _max_pool_fn(w: _Writer, n: fx.Node) -> None:
     if _arg(n, 6, "return_indices", False):
         raise Unsupported(f"{n.name}: return_indices")
     x, kernel = n.args[0], _arg(n, 1, "kernel_size")
-    k = len(w.shape(x)) - 2
-    _pool_common(w, n, x, "MaxPool", kernel, _arg(n, 2, "stride"), _arg(n, 3, "padding", 0),  # type: ignore[arg-type]
-                 _arg(n, 5, "ceil_mode", False), dilations=_ints(_arg(n, 4, "dilation", 1), k))  # fmt: skip
+    _pool_common(w, n, x, "MaxPool", 2, kernel, _arg(n, 2, "stride"), _arg(n, 3, "padding", 0),  # type: ignore[arg-type]
+                 _arg(n, 5, "ceil_mode", False), dilations=_ints(_arg(n, 4, "dilation", 1), 2))  # fmt: skip
 
 
 def _avg_pool_fn(w: _Writer, n: fx.Node) -> None:
     if _arg(n, 6, "divisor_override") is not None:
         raise Unsupported(f"{n.name}: divisor_override")
-    _pool_common(w, n, n.args[0], "AveragePool", _arg(n, 1, "kernel_size"), _arg(n, 2, "stride"),  # type: ignore[arg-type]
+    _pool_common(w, n, n.args[0], "AveragePool", 2, _arg(n, 1, "kernel_size"), _arg(n, 2, "stride"),  # type: ignore[arg-type]
                  _arg(n, 3, "padding", 0), _arg(n, 4, "ceil_mode", False),
                  count_include_pad=int(bool(_arg(n, 5, "count_include_pad", True))))  # fmt: skip
 
@@ -478,6 +494,8 @@ _FUNCTIONS: dict[Any, Callable[[_Writer, fx.Node], None]] = {
     F.layer_norm: _layer_norm_fn,
     F.linear: _linear_fn,
     F.relu: _relu_fn,
+    ("method", "relu"): _relu_fn,
+    F.gelu: lambda w, n: _gelu(w, n, None),
     torch.relu: _relu_fn,
     torch.sigmoid: _unary("Sigmoid"),
     F.sigmoid: _unary("Sigmoid"),
