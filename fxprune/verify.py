@@ -102,16 +102,22 @@ _ORT_LEVELS = {
 
 
 def ort_session(
-    onnx_bytes: bytes, optimization: str = "all", externals: Mapping[str, np.ndarray] | None = None
+    onnx_bytes: bytes,
+    optimization: str = "all",
+    externals: Mapping[str, np.ndarray] | None = None,
+    threads: int | None = None,
 ) -> Any:
     """A CPU ONNX Runtime session. ``optimization`` is the graph optimisation level: ``"all"`` (ORT's
     default, as deployed: with layout transformations), ``"extended"``, ``"basic"`` (constant folding,
     redundant-node elimination and semantics-preserving fusions only) or ``"none"``. ``externals``: the
-    initializers ``fxprune.onnx_writer.write_onnx(..., external=True)`` left out of the model."""
+    initializers ``fxprune.onnx_writer.write_onnx(..., external=True)`` left out of the model.
+    ``threads``: intra-op threads (default: ONNX Runtime's, one per physical core)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if threads is not None:
+        opts.intra_op_num_threads = threads
     opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _ORT_LEVELS[optimization])
     if externals:
         opts.add_external_initializers(
@@ -173,7 +179,9 @@ def verify_onnx(
     time but never fail a model that torch's exporter gets right; ``exporter`` names the one reported.
     The comparison runs ONNX Runtime at the ``"basic"`` optimisation level (``ort_session``: constant
     folding, redundant-node elimination and semantics-preserving fusions such as Conv+BatchNorm, no layout
-    transformations); its session builds about a third faster than at the default level. Latencies are
+    transformations); its session builds about a third faster than at the default level, and runs with
+    torch's thread count (``torch.get_num_threads()``: ONNX Runtime's own pool, one thread per core and
+    spinning, made a one-off check several times slower on a busy machine). Latencies are
     timed in sessions at the default level (``"all"``), as deployed, built only when ``latency_runs`` > 0.
     ``eager_outputs``: ``pruned(*example)`` on the CPU if the caller already has it (saves one forward);
     ``shapes_propagated``: the caller has just run ``fxprune.trace.shape_propagate(pruned, example)``.
@@ -186,7 +194,7 @@ def verify_onnx(
     if isinstance(pruned, torch.fx.GraphModule) and opset == 18:
         try:
             blob, externals = write_onnx(pruned, None if shapes_propagated else example, external=True)
-            sess = ort_session(blob, "basic", externals)
+            sess = ort_session(blob, "basic", externals, threads=torch.get_num_threads())
             abs_err, scale, why = _compare(_ort_run(sess, example), ref)
             if why is None and abs_err <= rtol * max(scale, 1e-12):
                 outcome = (blob, externals, "fxprune", abs_err, scale)
@@ -201,7 +209,7 @@ def verify_onnx(
         try:
             with mha_slow_path():
                 blob, exporter = _export_onnx(pruned, example, opset)
-            sess = ort_session(blob, "basic")
+            sess = ort_session(blob, "basic", threads=torch.get_num_threads())
             got = _ort_run(sess, example)
         except Exception as exc:
             return Verification(False, float("inf"), float("inf"), rtol, "none", opset, None, None, str(exc))
