@@ -834,8 +834,8 @@ def _conv(
         return Tracked(ch, out)
     slot = None
     if t is not None:
-        pieces = [ctx.spaces.slice(t.segs, i * per_group, (i + 1) * per_group) for i in range(groups)]
-        if any(p is None for p in pieces):
+        pieces = ctx.spaces.pieces(t.segs, groups)
+        if pieces is None:
             ctx.pin(t, "grouped conv cuts a repeated channel block")
         else:
             slot = pieces[0]

@@ -146,6 +146,41 @@ class SpaceTable:
             p += size
         return tuple(out)
 
+    def pieces(self, segs: Sequence[Seg], count: int) -> list[tuple[Seg, ...]] | None:
+        """``[slice(segs, i * step, (i + 1) * step) for i in range(count)]`` (``step = size / count``) in one
+        pass over the leaves instead of ``count`` (a grouped conv of many groups); None when a cut falls
+        inside a repeat block. The same cuts are made in the same order (a cut that fails does not stop
+        the later ones, as with ``slice`` per piece), so the atoms are split exactly the same way."""
+        step = self.size(segs) // count
+        out: list[tuple[Seg, ...]] = []
+        cur: list[Seg] = []
+        failed = False
+        p, k = 0, 1  # position so far; the next cut is at k * step (for k < count)
+        stack = list(reversed(list(segs)))
+        while stack:
+            a, r = stack.pop()
+            if a in self.children:
+                lo, hi = self.children[a]
+                stack.append((hi, r))
+                stack.append((lo, r))
+                continue
+            size = self.length[a] * r
+            if k < count and p < k * step < p + size:
+                off = k * step - p
+                if off % r:
+                    failed, k = True, k + 1  # this cut cannot be made; the next may fall in this leaf too
+                else:
+                    self.split(a, off // r)  # its two halves come next
+                stack.append((a, r))
+                continue
+            cur.append((a, r))
+            p += size
+            if k < count and p == k * step:
+                out.append(tuple(cur))
+                cur, k = [], k + 1
+        out.append(tuple(cur))
+        return None if failed else out
+
     def scale(self, segs: Sequence[Seg], factor: int) -> tuple[Seg, ...]:
         """The same channels with every channel repeated ``factor`` times more."""
         return tuple((a, r * factor) for a, r in segs)

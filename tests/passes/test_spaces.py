@@ -114,3 +114,42 @@ def test_unify_matches_brute_force(lengths: list[int], program: list[tuple[str, 
     for p in positions:
         for q in positions:
             assert (got[p] == got[q]) == (brute.find(p) == brute.find(q)), (p, q)
+
+
+def _slices_per_piece(sp: SpaceTable, segs: list[tuple[int, int]], count: int) -> list[tuple] | None:
+    step = sp.size(segs) // count
+    got = [sp.slice(segs, i * step, (i + 1) * step) for i in range(count)]
+    return None if any(p is None for p in got) else got  # type: ignore[return-value]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+    repeats=st.lists(st.integers(1, 3), min_size=5, max_size=5),
+    tie=st.booleans(),
+    count=st.integers(1, 8),
+)
+def test_pieces_equals_one_slice_per_piece(
+    lengths: list[int], repeats: list[int], tie: bool, count: int
+) -> None:
+    """``pieces`` (one pass, for grouped convs) makes the same cuts as ``slice`` per piece: the same atoms,
+    classes and leaves afterwards, the same channels per piece, and None exactly when a cut fails."""
+
+    def build() -> tuple[SpaceTable, list[tuple[int, int]]]:
+        sp = SpaceTable()
+        atoms = [sp.new(n, f"a{i}") for i, n in enumerate(lengths)]
+        if tie and len(atoms) > 1 and sp.length[atoms[0]] == sp.length[atoms[-1]]:
+            sp.union(atoms[0], atoms[-1])  # one class at two positions of the same dimension
+        return sp, [(a, repeats[i]) for i, a in enumerate(atoms)]
+
+    sp1, segs1 = build()
+    sp2, segs2 = build()
+    if sp1.size(segs1) % count:
+        return
+    want = _slices_per_piece(sp1, segs1, count)
+    got = sp2.pieces(segs2, count)
+    assert (got is None) == (want is None)
+    assert sp1.children == sp2.children and sp1.length == sp2.length
+    assert [sp1.find(a) for a in range(len(sp1.length))] == [sp2.find(a) for a in range(len(sp2.length))]
+    if got is not None and want is not None:
+        assert [sp2.leaves(p) for p in got] == [sp1.leaves(p) for p in want]
