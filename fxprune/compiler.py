@@ -27,7 +27,7 @@ from fxprune.passes.compensate import compensate as run_compensation
 from fxprune.passes.cost import CostModel, CostPass
 from fxprune.passes.dependency import DependencyPass, DependencyResult
 from fxprune.passes.masking import default_device
-from fxprune.passes.rewrite import RewritePass, build_plan
+from fxprune.passes.rewrite import RewritePass, build_plan, param_indices
 from fxprune.passes.score import AUTO, GroupScore, ScoreContext, auto_score, get_score
 from fxprune.select import resolve_target, select
 from fxprune.trace import (
@@ -375,7 +375,8 @@ def compile(  # noqa: A001 - the product's name for it
     with _timed(timings, "select"):
         chosen = select(dep.groups, {g: s.mean for g, s in scored.items()}, cost, target, min_channels=min_channels, round_to=round_to,
                         cost_exponent=score_cls.cost_exponent if cost_exponent is None else cost_exponent)  # fmt: skip
-        plan = build_plan(dep.groups, chosen.kept)
+        indices = param_indices(dep.groups, chosen.kept)  # the plan's and the rewrite's, computed once
+        plan = build_plan(dep.groups, chosen.kept, indices)
     comp = None
     source = gm
     if method != "none" and chosen.kept:
@@ -384,7 +385,7 @@ def compile(  # noqa: A001 - the product's name for it
             source, comp = run_compensation(gm, dep.groups, plan, calib, method, device=dev,
                                             newton_options=score_options)  # fmt: skip
     with _timed(timings, "rewrite"):
-        pruned = RewritePass(dep.groups, chosen.kept)(source) if chosen.kept else _fresh_copy(gm)
+        pruned = RewritePass(dep.groups, chosen.kept, indices)(source) if chosen.kept else _fresh_copy(gm)
     verification = None
     # one counted run of the pruned graph gives its FLOPs, the shapes for the ONNX writer and (on the CPU,
     # where verify runs) verify's reference outputs

@@ -17,10 +17,11 @@ class PassContractError(AssertionError):
 
 
 def _fingerprint(gm: fx.GraphModule) -> tuple[Any, ...]:
-    nodes = tuple((n.name, n.op, str(n.target), str(n.args), str(n.kwargs)) for n in gm.graph.nodes)
-    tensors = tuple(
-        (k, v.data_ptr(), tuple(v.shape), v._version) for k, v in gm.state_dict(keep_vars=True).items()
-    )
+    """The graph (by value: fx argument containers are immutable, a changed argument is a new one) and
+    every tensor's identity, storage, shape and version counter."""
+    nodes = tuple((n, n.name, n.op, n.target, n.args, tuple(n.kwargs.items())) for n in gm.graph.nodes)
+    named = (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
+    tensors = tuple((k, id(v), v.data_ptr(), tuple(v.shape), v._version) for k, v in named)
     return nodes, tensors
 
 

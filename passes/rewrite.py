@@ -50,9 +50,15 @@ def param_indices(
     return out
 
 
-def build_plan(groups: Sequence[ChannelGroup], kept: Mapping[int, tuple[int, ...]]) -> PrunePlan:
-    """The plan: kept indices per group, per parameter dim, per consumer input, and per module."""
-    idx = param_indices(groups, kept)
+Indices = dict[tuple[str, int], tuple[np.ndarray, int]]
+
+
+def build_plan(
+    groups: Sequence[ChannelGroup], kept: Mapping[int, tuple[int, ...]], indices: Indices | None = None
+) -> PrunePlan:
+    """The plan: kept indices per group, per parameter dim, per consumer input, and per module.
+    ``indices``: ``param_indices(groups, kept)`` if the caller has it (the rewrite needs it too)."""
+    idx = param_indices(groups, kept) if indices is None else indices
     params: dict[str, dict[int, tuple[int, ...]]] = {}
     for (p, d), (k, _) in sorted(idx.items()):
         params.setdefault(p, {})[d] = tuple(k.tolist())
@@ -137,12 +143,15 @@ _ATTR_FIXES: dict[type, tuple[tuple[str, ...], Callable[[nn.Module, dict[str, in
 
 
 class RewritePass(TransformPass):
-    def __init__(self, groups: Sequence[ChannelGroup], kept: Mapping[int, tuple[int, ...]]) -> None:
+    def __init__(
+        self, groups: Sequence[ChannelGroup], kept: Mapping[int, tuple[int, ...]], indices: Indices | None = None
+    ) -> None:
         self.groups = list(groups)
         self.kept = dict(kept)
+        self.indices = indices
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
-        indices = param_indices(self.groups, self.kept)
+        indices = param_indices(self.groups, self.kept) if self.indices is None else self.indices
         new, touched = _copy_sliced(gm, indices)
         slice_in_copy = new is None  # a sliced tensor is not a registered parameter/buffer of its owner
         if new is None:
