@@ -17,11 +17,15 @@ class PassContractError(AssertionError):
 
 
 def _fingerprint(gm: fx.GraphModule) -> tuple[Any, ...]:
-    """The graph (by value: fx argument containers are immutable, a changed argument is a new one) and
-    every tensor's identity, storage, shape and version counter."""
+    """The graph (by value: fx argument containers are immutable, a changed argument is a new one), every
+    module's identity, and every parameter's and buffer's identity, storage, shape and version counter."""
     nodes = tuple((n, n.name, n.op, n.target, n.args, tuple(n.kwargs.items())) for n in gm.graph.nodes)
-    named = (*gm.named_parameters(remove_duplicate=False), *gm.named_buffers(remove_duplicate=False))
-    tensors = tuple((k, id(v), v.data_ptr(), tuple(v.shape), v._version) for k, v in named)
+    tensors = tuple(
+        (id(m), k, id(t), None if t is None else (t.data_ptr(), tuple(t.shape), t._version))
+        for m in gm.modules()
+        for table in (m._parameters, m._buffers)
+        for k, t in table.items()
+    )
     return nodes, tensors
 
 

@@ -82,7 +82,29 @@ def test_analysis_pass_contract_is_enforced() -> None:
         def run(self, gm: torch.fx.GraphModule) -> None:
             next(iter(gm.graph.nodes)).meta["color"] = "red"
 
+    class Rewirer(AnalysisPass[None]):  # adds a keyword argument to one node
+        def run(self, gm: torch.fx.GraphModule) -> None:
+            node = next(n for n in gm.graph.nodes if n.op == "call_module")
+            node.kwargs = {**node.kwargs, "extra": 1}
+
+    class Swapper(AnalysisPass[None]):  # replaces a parameter by an equal one
+        def run(self, gm: torch.fx.GraphModule) -> None:
+            gm.a.weight = torch.nn.Parameter(gm.a.weight.detach().clone())
+
+    class Reader(AnalysisPass[int]):  # reads everything, changes nothing
+        def run(self, gm: torch.fx.GraphModule) -> int:
+            n = next(iter(gm.graph.nodes))
+            n.args = tuple(n.args)  # an equal tuple: not a change
+            return sum(p.numel() for p in gm.parameters())
+
     with pytest.raises(PassContractError, match="modified"):
         Sneaky()(gm)
+    gm, _ = _prepared()
     with pytest.raises(PassContractError, match="non-fxprune meta"):
         Tagger()(gm)
+    for bad in (Rewirer, Swapper):
+        gm, _ = _prepared()
+        with pytest.raises(PassContractError, match="modified"):
+            bad()(gm)
+    gm, _ = _prepared()
+    assert Reader()(gm) > 0
