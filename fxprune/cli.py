@@ -256,7 +256,10 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
     after = _evaluate(result.graph_module, data) if data is not None else {}
     with steps.step("write artefacts"):
         fxprune.save(result, out, onnx=False)
-        blob, _ = export_onnx(result.graph_module, example, 18)
+        v = result.verification  # the exporter whose model verification checked
+        blob, _ = export_onnx(
+            result.graph_module, example, 18, exporter=v.exporter if v and v.exporter != "none" else "auto"
+        )
         (out / "model.onnx").write_bytes(blob)
         layers = layer_widths(spec.model, result.graph_module)
         write_plots(layers, out)

@@ -142,7 +142,11 @@ def save(result: Any, directory: _PathLike, *, onnx: bool = True, opset: int = 1
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
     if onnx:
-        blob, _ = export_onnx(gm.cpu(), _example_from_specs(specs), opset)
+        # the exporter whose model verification checked (fxprune's writer unless it fell back)
+        exporter = (
+            v.exporter if v is not None and v.exporter in ("fxprune", "torchscript", "dynamo") else "auto"
+        )
+        blob, _ = export_onnx(gm.cpu(), _example_from_specs(specs), opset, exporter=exporter)
         (out / "model.onnx").write_bytes(blob)
     return out
 

@@ -54,29 +54,34 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
 
 
 def export_onnx(
-    model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int = 18
+    model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int = 18, exporter: str = "auto"
 ) -> tuple[bytes, str]:
     """``model`` as a self-contained ONNX model, and the name of the exporter that wrote it.
 
-    A GraphModule whose every node ``fxprune.onnx_writer`` translates is written by it (``"fxprune"``,
-    opset 18 only); anything else goes to torch's TorchScript exporter (``"torchscript"``), falling back
-    to the dynamo exporter (``"dynamo"``).
+    ``exporter="auto"``: a GraphModule whose every node ``fxprune.onnx_writer`` translates is written by it
+    (``"fxprune"``, opset 18 only); anything else goes to torch's TorchScript exporter (``"torchscript"``),
+    falling back to the dynamo exporter (``"dynamo"``). ``exporter="torchscript"`` or ``"dynamo"`` skips
+    fxprune's writer (``fxprune.save`` passes the exporter that verification reported).
     ``nn.MultiheadAttention``'s inference fast path (``aten::_native_multi_head_attention``, taken under
     ``no_grad``) has no ONNX symbolic; it is switched off during the export, so the exported graph holds
     the same computation as plain ops.
     """
-    if isinstance(model, torch.fx.GraphModule) and opset == 18:
+    if exporter not in ("auto", "fxprune", "torchscript", "dynamo"):
+        raise ValueError(f"exporter={exporter!r}: choose auto, fxprune, torchscript or dynamo")
+    if exporter in ("auto", "fxprune") and isinstance(model, torch.fx.GraphModule) and opset == 18:
         try:
             return write_onnx(model, example)[0], "fxprune"
         except Unsupported as exc:
             log.debug("fxprune's ONNX writer falls back to torch's exporter: %s", exc)
     with mha_slow_path():
-        return _export_onnx(model, example, opset)
+        return _export_onnx(model, example, opset, dynamo_only=exporter == "dynamo")
 
 
-def _export_onnx(model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int) -> tuple[bytes, str]:
+def _export_onnx(
+    model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int, dynamo_only: bool = False
+) -> tuple[bytes, str]:
     errors = []
-    for dynamo in (False, True):
+    for dynamo in (True,) if dynamo_only else (False, True):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")

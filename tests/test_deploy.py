@@ -55,6 +55,34 @@ def test_save_load_apply_plan_round_trip(tmp_path: torch.Tensor) -> None:
     assert np.abs(got - ref[:1].numpy()).max() <= 1e-4 * np.abs(ref.numpy()).max()
 
 
+@pytest.mark.parametrize("writer_ok", [True, False])
+def test_save_writes_the_onnx_model_verification_checked(
+    tmp_path: torch.Tensor, monkeypatch: pytest.MonkeyPatch, writer_ok: bool
+) -> None:
+    """save's model.onnx comes from the exporter that verification reported: fxprune's writer, or torch's
+    exporter when the writer's model failed the check (here a deliberately broken ReLU rule)."""
+    import onnx
+
+    from fxprune import onnx_writer
+
+    if not writer_ok:
+        monkeypatch.setitem(onnx_writer._MODULES, torch.nn.ReLU, onnx_writer._unary("Sigmoid"))
+    torch.manual_seed(0)
+    model = randomize_norms(ResNet20()).eval()
+    x = torch.randn(1, 3, 32, 32)
+    r = fxprune.compile(model, x, 0.5, latency_runs=0, progress=False)
+    assert r.verification is not None and r.verification.passed
+    assert r.verification.exporter == ("fxprune" if writer_ok else "torchscript")
+    out = fxprune.save(r, tmp_path / "saved")
+    blob = (out / "model.onnx").read_bytes()
+    assert (onnx.load_from_string(blob).producer_name == "fxprune") == writer_ok
+    sess = ort_session(blob)
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        ref = r.graph_module(x).numpy()
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
 def test_apply_plan_rejects_other_architectures_and_bad_plans(tmp_path: torch.Tensor) -> None:
     _, r = _compile_resnet20()
     out = fxprune.save(r, tmp_path / "saved", onnx=False)

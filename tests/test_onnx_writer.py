@@ -586,3 +586,13 @@ def test_compile_torchvision_is_verified_by_the_writer(name: str, size: int) -> 
     assert v is not None and v.passed and v.exporter == "fxprune", v
     assert result.plan.removed_channels > 0
     assert_writer_matches_eager(result.graph_module, (example,))
+
+
+def test_export_onnx_exporter_choice() -> None:
+    """``exporter=`` picks the exporter (``fxprune.save`` passes the one verification used)."""
+    gm, example = _conv_relu(), _inputs([(1, 3, 8, 8)])
+    assert export_onnx(gm, example, exporter="auto")[1] == "fxprune"
+    assert export_onnx(gm, example, exporter="fxprune")[1] == "fxprune"
+    assert export_onnx(gm, example, exporter="torchscript")[1] == "torchscript"
+    with pytest.raises(ValueError, match="exporter='onnx'"):
+        export_onnx(gm, example, exporter="onnx")
