@@ -108,11 +108,14 @@ def select(
         for gid in ladders
     }
     marginal: dict[int, float] = {}
+    ladder_arrays = {gid: np.asarray(lad) for gid, lad in ladders.items()}
     flops = cost.flops(sizes)
     while flops > target:
-        cand_gid: list[int] = []
-        cand_pri: list[float] = []
-        cand_save: list[float] = []
+        # every group's remaining steps, as arrays joined once per round (the same values and order as
+        # extending Python lists step by step, so the stable sort below ranks them the same way)
+        cand_gid: list[np.ndarray] = []
+        cand_pri: list[np.ndarray] = []
+        cand_save: list[np.ndarray] = []
         for gid, lad in ladders.items():
             if step[gid] + 1 >= len(lad):
                 continue
@@ -121,27 +124,28 @@ def select(
             per_channel = marginal[gid]
             if per_channel <= 0:
                 continue
-            n = ladders[gid][0]
-            ladder = np.asarray(ladders[gid][step[gid] :])
+            n = lad[0]
+            ladder = ladder_arrays[gid][step[gid] :]
             hi, lo = ladder[:-1], ladder[1:]
             cs = cumulative[gid]
             saved = per_channel * (hi - lo)
             pri = np.maximum.accumulate((cs[n - lo] - cs[n - hi]) / saved**cost_exponent)
-            cand_gid.extend([gid] * len(pri))
-            cand_pri.extend(pri.tolist())
-            cand_save.extend(saved.tolist())
+            cand_gid.append(np.full(len(pri), gid))
+            cand_pri.append(pri)
+            cand_save.append(saved)
         if not cand_gid:
             break
         excess = flops - target
-        idx = np.argsort(np.asarray(cand_pri), kind="stable")
+        gids, saves = np.concatenate(cand_gid), np.concatenate(cand_save)
+        idx = np.argsort(np.concatenate(cand_pri), kind="stable")
         budget, taken = 0.5 * excess, 0.0
         changed = set()
-        for i in idx:
-            gid = cand_gid[i]
+        for i in idx:  # most rounds take a few steps: index the arrays, do not convert them whole
+            gid = int(gids[i])
             step[gid] += 1
             sizes[gid] = ladders[gid][step[gid]]
             changed.add(gid)
-            taken += cand_save[i]
+            taken += float(saves[i])
             if taken >= budget:
                 break
         marginal = {gid: m for gid, m in marginal.items() if not depends[gid] & changed}
