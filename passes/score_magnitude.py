@@ -54,8 +54,15 @@ class MagnitudeScore(ScorePass):
         for param, ds in dims.items():
             t = tensors[param]
             squared = t.detach().float().pow(2)
+            if squared.dim() > 2 and set(ds) <= {0, 1}:
+                # conv weights (out, in, *kernel): one pass reduces the kernel dims, the rest is small;
+                # moving dim 1 to the front (position_sums) would copy the whole squared weight
+                squared = squared.sum(tuple(range(2, squared.dim())))
             for d in ds:
-                per_pos[param, d] = position_sums(t, d, squared)
+                if squared.dim() == 2 and d in (0, 1):
+                    per_pos[param, d] = squared.sum(1 - d)
+                else:
+                    per_pos[param, d] = position_sums(t, d, squared)
             del squared
         out: dict[int, GroupScore] = {}
         for g in groups:

@@ -258,3 +258,35 @@ def test_scores_are_deterministic_and_leave_the_graph_alone(setup) -> None:
     a = run(setup, "influence", probes=4)
     b = run(setup, "influence", probes=4)
     np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "net", ["ResidualNet", "ConcatNet", "GroupedNet", "FlattenLinearNet", "DepthwiseNet"]
+)
+def test_magnitude_score_equals_brute_force(net: str) -> None:
+    """``score_c = sqrt(sum over out/in sites of ||W[positions of c along dim]||^2) / group mean``, computed
+    here position by position from the Site definition (``offset + c * repeat + j``)."""
+    from fxprune.models_zoo import toy
+
+    torch.manual_seed(0)
+    model = getattr(toy, net)().eval()
+    gm = trace(model)
+    shape_propagate(gm, (torch.randn(2, 3, 16, 16),))
+    groups = DependencyPass()(gm).prunable
+    got = get_score("magnitude")(groups, ScoreContext(None, torch.device("cpu"), False, 0))(gm)
+    tensors = dict(gm.state_dict())
+    checked = 0
+    for g in groups:
+        want = np.zeros(g.size)
+        for s in g.sites:
+            if s.role not in ("out", "in"):
+                continue
+            t = tensors[s.param].double()
+            for c in range(g.size):
+                idx = torch.tensor([s.offset + c * s.repeat + j for j in range(s.repeat)])
+                want[c] += float(t.index_select(s.dim, idx).pow(2).sum())
+                checked += 1
+        want = np.sqrt(want)
+        want = want / want.mean() if want.mean() > 0 else want
+        np.testing.assert_allclose(got[g.id].mean, want, rtol=1e-5, atol=1e-7)
+    assert checked > 0
