@@ -16,7 +16,6 @@ from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
-from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.calib import Calibration, LossFn, make_calibration
 from fxprune.data import META_FLOPS, PrunePlan
@@ -33,6 +32,7 @@ from fxprune.select import resolve_target, select
 from fxprune.trace import (
     as_example_tuple,
     copy_module,
+    flop_counter,
     fold_parametrizations,
     mha_slow_path,
     shape_propagate,
@@ -58,7 +58,7 @@ def count_flops(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> int:
 
 def count_flops_and_outputs(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> tuple[int, Any]:
     """``count_flops`` and the outputs of the same forward pass (the counter does not change them)."""
-    with torch.no_grad(), mha_slow_path(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), mha_slow_path(), flop_counter() as counter:
         out = model(*example)
     return int(counter.get_total_flops()), out
 
