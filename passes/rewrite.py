@@ -144,7 +144,10 @@ _ATTR_FIXES: dict[type, tuple[tuple[str, ...], Callable[[nn.Module, dict[str, in
 
 class RewritePass(TransformPass):
     def __init__(
-        self, groups: Sequence[ChannelGroup], kept: Mapping[int, tuple[int, ...]], indices: Indices | None = None
+        self,
+        groups: Sequence[ChannelGroup],
+        kept: Mapping[int, tuple[int, ...]],
+        indices: Indices | None = None,
     ) -> None:
         self.groups = list(groups)
         self.kept = dict(kept)
