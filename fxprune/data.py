@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "META_CHANNELS",
@@ -20,6 +21,7 @@ __all__ = [
     "PrunePlan",
     "Site",
     "TensorValue",
+    "flatten_structure",
 ]
 
 #: ``TensorValue`` (or a tuple of them / None) describing a node's output, written by shape propagation.
@@ -168,3 +170,17 @@ class PrunePlan:
     @property
     def removed_channels(self) -> int:
         return sum(self.group_sizes[g] - len(k) for g, k in self.kept.items())
+
+
+def flatten_structure(out: Any, leaf: type) -> list[Any]:
+    """The ``leaf`` instances of a nested output (tensors of a model's output, or the fx nodes of its graph's
+    output) in one fixed order: dict values in order, then tuple/list items; anything else is left out.
+    Both sides of the ONNX check (``fxprune.verify.flatten_outputs``, ``fxprune.onnx_writer``) use it, so
+    the ONNX outputs and the eager outputs line up."""
+    if isinstance(out, leaf):
+        return [out]
+    if isinstance(out, dict):
+        return [x for v in out.values() for x in flatten_structure(v, leaf)]
+    if isinstance(out, (tuple, list)):
+        return [x for v in out for x in flatten_structure(v, leaf)]
+    return []

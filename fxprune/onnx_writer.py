@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper
 from torch import nn
 
-from fxprune.data import META_VALUE, TensorValue
+from fxprune.data import META_VALUE, TensorValue, flatten_structure
 
 __all__ = ["Unsupported", "write_onnx"]
 
@@ -112,7 +112,7 @@ class _Writer:
             if n.op == "placeholder":
                 inputs.append(helper.make_tensor_value_info(n.name, TensorProto.FLOAT, list(self.shape(n))))
             elif n.op == "output":
-                for i, o in enumerate(_flat_nodes(n.args[0])):
+                for i, o in enumerate(flatten_structure(n.args[0], fx.Node)):  # eager's order
                     # a graph output gets its own name: one value may be returned twice, or be an input
                     name = f"output_{i}" if f"output_{i}" not in taken else f"#output_{i}"
                     shape = list(self.shape(o))
@@ -170,17 +170,6 @@ class _Writer:
         if fn is None:
             raise Unsupported(f"{n.op} {getattr(n.target, '__name__', n.target)}")
         fn(self, n)
-
-
-def _flat_nodes(out: Any) -> list[fx.Node]:
-    """The output nodes in ``fxprune.verify.flatten_outputs`` order."""
-    if isinstance(out, fx.Node):
-        return [out]
-    if isinstance(out, dict):
-        return [x for v in out.values() for x in _flat_nodes(v)]
-    if isinstance(out, (tuple, list)):
-        return [x for v in out for x in _flat_nodes(v)]
-    raise Unsupported(f"output holds {type(out).__name__}")
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> Any:

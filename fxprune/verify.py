@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fxprune.data import PrunePlan
+from fxprune.data import PrunePlan, flatten_structure
 from fxprune.onnx_writer import Unsupported, write_onnx
 from fxprune.trace import fold_parametrizations, mha_slow_path
 
@@ -44,13 +44,8 @@ class Verification:
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in flatten_outputs(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in flatten_outputs(v)]
-    return []
+    """The tensors of a model's output in ``fxprune.data.flatten_structure`` order."""
+    return flatten_structure(out, torch.Tensor)
 
 
 def export_onnx(

@@ -24,7 +24,7 @@ repeat H*W; a depthwise conv with channel multiplier m gives repeat m).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 __all__ = ["Seg", "SpaceTable"]
 
@@ -105,8 +105,11 @@ class SpaceTable:
 
     # -------------------------------------------------------------- segments
     def leaves(self, segs: Iterable[Seg]) -> list[Seg]:
-        out: list[Seg] = []
-        stack = list(reversed(list(segs)))
+        return list(self._walk(list(reversed(list(segs)))))
+
+    def _walk(self, stack: list[Seg]) -> Iterator[Seg]:
+        """The leaves of ``stack`` (segments, last one first), split atoms expanded into their halves when
+        popped; the caller may push onto ``stack`` between items (an atom it has just split)."""
         while stack:
             a, r = stack.pop()
             if a in self.children:
@@ -114,8 +117,7 @@ class SpaceTable:
                 stack.append((hi, r))
                 stack.append((lo, r))
             else:
-                out.append((a, r))
-        return out
+                yield a, r
 
     def size(self, segs: Iterable[Seg]) -> int:
         return sum(self.length[a] * r for a, r in segs)
@@ -157,13 +159,7 @@ class SpaceTable:
         failed = False
         p, k = 0, 1  # position so far; the next cut is at k * step (for k < count)
         stack = list(reversed(list(segs)))
-        while stack:
-            a, r = stack.pop()
-            if a in self.children:
-                lo, hi = self.children[a]
-                stack.append((hi, r))
-                stack.append((lo, r))
-                continue
+        for a, r in self._walk(stack):
             size = self.length[a] * r
             if k < count and p < k * step < p + size:
                 off = k * step - p

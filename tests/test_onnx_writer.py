@@ -272,6 +272,7 @@ CASES = [
     Case("stochastic_depth_eval", lambda: Fn(lambda s, x: s.sd(x) + x, sd=StochasticDepth(0.3, "row")), ((4, 3, 2),),
          {"Add"}),
     # -- outputs
+    Case("output_with_none", lambda: Fn(lambda s, x: (torch.relu(x), None, {"n": None})), ((2, 50),), {"Relu"}),
     Case("outputs_nested_and_input", lambda: Fn(lambda s, x: (s.c(x), {"a": torch.relu(x), "b": x}, [(x * 2,)]),
                                                 c=nn.Conv2d(2, 2, 1)),
          ((1, 2, 3, 3),), {"Conv", "Relu", "Identity"}),
@@ -413,7 +414,7 @@ UNSUPPORTED = [
     ("sub", lambda: Fn(lambda s, x: x - 1), torch.float32, r"call_function sub"),
     ("f_linear_computed_weight", lambda: Fn(lambda s, x: F.linear(x, s.p.w * 2), p=_params(w=(4, 6))),
      torch.float32, r"linear: linear with a computed weight"),
-    ("output_none", lambda: Fn(lambda s, x: (torch.relu(x), None)), torch.float32, r"output holds NoneType"),
+    ("output_size", lambda: Fn(lambda s, x: (torch.relu(x), x.size(1))), torch.float32, r"size is not a float32"),
 ]  # fmt: skip
 
 
