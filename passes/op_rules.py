@@ -207,6 +207,24 @@ def _softmax(ctx: RuleContext) -> Any:
 
 
 # ------------------------------------------------------------------------------------- elementwise ops
+
+
+def _tie_on_one_dim(ctx: RuleContext, tracked: Sequence[tuple[Any, Tracked]], dim_of: Callable[[Any, Tracked], Any],
+                    pin_why: str, unify_why: str) -> tuple[Any, tuple[Seg, ...]] | None:  # fmt: skip
+    """Operands that all carry channels on one dim (``dim_of`` names it: an output dim, an einsum letter)
+    share those channels: unify them and return that dim and the first operand's segments. Otherwise pin
+    them all and return None."""
+    dims = {dim_of(x, t) for x, t in tracked}
+    if len(dims) != 1:
+        for _, t in tracked:
+            ctx.pin(t, pin_why)
+        return None
+    ref = tracked[0][1].segs
+    for _, t in tracked[1:]:
+        ctx.unify(ref, t.segs, unify_why)
+    return next(iter(dims)), ref
+
+
 def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
     """Broadcasting op: channels of every operand aligned with the output's channel dim are unified.
 
@@ -223,15 +241,11 @@ def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
         tracked = [(x, ctx.tracked(x)) for x in ops if ctx.tracked(x) is not None]
         if not tracked:
             return _size_math(ctx) if isinstance(ctx.out, (int, float)) else None
-        dims = {t.dim + n - len(_shape(ctx.value(x)) or ()) for x, t in tracked}
-        if len(dims) != 1:
-            for _, t in tracked:
-                ctx.pin(t, "operands carry channels on different dims")
+        tie = _tie_on_one_dim(ctx, tracked, lambda x, t: t.dim + n - len(_shape(ctx.value(x)) or ()),
+                              "operands carry channels on different dims", "elementwise op")  # fmt: skip
+        if tie is None:
             return None
-        (D,) = dims
-        ref = tracked[0][1].segs
-        for _, t in tracked[1:]:
-            ctx.unify(ref, t.segs, "elementwise op")
+        D, ref = tie
         for x in ops:
             if not isinstance(x, fx.Node) or ctx.tracked(x) is not None:
                 continue
@@ -1289,15 +1303,11 @@ def _contraction(ctx: RuleContext, terms: Sequence[str], out: str, ops: Sequence
     tracked = [(i, t) for i, x in enumerate(ops) if (t := ctx.tracked(x)) is not None]
     if not tracked:
         return None
-    letters = {terms[i][t.dim] for i, t in tracked}
-    if len(letters) != 1:
-        for _, t in tracked:
-            ctx.pin(t, "operands of a product carry channels under different dims")
+    tie = _tie_on_one_dim(ctx, tracked, lambda i, t: terms[i][t.dim],
+                          "operands of a product carry channels under different dims", "product over the same dim")  # fmt: skip
+    if tie is None:
         return None
-    (L,) = letters
-    ref = tracked[0][1].segs
-    for _, t in tracked[1:]:
-        ctx.unify(ref, t.segs, "product over the same dim")
+    L, ref = tie
     others = [i for i in range(len(ops)) if ctx.tracked(ops[i]) is None and L in terms[i]]
     if L in out:
         for i in others:
