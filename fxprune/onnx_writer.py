@@ -93,9 +93,9 @@ class _Writer:
             raise Unsupported(f"{getattr(n, 'name', n)} is not a float32 tensor")
         return v.shape
 
-    def operand(self, a: Any, like: fx.Node) -> str:
-        """An fx argument as an ONNX value: a node's output, or a Python number as a constant of
-        ``like``'s dtype."""
+    def operand(self, a: Any) -> str:
+        """An fx argument as an ONNX value: a node's output, or a Python number as a float32 constant (every
+        value the writer handles is float32)."""
         if isinstance(a, fx.Node):
             self.shape(a)
             return a.name
@@ -380,7 +380,7 @@ def _binary(op: str) -> Callable[[_Writer, fx.Node], None]:
         a, b = n.args[0], n.args[1]
         if n.kwargs or not (isinstance(a, fx.Node) or isinstance(b, fx.Node)):
             raise Unsupported(f"{n.name}: {op} with {n.kwargs or 'no tensor operand'}")
-        w.emit(op, [w.operand(a, n), w.operand(b, n)], n.name)
+        w.emit(op, [w.operand(a), w.operand(b)], n.name)
 
     return write
 
