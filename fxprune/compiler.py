@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import gc
 import logging
@@ -31,6 +30,7 @@ from fxprune.passes.score import AUTO, GroupScore, ScoreContext, auto_score, get
 from fxprune.select import resolve_target, select
 from fxprune.trace import (
     as_example_tuple,
+    copy_graph_module,
     copy_module,
     flop_counter,
     fold_parametrizations,
@@ -53,14 +53,9 @@ def count_flops(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> int:
     ``nn.MultiheadAttention`` runs its slow path (``fxprune.trace.mha_slow_path``): its fused inference
     op counts as 0 FLOPs, which would hide every attention layer from the count.
     """
-    return count_flops_and_outputs(model, example)[0]
-
-
-def count_flops_and_outputs(model: torch.nn.Module, example: Sequence[torch.Tensor]) -> tuple[int, Any]:
-    """``count_flops`` and the outputs of the same forward pass (the counter does not change them)."""
     with torch.no_grad(), mha_slow_path(), flop_counter() as counter:
-        out = model(*example)
-    return int(counter.get_total_flops()), out
+        model(*example)
+    return int(counter.get_total_flops())
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -269,7 +264,6 @@ def dependency_graph(
 ) -> DependencyResult:
     """Channel groups of ``model`` (``.groups``; ``.to_networkx()`` for a graph of them)."""
     work, example = _prepare(model, example_input)
-    _check_runs(work, example)
     return _analyse(work, example, {}, leaf_modules, concrete_args, strict)[1]
 
 
@@ -385,7 +379,9 @@ def compile(  # noqa: A001 - the product's name for it
             source, comp = run_compensation(gm, dep.groups, plan, calib, method, device=dev,
                                             newton_options=score_options)  # fmt: skip
     with _timed(timings, "rewrite"):
-        pruned = RewritePass(dep.groups, chosen.kept, indices)(source) if chosen.kept else _fresh_copy(gm)
+        pruned = (
+            RewritePass(dep.groups, chosen.kept, indices)(source) if chosen.kept else copy_graph_module(gm)
+        )
     verification = None
     # one counted run of the pruned graph gives its FLOPs, the shapes for the ONNX writer and (on the CPU,
     # where verify runs) verify's reference outputs
@@ -500,12 +496,6 @@ def _check_scores(scores: Mapping[int, GroupScore], dep: DependencyResult) -> di
             "compile of the same model with the same example input, or drop scores="
         )
     return dict(scores)
-
-
-def _fresh_copy(gm: fx.GraphModule) -> fx.GraphModule:
-    new = copy.deepcopy(gm)
-    new.recompile()
-    return new
 
 
 def _report(r: CompileResult) -> str:

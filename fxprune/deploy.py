@@ -167,7 +167,7 @@ def apply_plan(
     The weights of ``model`` are sliced (not re-selected), so ``load_state_dict`` of a pruned model's
     state_dict (e.g. after fine-tuning) then restores it. ``model`` itself is not changed.
     """
-    from fxprune.compiler import _analyse, _check_runs, _prepare
+    from fxprune.compiler import _analyse, _prepare
 
     specs: list[dict[str, Any]] = []
     if not isinstance(plan, PrunePlan):
@@ -181,7 +181,6 @@ def apply_plan(
     with warnings.catch_warnings():  # a fresh instance is usually in training mode; that is expected here
         warnings.filterwarnings("ignore", message="model is in training mode")
         work, example = _prepare(model, example_input)
-    _check_runs(work, example)
     gm, dep = _analyse(work, example, {}, leaf_modules, concrete_args, False)
     here = {g.id: g.size for g in dep.groups}
     if dict(plan.group_sizes) != here:

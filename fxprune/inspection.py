@@ -23,7 +23,7 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from fxprune.compiler import _analyse, _check_runs, _prepare
+from fxprune.compiler import _analyse, _prepare
 from fxprune.data import META_CHANNELS, META_COST_DIMS, META_FLOPS, META_VALUE, ChannelDim, ChannelGroup
 from fxprune.errors import InputError
 from fxprune.passes.dependency import DependencyResult
@@ -512,6 +512,5 @@ def inspect(
         InputError, TraceError: as ``fxprune.compile``.
     """
     work, example = _prepare(model, example_input)
-    _check_runs(work, example)
     gm, dep = _analyse(work, example, {}, leaf_modules, concrete_args, False)
     return Inspection(gm, dep, model)

@@ -3,7 +3,7 @@
 ``write_onnx(gm, example)`` propagates ``example``'s shapes through ``gm`` and emits one
 ONNX node, or a few, per fx node, with the parameters as initializers and every shape static (the example's
 shapes, as torch's TorchScript exporter without ``dynamic_axes`` gives). It knows the module and function
-calls of ``WRITERS`` (convolution, linear, BatchNorm, LayerNorm, pooling, the usual activations, add/mul,
+calls of ``_MODULES``, ``_FUNCTIONS`` and ``_FOREIGN`` (convolution, linear, BatchNorm, LayerNorm, pooling, the usual activations, add/mul,
 cat, permute, flatten/view/reshape, mean, stochastic depth in eval mode...); any other node, a float
 dtype other than float32, or a module state it does not model (training mode, ``padding_mode`` other
 than zeros, ...) raises ``Unsupported`` naming the node, and the caller falls back to torch's exporter.
@@ -11,7 +11,7 @@ than zeros, ...) raises ``Unsupported`` naming the node, and the caller falls ba
 Why: torch's TorchScript exporter traces the model again through the JIT and runs its graph passes, which
 takes longer than the whole pruning compile on small CNNs; this writer walks a graph fxprune already has.
 It is checked the same way as the exporter, against eager outputs in ONNX Runtime (``fxprune.verify``),
-and ``tests/test_onnx_writer.py`` compares it op by op with eager and with torch's exporter.
+and ``tests/test_onnx_writer.py`` compares it op by op with eager in ONNX Runtime.
 """
 
 from __future__ import annotations

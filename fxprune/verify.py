@@ -207,8 +207,7 @@ def verify_onnx(
             log.warning("ONNX Runtime rejects fxprune's ONNX model (%s); trying torch's exporter", exc)
     if outcome is None:
         try:
-            with mha_slow_path():
-                blob, exporter = _export_onnx(pruned, example, opset)
+            blob, exporter = export_onnx(pruned, example, opset, exporter="torchscript")  # or dynamo
             sess = ort_session(blob, "basic", threads=torch.get_num_threads())
             got = _ort_run(sess, example)
         except Exception as exc:

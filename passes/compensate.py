@@ -19,7 +19,6 @@ consumers where neither is possible (grouped convs, functional calls) are left a
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from fxprune.calib import Calibration
 from fxprune.data import ChannelGroup, PrunePlan
 from fxprune.errors import InputError
+from fxprune.trace import copy_graph_module
 
 __all__ = ["COMPENSATIONS", "Compensation", "compensate"]
 
@@ -182,7 +182,7 @@ def compensate(
     """A copy of ``gm`` with compensated weights, and the record of what changed (``gm`` is untouched)."""
     if method not in COMPENSATIONS:
         raise InputError(f"compensate={method!r}: choose one of {', '.join(COMPENSATIONS)}")
-    new = copy.deepcopy(gm)
+    new = copy_graph_module(gm)
     result = Compensation(method)
     if method == "none" or not plan.kept:
         return new, result

@@ -159,14 +159,12 @@ def test_example_that_does_not_run_is_input_error(example: Any, match: str) -> N
 def test_graph_that_fails_where_the_model_runs_stays_a_trace_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """The example runs through the model, so a failing traced graph is a TraceError (not blamed on the
     example)."""
-    real = fxprune.compiler.shape_propagate
 
     def broken(gm: Any, example: Any, count_flops: bool = True) -> Any:
         raise fxprune.TraceError("the traced graph fails at node x")
 
     monkeypatch.setattr(fxprune.compiler, "shape_propagate", broken)
     expect_error(fxprune.TraceError, residual(), X, match="the traced graph fails at node x")
-    monkeypatch.setattr(fxprune.compiler, "shape_propagate", real)
 
 
 def test_model_on_meta_device_is_input_error(no_tracing: None) -> None:
