@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from fxprune.data import flatten_structure
 from fxprune.errors import FxpruneError, InputError
 
 __all__ = ["Batch", "Calibration", "LossFn", "make_calibration"]
@@ -61,18 +62,8 @@ def _to(x: Any, device: torch.device) -> Any:
     return x
 
 
-def _outputs(out: Any) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        return [t for v in out.values() for t in _outputs(v)]
-    if isinstance(out, (tuple, list)):
-        return [t for v in out for t in _outputs(v)]
-    return []
-
-
 def _output_matching(out: Any, batch: Batch) -> torch.Tensor:
-    got, ref = _outputs(out), batch.targets
+    got, ref = flatten_structure(out, torch.Tensor), batch.targets
     n = max(batch.size, 1)
     return sum(((g.float() - r.float()) ** 2).sum() for g, r in zip(got, ref, strict=True)) / (2 * n)
 
@@ -171,7 +162,7 @@ def make_calibration(
             t.detach().clone() for t in inputs
         )  # a model writing into its input must not touch data
         if targets is not None:
-            _check_finite(i, "targets", _outputs(targets))
+            _check_finite(i, "targets", flatten_structure(targets, torch.Tensor))
         else:
             try:
                 with torch.no_grad():
@@ -181,7 +172,7 @@ def make_calibration(
                     f"data[{i}] does not run through the model: {type(exc).__name__}: {exc}; every batch must "
                     "be a model input like example_input"
                 ) from exc
-            targets = [t.detach() for t in _outputs(out)]
+            targets = [t.detach() for t in flatten_structure(out, torch.Tensor)]
         batches.append(Batch(inputs, targets))
     if all(labelled):
         fn = loss_fn or _default_loss

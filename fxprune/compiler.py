@@ -17,8 +17,8 @@ import torch
 import torch.fx as fx
 
 from fxprune.calib import Calibration, LossFn, make_calibration
-from fxprune.data import META_FLOPS, PrunePlan
-from fxprune.errors import InputError, TraceError, VerificationError
+from fxprune.data import META_FLOPS, META_OUTPUT, PrunePlan, output_differences, output_signature
+from fxprune.errors import InputError, TargetError, TraceError, VerificationError
 from fxprune.passes.canonical import CanonicalizePass
 from fxprune.passes.compensate import COMPENSATIONS, Compensation
 from fxprune.passes.compensate import compensate as run_compensation
@@ -32,6 +32,7 @@ from fxprune.trace import (
     as_example_tuple,
     copy_graph_module,
     copy_module,
+    detached_caches,
     flop_counter,
     fold_parametrizations,
     mha_slow_path,
@@ -145,10 +146,11 @@ def _prepare(
 ) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]]:
     """A private eval-mode copy of the model and of the example (a tuple); checks both.
 
-    Cases: (1) not an ``nn.Module``; (2) the example is not tensors, or is on the ``meta`` device; (3) model
-    tensors on ``meta`` (no data) or on another device than the example; (4) a model that cannot be
-    deep-copied (e.g. the deprecated ``torch.nn.utils.weight_norm``): all ``InputError``, raised before any
-    work. (5) parametrized tensors (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm``) are
+    Cases: (1) not an ``nn.Module``; (2) the example is not tensors, or is on the ``meta`` device, or holds
+    NaN or Inf; (3) model tensors on ``meta`` (no data) or on another device than the example; (4) a model
+    that cannot be deep-copied (e.g. the deprecated ``torch.nn.utils.weight_norm``): all ``InputError``,
+    raised before any work. Tensors a forward cached in the model's attributes with autograd on (not graph
+    leaves, which ``deepcopy`` refuses) are copied detached (``fxprune.trace.detached_caches``). (5) parametrized tensors (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm``) are
     folded into plain parameters in the copy, with a warning; (6) a model in training mode is compiled in
     eval mode, with a warning. The example is cloned, so a model that writes into its input in place never
     touches the caller's tensors. ``stacklevel``: of the warnings, to point at the user's call.
@@ -159,8 +161,9 @@ def _prepare(
         )
     example = as_example_tuple(example_input)
     _check_devices(model, example)
+    _check_finite_example(example)
     try:
-        work = copy_module(model)
+        work = copy_module(model, detached_caches(model))
     except Exception as exc:
         raise InputError(
             f"model cannot be deep-copied ({type(exc).__name__}: {exc}); fxprune compiles a private copy and "
@@ -182,6 +185,19 @@ def _prepare(
         )
     work.eval()
     return work, tuple(t.detach().clone() for t in example)
+
+
+def _check_finite_example(example: tuple[torch.Tensor, ...]) -> None:
+    for i, t in enumerate(example):
+        if t.is_floating_point() or t.is_complex():
+            bad = ~torch.isfinite(t)
+            if bool(bad.any()):
+                nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                raise InputError(
+                    f"example_input[{i}] ({tuple(t.shape)} {t.dtype}) contains {nan} NaN and {inf} Inf values; "
+                    "shapes and FLOPs come from it and the ONNX check compares outputs on it: pass a finite "
+                    f"input, e.g. torch.randn{tuple(t.shape)} or torch.nan_to_num(x)"
+                )
 
 
 def _check_devices(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> None:
@@ -240,7 +256,7 @@ def _analyse(
             if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
                 shape_propagate(gm, example, count_flops=False)  # the decomposition needs the input ranks
                 gm = CanonicalizePass()(gm)
-            shape_propagate(gm, example)
+            gm.meta[META_OUTPUT] = output_signature(shape_propagate(gm, example))
         except TraceError:
             _check_runs(work, example)
             raise
@@ -366,11 +382,12 @@ def compile(  # noqa: A001 - the product's name for it
             scored = score_cls(dep.groups, ScoreContext(calib, dev, progress, seed), **score_options)(gm)
         else:
             scored = _check_scores(scores, dep)
-    with _timed(timings, "select"):
+    with _timed(timings, "select"), _absolute_target_hint(target_flops, flops_before):
         chosen = select(dep.groups, {g: s.mean for g, s in scored.items()}, cost, target, min_channels=min_channels, round_to=round_to,
                         cost_exponent=score_cls.cost_exponent if cost_exponent is None else cost_exponent)  # fmt: skip
         indices = param_indices(dep.groups, chosen.kept)  # the plan's and the rewrite's, computed once
         plan = build_plan(dep.groups, chosen.kept, indices)
+    _warn_few_channels(dep, chosen.kept)
     comp = None
     source = gm
     if method != "none" and chosen.kept:
@@ -383,11 +400,15 @@ def compile(  # noqa: A001 - the product's name for it
             RewritePass(dep.groups, chosen.kept, indices)(source) if chosen.kept else copy_graph_module(gm)
         )
     verification = None
-    # one counted run of the pruned graph gives its FLOPs, the shapes for the ONNX writer and (on the CPU,
-    # where verify runs) verify's reference outputs
+    # one counted run of the pruned graph gives its FLOPs, the shapes for the ONNX writer, (on the CPU,
+    # where verify runs) verify's reference outputs, and the output structure checked against the original's
     eager = shape_propagate(pruned, example)
     flops_after = graph_flops(pruned)
-    if verify:
+    changed = output_differences(gm.meta[META_OUTPUT], output_signature(eager))
+    if verify and not changed:
+        with _timed(timings, "verify"), torch.no_grad():  # the user's model itself, not only its trace
+            changed = output_differences(output_signature(work(*example)), output_signature(eager))
+    if verify and not changed:
         on_cpu = all(t.device.type == "cpu" for t in example)
         with _timed(timings, "verify"):
             verification = verify_onnx(pruned, example, gm, rtol=rtol, latency_runs=latency_runs,
@@ -409,9 +430,60 @@ def compile(  # noqa: A001 - the product's name for it
         compensation=comp,
         calibration=calib,
     )
+    if changed:
+        raise VerificationError(
+            "the compiled model does not return what the original returns: " + "; ".join(changed[:8])
+            + (f" (and {len(changed) - 8} more)" if len(changed) > 8 else "")
+            + ". This is a bug in fxprune (a channel that reaches an output was pruned); please report it "
+            "with the model. err.result holds the result for inspection",
+            result=result,
+        )  # fmt: skip
     if verification is not None and not verification.passed:
         raise VerificationError(_verification_message(result, gm, example, rtol), result=result)
     return result
+
+
+#: a group left with fewer channels than this (having had more) gets a warning
+FEW_CHANNELS = 4
+
+
+@contextmanager
+def _absolute_target_hint(target_flops: float, total: int) -> Iterator[None]:
+    """An unreachable target above 1 was given as an absolute FLOPs count: say so, a fraction was likely
+    meant (``target_flops=1.5`` is 1.5 FLOPs, not 150% or 1.5x smaller)."""
+    try:
+        yield
+    except TargetError as exc:
+        if float(target_flops) <= 1.0:
+            raise
+        raise TargetError(
+            f"{exc}. Note: target_flops={target_flops!r} is above 1, so it is read as an absolute count of "
+            f"FLOPs, not a fraction; this model has {total:,} FLOPs. A fraction in (0, 1] of the original "
+            "was probably meant, e.g. target_flops=0.5 for half the FLOPs",
+            min_flops=exc.min_flops,
+            total_flops=exc.total_flops,
+        ) from exc
+
+
+def _warn_few_channels(dep: DependencyResult, kept: Mapping[int, tuple[int, ...]]) -> None:
+    """Warn when the selection leaves a group with fewer than ``FEW_CHANNELS`` channels (from more): such
+    layers are near-bottlenecks, usually a sign of a too aggressive target."""
+    few = [g for g in dep.groups if g.id in kept and len(kept[g.id]) < min(FEW_CHANNELS, g.size)]
+    if not few:
+        return
+
+    def name(g: Any) -> str:
+        mods = dict.fromkeys(s.param.rpartition(".")[0] for s in g.sites if s.role == "out")
+        where = ", ".join(list(mods)[:2]) + (", ..." if len(mods) > 2 else "")
+        return f"group {g.id} ({where}: {g.size} -> {len(kept[g.id])})"
+
+    warnings.warn(
+        f"the target leaves {len(few)} channel group(s) with fewer than {FEW_CHANNELS} channels: "
+        + "; ".join(name(g) for g in few[:6]) + (f"; and {len(few) - 6} more" if len(few) > 6 else "")
+        + ". Such layers lose most of what they carry; raise target_flops or pass "
+        f"min_channels={FEW_CHANNELS} to keep at least that many",
+        stacklevel=4,  # user -> _gc_paused -> compile -> here
+    )  # fmt: skip
 
 
 def _verification_message(

@@ -5,6 +5,7 @@ Metadata keys written into ``node.meta`` are the module constants ``META_*`` bel
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ __all__ = [
     "META_COST_DIMS",
     "META_FLOPS",
     "META_LITERALS",
+    "META_OUTPUT",
     "META_VALUE",
     "ChannelDim",
     "ChannelGroup",
@@ -22,6 +24,8 @@ __all__ = [
     "Site",
     "TensorValue",
     "flatten_structure",
+    "output_differences",
+    "output_signature",
 ]
 
 #: ``TensorValue`` (or a tuple of them / None) describing a node's output, written by shape propagation.
@@ -34,6 +38,8 @@ META_CHANNELS = "fxprune.channels"
 META_COST_DIMS = "fxprune.cost_dims"
 #: tuple of ``LiteralFix``: literal arguments that the rewrite must recompute from kept channel counts.
 META_LITERALS = "fxprune.literals"
+#: In ``GraphModule.meta``: the ``output_signature`` of the traced model's output on the example input.
+META_OUTPUT = "fxprune.output"
 
 #: A channel dimension's layout: consecutive segments ``(group_id, repeat)``; group channel ``i`` of a
 #: segment occupies ``repeat`` consecutive positions ``[offset + i*repeat, offset + (i+1)*repeat)``.
@@ -172,15 +178,91 @@ class PrunePlan:
         return sum(self.group_sizes[g] - len(k) for g, k in self.kept.items())
 
 
+def _fields(out: Any) -> list[tuple[str, Any]]:
+    """The fields of a dataclass instance, in declaration order (a dataclass output, e.g. ``ModelOutput``)."""
+    return [(f.name, getattr(out, f.name)) for f in dataclasses.fields(out)]
+
+
 def flatten_structure(out: Any, leaf: type) -> list[Any]:
     """The ``leaf`` instances of a nested output (tensors of a model's output, or the fx nodes of its graph's
-    output) in one fixed order: dict values in order, then tuple/list items; anything else is left out.
+    output) in one fixed order: dict values in order, then tuple/list items, dataclass fields in declaration
+    order; anything else is left out.
     Both sides of the ONNX check (``fxprune.verify.flatten_outputs``, ``fxprune.onnx_writer``) use it, so
-    the ONNX outputs and the eager outputs line up."""
+    the ONNX outputs and the eager outputs line up. A graph builds a dict subclass or a dataclass with a
+    call to its class (``fxprune.trace``: the output keeps its type); ``onnx_writer`` looks through that
+    call, whose arguments are in the same order."""
     if isinstance(out, leaf):
         return [out]
     if isinstance(out, dict):
         return [x for v in out.values() for x in flatten_structure(v, leaf)]
     if isinstance(out, (tuple, list)):
         return [x for v in out for x in flatten_structure(v, leaf)]
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return [x for _, v in _fields(out) for x in flatten_structure(v, leaf)]
     return []
+
+
+#: ``output_signature`` of a tensor: ``("tensor", shape, dtype)``
+Signature = tuple[Any, ...]
+
+
+def output_signature(out: Any) -> Signature:
+    """What a caller can see of a model's output without its values: container types (by qualified name),
+    dict keys and their order, sequence lengths, dataclass fields; for every tensor its shape and dtype;
+    other leaves (numbers, strings, None) by type and value. Hashable; ``output_differences`` compares two.
+    """
+    if isinstance(out, _tensor_type()):
+        return ("tensor", tuple(int(s) for s in out.shape), str(out.dtype).removeprefix("torch."))
+    kind = f"{type(out).__module__}.{type(out).__qualname__}"
+    if isinstance(out, dict):
+        return ("dict", kind, tuple((k, output_signature(v)) for k, v in out.items()))
+    if isinstance(out, (tuple, list)):
+        return ("seq", kind, tuple((i, output_signature(v)) for i, v in enumerate(out)))
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        return ("fields", kind, tuple((k, output_signature(v)) for k, v in _fields(out)))
+    return ("value", kind, repr(out))
+
+
+def _tensor_type() -> type:
+    import torch  # the data model itself needs no torch; only signatures of real outputs do
+
+    return torch.Tensor
+
+
+def output_differences(before: Signature, after: Signature, path: str = "out") -> list[str]:
+    """Each place where output signature ``after`` differs from ``before``, named by its path
+    (``out['out']: dim 1 21 -> 15``, ``out[1]: dtype float32 -> float16``, ``out: OrderedDict -> dict``).
+    Empty when the two are the same."""
+    if before == after:
+        return []
+    if before[0] != after[0] or (before[0] != "tensor" and before[1] != after[1]):
+        return [f"{path}: {_what(before)} -> {_what(after)}"]
+    if before[0] == "tensor":
+        diffs = []
+        (_, s0, d0), (_, s1, d1) = before, after
+        if len(s0) != len(s1):
+            diffs.append(f"{path}: shape {list(s0)} -> {list(s1)} (rank {len(s0)} -> {len(s1)})")
+        else:
+            diffs += [
+                f"{path}: dim {i} {a} -> {b}" for i, (a, b) in enumerate(zip(s0, s1, strict=True)) if a != b
+            ]
+        if d0 != d1:
+            diffs.append(f"{path}: dtype {d0} -> {d1}")
+        return diffs
+    if before[0] == "value":
+        return [f"{path}: {before[2]} -> {after[2]}"]
+    items0, items1 = dict(before[2]), dict(after[2])
+    keys0, keys1 = [k for k, _ in before[2]], [k for k, _ in after[2]]
+    if keys0 != keys1:
+        what = "keys" if before[0] == "dict" else ("fields" if before[0] == "fields" else "length")
+        shown = (lambda ks: len(ks)) if before[0] == "seq" else (lambda ks: ks)
+        return [f"{path}: {what} {shown(keys0)} -> {shown(keys1)}"]
+    sub = (lambda k: f"{path}[{k!r}]") if before[0] == "dict" else (
+        (lambda k: f"{path}.{k}") if before[0] == "fields" else (lambda k: f"{path}[{k}]"))  # fmt: skip
+    return [d for k in keys0 for d in output_differences(items0[k], items1[k], sub(k))]
+
+
+def _what(sig: Signature) -> str:
+    if sig[0] == "tensor":
+        return f"tensor {list(sig[1])} {sig[2]}"
+    return str(sig[1]).removeprefix("builtins.")

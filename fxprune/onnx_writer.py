@@ -30,6 +30,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from fxprune.data import META_VALUE, TensorValue, flatten_structure
+from fxprune.trace import is_container_call
 
 __all__ = ["Unsupported", "write_onnx"]
 
@@ -112,12 +113,14 @@ class _Writer:
             if n.op == "placeholder":
                 inputs.append(helper.make_tensor_value_info(n.name, TensorProto.FLOAT, list(self.shape(n))))
             elif n.op == "output":
-                for i, o in enumerate(flatten_structure(n.args[0], fx.Node)):  # eager's order
+                for i, o in enumerate(_output_nodes(n.args[0])):  # eager's order
                     # a graph output gets its own name: one value may be returned twice, or be an input
                     name = f"output_{i}" if f"output_{i}" not in taken else f"#output_{i}"
                     shape = list(self.shape(o))
                     self.emit("Identity", [o.name], name)
                     outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+            elif is_container_call(n):  # an output container (OrderedDict, dataclass): no value to write
+                continue
             else:
                 self.shape(n)  # every computed value is a float32 tensor (no sizes, tuples, ints)
                 self.write(n)
@@ -529,3 +532,12 @@ def write_onnx(
         shape_propagate(gm, tuple(example), count_flops=False)
     model, left_out = _Writer(gm).run(external)
     return model.SerializeToString(), left_out
+
+
+def _output_nodes(out: Any) -> list[fx.Node]:
+    """The tensor nodes of the graph's output in ``flatten_structure`` order, looking through the calls
+    that build output containers (their arguments hold the items in the container's own order)."""
+    nodes = []
+    for n in flatten_structure(out, fx.Node):
+        nodes += _output_nodes((n.args, n.kwargs)) if is_container_call(n) else [n]
+    return nodes

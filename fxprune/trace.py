@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import traceback
@@ -24,7 +25,9 @@ __all__ = [
     "as_example_tuple",
     "copy_graph_module",
     "copy_module",
+    "detached_caches",
     "flop_counter",
+    "is_container_call",
     "fold_parametrizations",
     "mha_slow_path",
     "shape_propagate",
@@ -74,6 +77,31 @@ class _Tracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
+    def create_arg(self, a: Any) -> Any:
+        """torch.fx's lowering, except that a container subclass keeps its type.
+
+        torch.fx stores every dict as a plain dict and every list as a plain list, and a dataclass that is
+        also a dict (``transformers``' ``ModelOutput``) as a plain dict: a model returning an
+        ``OrderedDict`` (torchvision's segmentation models) would return a ``dict`` once traced. Such a
+        container becomes a call of its class on the plain container (``OrderedDict({'out': x})``) when
+        the class rebuilds one that way, else on its dataclass fields as keywords (as torch.fx does for
+        other dataclasses); the op rules pin what flows into it (``op_rules``: containers). A subclass that
+        neither rebuilds is a ``TraceError``: returning it as a plain container would change the output.
+        """
+        cls = type(a)
+        if isinstance(a, (dict, list)) and cls not in _PLAIN_CONTAINERS:
+            plain: Any = dict(a) if isinstance(a, dict) else list(a)
+            if _rebuilds(cls, plain):
+                return self.create_node("call_function", cls, (super().create_arg(plain),), {})
+            if dataclasses.is_dataclass(a):
+                fields = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
+                return self.create_node("call_function", cls, (), fields)
+            raise TypeError(
+                f"the model returns or passes a {cls.__module__}.{cls.__qualname__} (a {type(plain).__name__} "
+                "subclass) that cannot be rebuilt from a plain one; fxprune would change its type"
+            )
+        return super().create_arg(a)
+
     def call_module(self, m: torch.nn.Module, forward: Any, args: Any, kwargs: Any) -> Any:
         self.fxprune_scope.append(self.path_of_module(m))
         try:
@@ -84,6 +112,35 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.fxprune_scope.pop()
+
+
+_PLAIN_CONTAINERS = (
+    dict,
+    list,
+    fx.immutable_collections.immutable_dict,
+    fx.immutable_collections.immutable_list,
+)
+
+
+def _rebuilds(cls: type, plain: Any) -> bool:
+    """Whether ``cls(plain)`` gives a ``cls`` with the same keys (or length) as ``plain``."""
+    probe = dict.fromkeys(plain) if isinstance(plain, dict) else [None] * len(plain)
+    try:
+        got = cls(probe)
+    except Exception:
+        return False
+    return type(got) is cls and list(got) == list(probe)
+
+
+def is_container_call(node: fx.Node) -> bool:
+    """Whether ``node`` builds an output container (``_Tracer.create_arg``: a dict/list subclass or a
+    dataclass) instead of computing a value."""
+    t = node.target
+    return (
+        node.op == "call_function"
+        and isinstance(t, type)
+        and (issubclass(t, (dict, list)) or dataclasses.is_dataclass(t))
+    )
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -160,6 +217,36 @@ def copy_module(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modu
             state[k] = copy.deepcopy(v, memo)
     new.__dict__.update(state)
     return new
+
+
+def detached_caches(model: nn.Module) -> dict[int, Any]:
+    """A ``deepcopy`` memo that copies every non-leaf tensor held by ``model``'s modules detached.
+
+    A forward run with autograd on can leave tensors that are outputs of autograd ops in module attributes
+    (caches such as timm EfficientFormer's ``attention_bias_cache``, a dict of them); ``copy.deepcopy``
+    refuses those ("Only Tensors created explicitly by the user (graph leaves) support the deepcopy
+    protocol"). Their values are what the copy needs, not their autograd history: each is mapped to
+    ``t.detach().clone()`` (parameters and buffers are leaves and are copied as usual). Pass the result
+    as ``memo`` to ``copy_module``/``copy.deepcopy``; nothing of ``model`` is changed.
+    """
+    memo: dict[int, Any] = {}
+
+    def walk(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            if not v.is_leaf and id(v) not in memo:
+                memo[id(v)] = v.detach().clone()
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            for x in v:
+                walk(x)
+
+    for m in model.modules():
+        for k, v in m.__dict__.items():
+            if k != "_modules":
+                walk(v)
+    return memo
 
 
 def copy_graph_module(gm: fx.GraphModule, memo: dict[int, Any] | None = None) -> fx.GraphModule:

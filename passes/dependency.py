@@ -147,10 +147,15 @@ class RuleContext:
         return default
 
     def info(self, a: Any) -> Any:
+        """The info of a node argument: a node's info; for a list/tuple (a namedtuple too) the tuple of its
+        items' infos, for a dict the tuple of its values' infos (nested containers alike); None for
+        anything else (literals, slices: rules read those themselves)."""
         if isinstance(a, fx.Node):
             return self._a.env.get(a)
         if isinstance(a, (list, tuple)):
             return tuple(self.info(x) for x in a)
+        if isinstance(a, dict):
+            return tuple(self.info(x) for x in a.values())
         return None
 
     def value(self, a: Any) -> Any:
@@ -190,7 +195,8 @@ class RuleContext:
                 self.pin(i, reason)
 
     def pin_inputs(self, reason: str) -> None:
-        for a in (*self.node.args, *self.node.kwargs.values()):
+        """Pin every space of every node in the arguments, however nested (lists, tuples, dicts, slices)."""
+        for a in _flat_args(self.node):
             self.pin(self.info(a), reason)
 
     def unify(self, s1: Sequence[Seg], s2: Sequence[Seg], why: str) -> bool:
@@ -388,6 +394,8 @@ def _no_rule(ctx: RuleContext, strict: bool) -> Any:
 
 
 def _flat_args(node: fx.Node) -> list[Any]:
+    """Every leaf of ``node``'s arguments (positional and keyword), through lists, tuples (namedtuples),
+    dicts and slices, in order: the one walk every check over "all arguments" uses."""
     out: list[Any] = []
 
     def walk(a: Any) -> None:
@@ -397,6 +405,8 @@ def _flat_args(node: fx.Node) -> list[Any]:
         elif isinstance(a, dict):
             for x in a.values():
                 walk(x)
+        elif isinstance(a, slice):
+            walk((a.start, a.stop, a.step))
         else:
             out.append(a)
 

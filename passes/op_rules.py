@@ -30,6 +30,7 @@ from fxprune.passes.dependency import (
 from fxprune.passes.spaces import Seg
 
 from fxprune.data import META_VALUE, TensorValue
+from fxprune.trace import is_container_call
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "lookup", "register"]
 
@@ -60,7 +61,7 @@ def lookup(node: fx.Node, module: nn.Module | None) -> Rule | None:
     if node.op == "call_module":
         return MODULE_RULES.get(type(module))
     if node.op == "call_function":
-        return FUNCTION_RULES.get(node.target)
+        return _container if is_container_call(node) else FUNCTION_RULES.get(node.target)
     if node.op == "call_method":
         return METHOD_RULES.get(str(node.target))
     return _STRUCTURAL[node.op]
@@ -91,6 +92,14 @@ def _get_attr(ctx: RuleContext) -> Any:
 
 def _output(ctx: RuleContext) -> Any:
     ctx.pin_inputs("reaches the graph output")
+    return None
+
+
+def _container(ctx: RuleContext) -> Any:
+    """A dict subclass or dataclass built around tensors (``fxprune.trace.is_container_call``; an output
+    such as ``OrderedDict(out=x)``): its channels are not followed through the container, so every space
+    in it is pinned, however deeply nested."""
+    ctx.pin_inputs(f"packed into a {ctx.node.target.__qualname__}")  # type: ignore[union-attr]
     return None
 
 
