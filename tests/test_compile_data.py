@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_unchanged, randomize_norms, snapshot
 from fxprune.models_zoo.toy import ConcatNet, FlattenLinearNet, ResidualNet
-from fxprune.passes.score import SCORES, get_score
+from fxprune.passes.score import SCORES, GroupScore, get_score
 
 import fxprune
 from fxprune.errors import InputError
@@ -136,11 +137,39 @@ def test_same_seed_same_plan_and_weights() -> None:
 def test_scores_can_be_reused_across_targets() -> None:
     m = model()
     first = fxprune.compile(m, X, 0.5, score="taylor", data=labelled(), verify=False, progress=False)
-    again = fxprune.compile(m, X, 0.5, score="taylor", data=labelled(), verify=False, progress=False,
+    fresh = fxprune.compile(m, X, 0.7, score="taylor", data=labelled(), verify=False, progress=False)
+    again = fxprune.compile(m, X, 0.7, score="taylor", data=labelled(), verify=False, progress=False,
                             scores=first.scores)  # fmt: skip
-    assert again.plan == first.plan
+    assert again.plan == fresh.plan != first.plan  # a sweep: the same scores give the fresh plan at 0.7
     with pytest.raises(InputError, match="scores="):
         fxprune.compile(model(ConcatNet), X, 0.5, scores=first.scores, verify=False, progress=False)
+
+
+def test_given_scores_decide_the_plan() -> None:
+    """Scores unlike the ones fresh scoring computes give the plan they imply, not the fresh plan.
+
+    Reversing each group's scores keeps every group's sorted values (so selection keeps the same number of
+    channels per group) but swaps which channels are the best; raising one group's scores far above the
+    rest keeps that group whole.
+    """
+    m = model()
+    kw: dict = {"score": "taylor", "data": labelled(), "verify": False, "progress": False}
+    fresh = fxprune.compile(m, X, 0.5, **kw)
+    assert fresh.plan.kept
+    flipped = {g: GroupScore(s.mean[::-1].copy()) for g, s in fresh.scores.items()}
+    r = fxprune.compile(m, X, 0.5, scores=flipped, **kw)
+    assert r.plan.kept_sizes() == fresh.plan.kept_sizes() and r.plan.kept != fresh.plan.kept
+    for g, kept in r.plan.kept.items():
+        best = np.argsort(-flipped[g].mean, kind="stable")[: len(kept)]  # the highest given scores
+        assert kept == tuple(sorted(int(i) for i in best)), g
+    assert r.scores.keys() == flipped.keys()
+    assert all(np.array_equal(r.scores[g].mean, s.mean) for g, s in flipped.items())
+    most_cut = max(fresh.plan.kept, key=lambda g: fresh.plan.group_sizes[g] - len(fresh.plan.kept[g]))
+    favoured = dict(fresh.scores)
+    favoured[most_cut] = GroupScore(fresh.scores[most_cut].mean + 1e6)
+    r2 = fxprune.compile(m, X, 0.5, scores=favoured, **kw)
+    assert most_cut not in r2.plan.kept and r2.plan.kept  # kept whole; the budget is met elsewhere
+    assert r2.flops_ratio <= 0.5
 
 
 @pytest.mark.parametrize(
@@ -162,13 +191,28 @@ def test_scores_can_be_reused_across_targets() -> None:
         ({"compensate": "magic"}, "compensate='magic'"),
         ({"score": "taylor", "probes": 3}, "not options of score='taylor'"),
         ({"score": "nope"}, "score='nope'"),
-        ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "nope"}, "device"),
+        pytest.param(
+            {"device": "cuda:0"},
+            "no CUDA device",
+            id="cuda-without-cuda",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
+        ),
+        pytest.param(
+            {"device": "nope"},
+            "device",
+            id="unparseable-device",
+            marks=pytest.mark.xfail(
+                raises=RuntimeError,
+                strict=True,
+                reason="bug: passes/masking.py default_device lets torch.device('nope') raise RuntimeError",
+            ),
+        ),
     ],
 )
 def test_bad_calibration_arguments_raise_input_error(kwargs: dict, match: str) -> None:
     m = model()
     before = snapshot(m)
-    with pytest.raises((InputError, RuntimeError), match=match):
+    with pytest.raises(InputError, match=match):
         fxprune.compile(m, X, 0.5, verify=False, progress=False, **kwargs)
     assert_unchanged(m, before)
 
