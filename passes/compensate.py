@@ -27,6 +27,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from fxprune.passes.masking import progress as show_progress
 
 from fxprune.calib import Calibration
 from fxprune.data import ChannelGroup, PrunePlan
@@ -110,7 +111,7 @@ def _features(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _collect(gm: fx.GraphModule, consumers: Mapping[str, _Consumer], calib: Calibration, lsq: bool,
-             max_rows: int) -> None:  # fmt: skip
+             max_rows: int, show: bool = False) -> None:  # fmt: skip
     """One pass over the calibration inputs: per-channel input means, and (for lsq) Gram matrices."""
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     hooks = []
@@ -137,7 +138,7 @@ def _collect(gm: fx.GraphModule, consumers: Mapping[str, _Consumer], calib: Cali
         for c in consumers.values():
             hooks.append(c.module.register_forward_pre_hook(hook(c)))
         with torch.no_grad():
-            for b in calib.batches:
+            for b in show_progress(calib.batches, show, f"compensate {'lsq' if lsq else 'bias'}: batch"):
                 gm(*(t.to(device) for t in b.inputs))
     finally:
         for h in hooks:
@@ -178,8 +179,12 @@ def compensate(
     damping: float = 1e-3,
     max_rows: int = 65536,
     newton_options: Mapping[str, object] | None = None,
+    progress: bool = False,
 ) -> tuple[fx.GraphModule, Compensation]:
-    """A copy of ``gm`` with compensated weights, and the record of what changed (``gm`` is untouched)."""
+    """A copy of ``gm`` with compensated weights, and the record of what changed (``gm`` is untouched).
+
+    ``progress`` reports the calibration batches and the consumers refitted (``passes.masking.progress``).
+    """
     if method not in COMPENSATIONS:
         raise InputError(f"compensate={method!r}: choose one of {', '.join(COMPENSATIONS)}")
     new = copy_graph_module(gm)
@@ -189,9 +194,9 @@ def compensate(
     if method == "newton":
         return _newton(new, groups, plan, calib, device or torch.device("cpu"), damping, newton_options or {})
     consumers, result.skipped = _consumers(new, plan, groups)
-    _collect(new, consumers, calib, method == "lsq", max_rows)
+    _collect(new, consumers, calib, method == "lsq", max_rows, progress)
     state = dict(new.state_dict(keep_vars=True))
-    for key, c in consumers.items():
+    for key, c in show_progress(list(consumers.items()), progress, f"compensate {method}: consumer"):
         if c.count == 0 or c.sum is None:
             result.skipped[key] = "never called on the calibration data"
             continue

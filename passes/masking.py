@@ -15,6 +15,8 @@ products, and a damped conjugate-gradient solve with ``H_ww``.
 from __future__ import annotations
 
 import logging
+import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -29,7 +31,17 @@ from fxprune.data import ChannelGroup
 from fxprune.errors import InputError
 from fxprune.trace import copy_graph_module
 
-__all__ = ["MaskScorePass", "MaskedLoss", "Vec", "default_device", "progress", "split_batch"]
+__all__ = [
+    "LINE_INTERVAL_S",
+    "MaskScorePass",
+    "MaskedLoss",
+    "StepLines",
+    "Vec",
+    "default_device",
+    "interactive",
+    "progress",
+    "split_batch",
+]
 
 log = logging.getLogger(__name__)
 
@@ -47,17 +59,62 @@ def default_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
+#: Seconds between two progress lines when stderr is not a terminal (the first and last step always print).
+LINE_INTERVAL_S = 5.0
+
+
+def interactive() -> bool:
+    """A person is watching stderr: a terminal, or a Jupyter kernel (where tqdm draws a widget)."""
+    if sys.stderr is None:
+        return False
+    if sys.stderr.isatty():
+        return True
+    shell = getattr(sys.modules.get("IPython"), "get_ipython", lambda: None)()
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
+class StepLines:
+    """Plain progress lines on stderr, for logs: ``fxprune: {desc} {k}/{total} ({elapsed:.1f} s)``.
+
+    A line is written after the first step, the last step, and any step that ends at least
+    ``LINE_INTERVAL_S`` after the previous line, so a slow loop prints every step and a loop of thousands of
+    fast steps a few lines.
+    """
+
+    def __init__(self, desc: str, total: int | None) -> None:
+        self.desc, self.total, self.done = desc, total, 0
+        self.t0 = self.last = time.perf_counter()
+
+    def step(self, note: str = "") -> None:
+        """One step ended; ``note`` (e.g. ``"loss 0.41"``) goes after the count."""
+        self.done += 1
+        now = time.perf_counter()
+        first, last = self.done == 1, self.done == self.total
+        if first or last or now - self.last >= LINE_INTERVAL_S:
+            self.last = now
+            count = f"{self.done}/{self.total}" if self.total is not None else str(self.done)
+            note = f", {note}" if note else ""
+            print(f"fxprune: {self.desc} {count}{note} ({now - self.t0:.1f} s)", file=sys.stderr, flush=True)
+
+
 def progress(iterable: Sequence[Any], enabled: bool, desc: str) -> Iterator[Any]:
-    """A tqdm progress bar over ``iterable`` when ``enabled`` (and tqdm is installed)."""
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            yield from iterable
-            return
+    """``iterable``, reporting progress on stderr when ``enabled``.
+
+    Cases: (1) ``enabled`` is false: nothing is printed. (2) A person watches stderr (``interactive()``): a
+    tqdm bar, erased when done. (3) Otherwise (a log file, a pipe, CI): ``StepLines``, one line per step,
+    throttled to one every ``LINE_INTERVAL_S`` seconds.
+    """
+    if not enabled:
+        yield from iterable
+    elif interactive():
+        from tqdm.auto import tqdm
+
         yield from tqdm(iterable, desc=desc, leave=False)
     else:
-        yield from iterable
+        lines = StepLines(desc, len(iterable))
+        for item in iterable:
+            yield item
+            lines.step()
 
 
 class MaskedLoss:
