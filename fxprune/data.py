@@ -213,7 +213,12 @@ def output_signature(out: Any) -> Signature:
     """
     if isinstance(out, _tensor_type()):
         return ("tensor", tuple(int(s) for s in out.shape), str(out.dtype).removeprefix("torch."))
-    kind = f"{type(out).__module__}.{type(out).__qualname__}"
+    cls = (
+        _FX_IMMUTABLE.get(type(out).__qualname__, type(out))
+        if type(out).__module__.startswith("torch.fx")
+        else type(out)
+    )
+    kind = f"{cls.__module__}.{cls.__qualname__}"
     if isinstance(out, dict):
         return ("dict", kind, tuple((k, output_signature(v)) for k, v in out.items()))
     if isinstance(out, (tuple, list)):
@@ -221,6 +226,10 @@ def output_signature(out: Any) -> Signature:
     if dataclasses.is_dataclass(out) and not isinstance(out, type):
         return ("fields", kind, tuple((k, output_signature(v)) for k, v in _fields(out)))
     return ("value", kind, repr(out))
+
+
+#: torch.fx's ``Interpreter`` returns these where the GraphModule itself returns a plain dict or list
+_FX_IMMUTABLE = {"immutable_dict": dict, "immutable_list": list}
 
 
 def _tensor_type() -> type:

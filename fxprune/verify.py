@@ -17,7 +17,7 @@ import torch
 
 from fxprune.data import PrunePlan, flatten_structure
 from fxprune.onnx_writer import Unsupported, write_onnx
-from fxprune.trace import fold_parametrizations, mha_slow_path
+from fxprune.trace import detached_caches, fold_parametrizations, mha_slow_path
 
 __all__ = ["Verification", "export_onnx", "flatten_outputs", "masked_model", "ort_session", "verify_onnx"]
 
@@ -247,7 +247,7 @@ def masked_model(
     so the oracle covers compensated weights, folded biases and BatchNorm shifts too.
     Independent of the rewrite: it only reads the plan's consumer columns and writes values.
     """
-    masked = copy.deepcopy(model)
+    masked = copy.deepcopy(model, detached_caches(model))
     fold_parametrizations(masked)  # a parametrized weight is recomputed on access: mask its value instead
     with torch.no_grad():
         for name, value in (overrides or {}).items():

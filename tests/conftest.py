@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fxprune
+from fxprune.trace import detached_caches
 from fxprune.verify import flatten_outputs
 
 
@@ -61,7 +62,7 @@ def assert_masked_equivalent(
     there is nothing to mask, and the output must not change.) Returns the largest relative error.
     """
     inputs = x if isinstance(x, tuple) else (x,)
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model, detached_caches(model)).eval()
     overrides = result.compensation.overrides if result.compensation is not None else None
     with torch.no_grad():  # fresh copies of the inputs: a model may write into its input in place
         ref_out = fxprune.masked_model(model, result.plan, overrides)(*_clones(inputs))
@@ -105,7 +106,7 @@ def _clones(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 def _scale_removed_columns(model: torch.nn.Module, plan: fxprune.PrunePlan, factor: float) -> torch.nn.Module:
     """A copy of ``model`` whose removed consumer columns are multiplied by ``factor`` (not via the oracle)."""
-    scaled = copy.deepcopy(model)
+    scaled = copy.deepcopy(model, detached_caches(model))
     with torch.no_grad():
         for name, (dim, kept) in plan.inputs.items():
             t = _tensor(scaled, name)
