@@ -37,25 +37,41 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Steps:
-    """A progress bar over named steps (stderr), silent with --quiet."""
+    """Progress over named steps on stderr: a bar on a terminal, else one line per step; nothing if quiet.
+
+    ``bar_on`` is true when a person watches stderr (``passes.masking.interactive``). On a log or a pipe the
+    steps inside a long step (epochs, calibration batches) print their own lines as they go
+    (``passes.masking.progress``), and the step ends with ``fxprune: [k/N] desc (t s)``; a failed step
+    prints no line, so an error stays the only line after the steps that completed.
+    """
 
     def __init__(self, total: int, quiet: bool) -> None:
         from tqdm import tqdm
 
-        self.quiet = quiet or not sys.stderr.isatty()  # bars only for a person watching a terminal
+        from fxprune.passes.masking import interactive
+
+        self.quiet = quiet
+        self.bar_on = not quiet and interactive()
+        self.total, self.done = total, 0
         self.bar = tqdm(
             total=total,
-            disable=self.quiet,
+            disable=not self.bar_on,
             file=sys.stderr,
             leave=False,
             bar_format="{desc:<28}{bar:20} {n}/{total} [{elapsed}]",
         )
 
     @contextmanager
-    def step(self, desc: str) -> Iterator[None]:
+    def step(self, desc: str, line: bool = True) -> Iterator[None]:
+        """One step; ``line=False`` for a quick one (argument checks: an error after it is the only line)."""
         self.bar.set_description_str(desc)
+        t0 = time.perf_counter()
         yield
+        self.done += 1
         self.bar.update(1)
+        if line and not self.quiet and not self.bar_on:
+            took = time.perf_counter() - t0
+            print(f"fxprune: [{self.done}/{self.total}] {desc} ({took:.1f} s)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.bar.close()
@@ -125,6 +141,7 @@ def _cached_train(spec: Any, data: Any, epochs: int, no_cache: bool, steps: _Ste
     from tqdm import tqdm
 
     from fxprune.models_zoo.digits import Digits, train
+    from fxprune.passes.masking import StepLines
     from fxprune.specs import cache_dir
 
     path = cache_dir() / f"{spec.key}-{data.name}-e{epochs}.pt"
@@ -140,8 +157,17 @@ def _cached_train(spec: Any, data: Any, epochs: int, no_cache: bool, steps: _Ste
 
         raise SpecError(f"--epochs {epochs} needs labels: {data.name} has no y_train/y")
     d = Digits(data.x_train, data.y_train, data.x_test, data.y_test)
-    with tqdm(total=epochs, desc="  epochs", disable=steps.quiet, file=sys.stderr, leave=False) as bar:
-        train(spec.model, d, epochs=epochs, progress=lambda _e: bar.update(1))
+    lines = StepLines("train: epoch", epochs)
+
+    def progress(_epoch: int, loss: float) -> None:
+        if steps.bar_on:
+            bar.set_postfix_str(f"loss {loss:.4f}", refresh=False)
+            bar.update(1)
+        elif not steps.quiet:
+            lines.step(f"loss {loss:.4f}")
+
+    with tqdm(total=epochs, desc="  epochs", disable=not steps.bar_on, file=sys.stderr, leave=False) as bar:
+        train(spec.model, d, epochs=epochs, progress=progress)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(spec.model.state_dict(), path)
@@ -207,7 +233,7 @@ def _compile(args: argparse.Namespace) -> int:
     if args.epochs is not None and args.epochs < 0 or args.calib_samples < 1:
         raise SpecError("--epochs must be >= 0 and --calib-samples >= 1")
     t0 = time.perf_counter()
-    with _Steps(5 + bool(args.data), args.quiet) as steps:
+    with _Steps(4 + bool(args.data), args.quiet) as steps:  # load, [data], train/prepare, compile, write
         return _compile_steps(args, steps, out, t0)
 
 
@@ -218,11 +244,11 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
     from fxprune.specs import load_data, load_spec
     from fxprune.verify import export_onnx
 
-    with steps.step("load model"):
+    with steps.step("load model", line=False):
         spec = load_spec(args.spec, args.input_shape, need_example=not args.data)
     data = None
     if args.data:
-        with steps.step(f"data {args.data}"):
+        with steps.step(f"data {args.data}", line=False):
             data = load_data(args.data)
             example: tuple[torch.Tensor, ...] = (data.x_test[:1],)
     else:
@@ -232,13 +258,14 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
     resolve_target(args.target_flops, max(flops, 1))
     epochs = args.epochs if args.epochs is not None else (5 if args.data == "digits" else 0)
     source = "as built (untrained)"
-    with steps.step("train" if data is not None and epochs else "prepare"):
-        if data is not None and epochs:
+    training = data is not None and bool(epochs)
+    with steps.step("train" if training else "prepare", line=training):
+        if training:
             source = _cached_train(spec, data, epochs, args.no_cache, steps)
     spec.model.eval()
     before = _evaluate(spec.model, data) if data is not None else {}
     kwargs: dict[str, Any] = {
-        "latency_runs": args.latency_runs, "round_to": args.round_to, "progress": not steps.quiet,
+        "latency_runs": args.latency_runs, "round_to": args.round_to, "progress": not args.quiet,
     }  # fmt: skip
     if args.score:
         kwargs["score"] = args.score
@@ -321,7 +348,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from fxprune.specs import load_spec
 
     with _Steps(2, args.quiet or args.out is None) as steps:
-        with steps.step("load model"):
+        with steps.step("load model", line=False):
             spec = load_spec(args.spec, args.input_shape)
         with steps.step("analyse"):
             ins = fxprune.inspect(spec.model.eval(), spec.example_input)

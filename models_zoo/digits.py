@@ -94,11 +94,12 @@ def train(
     weight_decay: float = 5e-4,
     batch_size: int = 64,
     seed: int = 0,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, float], None] | None = None,
 ) -> nn.Module:
     """SGD with momentum and cosine decay, in place; returns the model in eval mode.
 
-    ``progress(epoch)`` is called after every epoch (e.g. to advance a progress bar).
+    ``progress(epoch, loss)`` is called after every epoch with the epoch's mean training loss (e.g. to advance
+    a progress bar).
     """
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
@@ -107,13 +108,16 @@ def train(
     t = time.perf_counter()
     model.train()
     for epoch in range(epochs):
+        total = 0.0
         for xb, yb in batches(data.x_train, data.y_train, batch_size, seed=seed * 1000 + epoch):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(xb), yb).backward()
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
             opt.step()
             sched.step()
+            total += float(loss.detach()) * len(xb)
         if progress is not None:
-            progress(epoch)
+            progress(epoch, total / len(data.x_train))
     model.eval()
     log.info("trained %s for %d epochs in %.1fs", type(model).__name__, epochs, time.perf_counter() - t)
     return model

@@ -195,3 +195,32 @@ def test_cli_npz_data(tmp_path: Path) -> None:
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     assert set(rep["metrics_before"]) == {"accuracy", "loss"} and rep["flops_ratio"] <= 0.7
+
+
+def test_cli_progress_lines_on_a_log_and_none_with_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """stderr not a terminal (as under CI or ``2> log``): a line per long step and per epoch; -q: none."""
+    import re
+
+    from fxprune.passes import masking
+
+    monkeypatch.setattr(masking, "LINE_INTERVAL_S", 0.0)  # a line per step (the throttle is tested elsewhere)
+    monkeypatch.setenv("FXPRUNE_CACHE", str(tmp_path / "cache"))
+    g = torch.Generator().manual_seed(0)
+    np.savez(tmp_path / "d.npz", x=torch.randn(40, 3, 16, 16, generator=g).numpy(), y=np.arange(40) % 10)
+    argv = ["compile", "models_zoo:residual", "--data", str(tmp_path / "d.npz"), "--epochs", "2",
+            "--target-flops", "0.7", "--latency-runs", "0", "--score", "taylor", "--calib-samples", "40"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err.splitlines()
+    # a line as each long step ends (load model and data are quick: no line), after the lines of its epochs
+    steps = [ln.rsplit(" (", 1)[0] for ln in err if ln.startswith("fxprune: [")]
+    assert steps == ["fxprune: [3/5] train", "fxprune: [4/5] compile", "fxprune: [5/5] write artefacts"], err
+    trained = next(i for i, ln in enumerate(err) if ln.startswith("fxprune: [3/5] train"))
+    assert err[trained - 1].startswith("fxprune: train: epoch 2/2"), err
+    epochs = [ln for ln in err if ln.startswith("fxprune: train: epoch")]
+    assert [ln.split(",")[0] for ln in epochs] == ["fxprune: train: epoch 1/2", "fxprune: train: epoch 2/2"]
+    assert all(re.search(r", loss \d+\.\d{4} \(\d+\.\d s\)$", ln) for ln in epochs), epochs
+    assert any(ln.startswith("fxprune: taylor: gradient 1/1 (") for ln in err), err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--quiet", "--no-cache"]) == 0
+    assert capsys.readouterr().err == ""
