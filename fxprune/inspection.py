@@ -6,8 +6,13 @@ few lines of inline JavaScript, no network access needed) and JSON, and ``explai
 module's channels are coupled or pinned.
 
 FLOPs share of a group ``g`` is ``sum(F(n) for nodes n whose cost scales with g) / F(total)``: the part of
-the model's compute that shrinks when ``g`` loses channels (shares overlap: a conv scales with its input
-and its output group).
+the model's compute that shrinks when ``g`` loses channels. Shares overlap (a conv scales with its input
+and its output group), so they sum to more than 100%; the summary says so above the table.
+
+Names: ``explain`` names a module call by the module's qualified name (``layer1.0.conv1``), a parameter read
+(``get_attr``) by the attribute's qualified name, and any other node (``add``, ``cat_1``) by its fx node
+name; the fx node name of a module call (``layer1_0_conv1``) appears once, in the title. Both kinds of name
+are accepted as input.
 """
 
 from __future__ import annotations
@@ -66,6 +71,11 @@ def _dims(ch: Any) -> list[ChannelDim]:
     return []
 
 
+def _pct(share: float) -> str:
+    """A share as a percentage, one decimal; a small non-zero share reads ``<0.1%`` rather than ``0.0%``."""
+    return "<0.1%" if 0 < share < 0.0005 else f"{100 * share:.1f}%"
+
+
 def _colour(i: int) -> str:
     """Distinct colours by the golden angle (HSL, converted to hex for DOT)."""
     h = (i * 137.508) % 360 / 360
@@ -87,7 +97,8 @@ class Inspection:
         self._module_names = {id(m): (weakref.ref(m), n) for n, m in model.named_modules()}
         modules = dict(gm.named_modules())
         self.nodes: dict[str, NodeInfo] = {}
-        self._module_node: dict[str, str] = {}
+        self._module_node: dict[str, str] = {}  # module qualified name -> its first call's node
+        self._calls: dict[str, list[str]] = {}  # module qualified name -> the nodes that call it
         self._node_inputs: dict[str, list[tuple[int, ...]]] = {}
         envgroups: dict[str, tuple[int, ...]] = {}
         for n in gm.graph.nodes:
@@ -107,6 +118,7 @@ class Inspection:
             self._node_inputs[n.name] = [envgroups.get(a, ()) for a in ins]
             if n.op == "call_module":
                 self._module_node.setdefault(str(n.target), n.name)
+                self._calls.setdefault(str(n.target), []).append(n.name)
         self.total_flops = sum(i.flops for i in self.nodes.values())
         share: dict[int, int] = {}
         for n in gm.graph.nodes:
@@ -132,6 +144,26 @@ class Inspection:
                 return g
         raise InputError(f"no channel group {gid}; groups are numbered 0..{len(self.groups) - 1}")
 
+    def name(self, node: str) -> str:
+        """How ``explain`` names graph node ``node``: a module call by the module's qualified name (with the
+        node name in brackets when the module is called more than once), a ``get_attr`` by the attribute's
+        qualified name, anything else by its fx node name."""
+        info = self.nodes.get(node)
+        if info is None or info.op not in ("call_module", "get_attr"):
+            return node
+        calls = self._calls.get(info.target, ())
+        return f"{info.target} [{node}]" if len(calls) > 1 else info.target
+
+    def _names(self, nodes: Sequence[str], limit: int) -> str:
+        shown = ", ".join(self.name(n) for n in nodes[:limit])
+        return shown + (f" ... (+{len(nodes) - limit} more)" if len(nodes) > limit else "")
+
+    def _node_of(self, what: str) -> str | None:
+        """The graph node a module qualified name (its first call) or an fx node name refers to."""
+        if what in self._module_node:
+            return self._module_node[what]
+        return what if what in self.nodes else None
+
     def _resolve(self, what: Any) -> tuple[str, list[int], list[int]]:
         """(title, output groups, input groups) of a node name, module name/instance or group id."""
         if isinstance(what, bool):
@@ -153,18 +185,28 @@ class Inspection:
             raise InputError(
                 f"cannot explain a {type(what).__name__}; pass a node name, module name or group id"
             )
-        node = self._module_node.get(what, what if what in self.nodes else None)
+        node = self._node_of(what)
         if node is None:
-            close = [n for n in (*self._module_node, *self.nodes) if what in n][:5]
+            known = [*self._module_node, *(n for n, i in self.nodes.items() if i.op != "call_module")]
+            close = [n for n in known if what in n or what.replace(".", "_") in n.replace(".", "_")][:5]
+            if any(name == what for _, name in self._module_names.values()):
+                inner = [n for n in self._module_node if n.startswith(f"{what}.") or not what][:5]
+                raise InputError(
+                    f"'{what}' is a module of the model but no single traced op (a container, or traced "
+                    f"through); explain one of the modules it calls, e.g. {inner}"
+                )
             hint = f"; did you mean one of {close}?" if close else "; see .nodes for the node names"
             raise InputError(f"'{what}' is neither a traced module nor a graph node{hint}")
         info = self.nodes[node]
-        kind = info.module_type or info.target
-        title = (
-            f"'{what}' (node '{node}', {info.op} {kind})"
-            if node != what
-            else f"node '{node}' ({info.op} {kind})"
-        )
+        if info.op == "call_module":
+            calls = self._calls[info.target]
+            which = f", call {calls.index(node) + 1} of {len(calls)}" if len(calls) > 1 else ""
+            alias = f"; fx node '{node}'" if node != info.target else ""
+            title = f"module '{info.target}' ({info.module_type}{alias}{which})"
+        elif info.op == "get_attr":
+            title = f"attribute '{info.target}' (get_attr; fx node '{node}')"
+        else:
+            title = f"node '{node}' ({info.op} {info.target})"
         ins = list(dict.fromkeys(g for gs in self._node_inputs[node] for g in gs))
         return title, list(info.groups), ins
 
@@ -176,12 +218,14 @@ class Inspection:
             hits = sum(1 for gs in ins if gid in gs)
             tail = info.target.rsplit(".", 1)[-1].strip("_")
             if hits >= 2 or (hits >= 1 and len(ins) >= 2 and tail in _JOIN_NAMES and gid in info.groups):
-                out.append(f"'{name}' ({info.target})")
+                out.append(name)
         return out
 
     def explain_group(self, gid: int) -> str:
+        """Size, FLOPs share, pinned reasons, producers, consumers and norms of group ``gid`` (names as
+        ``name``)."""
         g = self.group(gid)
-        lines = [f"group {g.id}: {g.size} channels, {self.flops_share[g.id]:.1%} of FLOPs scale with it"]
+        lines = [f"group {g.id}: {g.size} channels, {_pct(self.flops_share[g.id])} of FLOPs scale with it"]
         if g.pinned:
             lines.append("  PINNED (never pruned) because:")
             lines.extend(f"    - {r}" for r in g.pinned)
@@ -190,15 +234,15 @@ class Inspection:
         prods = g.producers
         if len(prods) > 1:
             pts = self._coupling_points(g.id)
+            joined = ", ".join(f"{self.name(p)} ({self.nodes[p].target})" for p in pts[:6])
             lines.append(
-                f"  coupled: {len(prods)} producers must keep the same channels: {', '.join(prods)}"
-                + (f"; joined at {', '.join(pts[:6])}{' ...' if len(pts) > 6 else ''}" if pts else "")
+                f"  coupled: {len(prods)} producers must keep the same channels: {self._names(prods, 8)}"
+                + (f"; joined at {joined}{' ...' if len(pts) > 6 else ''}" if pts else "")
             )
         elif prods:
-            lines.append(f"  produced by: {prods[0]}")
+            lines.append(f"  produced by: {self.name(prods[0])}")
         if g.consumers:
-            c = g.consumers
-            lines.append(f"  consumers (input columns cut): {', '.join(c[:8])}{' ...' if len(c) > 8 else ''}")
+            lines.append(f"  consumers (input columns cut): {self._names(g.consumers, 8)}")
         norms = sorted({s.param.rpartition(".")[0] for s in g.sites if s.role == "norm"})
         if norms:
             lines.append(f"  norms sliced: {', '.join(norms[:8])}{' ...' if len(norms) > 8 else ''}")
@@ -213,8 +257,10 @@ class Inspection:
     def explain(self, node_or_module: Any) -> str:
         """Why the channels at a node / module / group are coupled with others, or pinned.
 
-        Accepts an fx node name, a module qualified name (``'layer1.0.conv1'``), a submodule of the inspected
-        model, or a group id.
+        Accepts an fx node name (``'layer1_0_conv1'``), a module qualified name (``'layer1.0.conv1'``: its
+        first call), a submodule of the inspected model, an ``fx.Node`` or a group id; the two names of one
+        module call give the same text. Modules are named by qualified name, other nodes by fx node name
+        (see the module docstring).
         """
         title, outs, ins = self._resolve(node_or_module)
         lines = [title]
@@ -233,18 +279,23 @@ class Inspection:
         n_pr = len(self.prunable)
         prunable_ch = sum(g.size for g in self.prunable)
         all_ch = sum(g.size for g in self.groups)
+        total_share = sum(self.flops_share.values())
         lines = [
             f"fxprune inspection: {len(self.nodes)} nodes, {self.total_flops:,} FLOPs",
             f"{len(self.groups)} channel groups: {n_pr} prunable ({prunable_ch} of {all_ch} channels), "
             f"{len(self.groups) - n_pr} pinned",
             "",
+            "FLOPs%: share of the model's FLOPs in ops whose cost scales with the group's channels (what shrinks",
+            "as it loses channels). Shares overlap: a conv counts for its input and its output group, so the",
+            f"column sums to {_pct(total_share)} here, not 100%. ch: channels. prod, cons: nodes that produce,"
+            " consume the channels.",
             f"{'group':>5} {'ch':>6} {'FLOPs%':>7} {'prod':>4} {'cons':>4}  status",
         ]
         for g in self.groups:
             status = "prunable" if g.prunable else "PINNED: " + g.pinned[0] + (
                 f" (+{len(g.pinned) - 1} more)" if len(g.pinned) > 1 else "")  # fmt: skip
             lines.append(
-                f"{g.id:>5} {g.size:>6} {100 * self.flops_share[g.id]:>6.1f}% {len(g.producers):>4} "
+                f"{g.id:>5} {g.size:>6} {_pct(self.flops_share[g.id]):>7} {len(g.producers):>4} "
                 f"{len(g.consumers):>4}  {status}"
             )
         return "\n".join(lines)
@@ -407,7 +458,7 @@ class Inspection:
             status = "prunable" if g.prunable else "pinned: " + "; ".join(g.pinned)
             legend.append(
                 f'<li class="leg" data-group="{g.id}"><span class="sw" style="background:{_colour(g.id)}">'
-                f"</span>group {g.id}: {g.size} ch, {100 * self.flops_share[g.id]:.1f}% FLOPs — "
+                f"</span>group {g.id}: {g.size} ch, {_pct(self.flops_share[g.id])} of FLOPs scale with it — "
                 f"{html.escape(status)}</li>"
             )
         details = {

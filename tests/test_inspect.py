@@ -139,3 +139,86 @@ def test_explain_names_layer_norms_that_renormalise() -> None:
     ins = fxprune.inspect(LN().eval(), X)
     text = ins.explain("a")
     assert "statistics over these channels" in text and "norm" in text.split("statistics")[1]
+
+
+@pytest.fixture(scope="module")
+def resnet18() -> tuple[nn.Module, torch.Tensor, fxprune.Inspection]:
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18().eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return model, x, fxprune.inspect(model, x)
+
+
+def test_flops_share_column_says_what_it_is_and_matches_torchs_counter(
+    resnet18: tuple[nn.Module, torch.Tensor, fxprune.Inspection],
+) -> None:
+    """Issue 12: the column summed to ~193% with no word on why. The header now defines it: the share of the
+    model's FLOPs in ops whose cost scales with the group. Reference: torch's FlopCounterMode per module, over
+    the convs/linears whose weight rows or columns the group selects (no fxprune cost metadata)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, x, ins = resnet18
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    counts = counter.get_flop_counts()
+    total = sum(counts["Global"].values())
+    per_module = {k.split(".", 1)[1]: sum(v.values()) for k, v in counts.items() if "." in k}
+    text = ins.summary()
+    assert "FLOPs%: share of the model's FLOPs in ops whose cost scales with the group's channels" in text
+    assert "a conv counts for its input and its output group" in text
+    rows = {int(ln.split()[0]): ln.split() for ln in text.splitlines() if re.match(r"^\s+\d+\s+\d+\s", ln)}
+    ref = {}
+    for g in ins.groups:
+        mods = {s.param.rpartition(".")[0] for s in g.sites if s.role in ("in", "out")}
+        ref[g.id] = sum(per_module[m] for m in mods) / total
+        assert ins.flops_share[g.id] == pytest.approx(ref[g.id], rel=1e-9, abs=1e-12), g.id
+        assert rows[g.id][2] == f"{100 * ref[g.id]:.1f}%", rows[g.id]
+    assert 1.8 < sum(ref.values()) < 2.0  # overlapping shares, as the header says
+    assert f"column sums to {100 * sum(ref.values()):.1f}% here, not 100%" in text
+    assert "of FLOPs scale with it" in ins.to_html()  # the page's legend says the same
+
+
+def test_explain_names_modules_by_qualified_name_and_accepts_both_names(
+    resnet18: tuple[nn.Module, torch.Tensor, fxprune.Inspection],
+) -> None:
+    """Issue 12: explain mixed fx node names (layer1_0_conv1) and qualified names (layer1.0.conv1)."""
+    model, _, ins = resnet18
+    text = ins.explain("layer1.0.conv1")
+    assert text == ins.explain("layer1_0_conv1") == ins.explain(model.layer1[0].conv1)
+    assert text.splitlines()[0] == "module 'layer1.0.conv1' (Conv2d; fx node 'layer1_0_conv1')"
+    modules = {n for n, _ in model.named_modules()}
+    body = "\n".join(
+        "\n".join(ins.explain(w).splitlines()[1:])
+        for w in ("layer1.0.conv1", "layer4.1.conv1", "fc", "add_3", 0)
+    )
+    for name, info in ins.nodes.items():  # no module call is named by its node name below the title
+        if info.op == "call_module" and name != info.target:
+            assert not re.search(rf"(?<![\w.]){re.escape(name)}(?![\w.])", body), name
+    listed = re.findall(r"(?:produced by|consumers \(input columns cut\)|coupled: .*?channels): (.*)", body)
+    names = {n.strip() for line in listed for n in line.split(";")[0].split(", ")}
+    assert names and names <= modules, names - modules
+    assert "produced by: layer1.0.conv1" in body and "conv1, layer1.0.conv2, layer1.1.conv2" in body
+    assert "joined at add (operator.add), add_1 (operator.add)" in body  # non-module nodes: fx node names
+    assert ins.explain("add").splitlines()[0] == "node 'add' (call_function operator.add)"
+    assert ins.explain("fc").splitlines()[0] == "module 'fc' (Linear)"  # one name: nothing in brackets
+    # a module called twice: its qualified name is its first call; the node name picks either call
+    assert ins.explain("layer1.0.relu").splitlines()[0] == (
+        "module 'layer1.0.relu' (ReLU; fx node 'layer1_0_relu', call 1 of 2)"
+    )
+    assert ins.explain("layer1_0_relu_1").splitlines()[0] == (
+        "module 'layer1.0.relu' (ReLU; fx node 'layer1_0_relu_1', call 2 of 2)"
+    )
+    with pytest.raises(fxprune.InputError, match="'layer1' is a module of the model but no single traced op"):
+        ins.explain("layer1")
+
+
+def test_cli_explain_takes_either_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from fxprune.cli import main
+
+    argv = ["inspect", "torchvision:resnet18", "--input-shape", "1,3,32,32"]
+    assert main([*argv, "--explain", "layer1.0.conv1", "--explain", "layer1_0_conv1", "--explain", "1"]) == 0
+    out = capsys.readouterr().out.split("\n\n")
+    assert out[-3] == out[-2] and out[-3].startswith(
+        "module 'layer1.0.conv1' (Conv2d; fx node 'layer1_0_conv1')"
+    )
+    assert out[-1].startswith("group 1: 64 channels") and "produced by: layer1.0.conv1" in out[-1]
