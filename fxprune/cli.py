@@ -92,7 +92,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "spec", metavar="SPEC", help="torchvision:NAME, models_zoo:NAME or path/to/file.py:factory"
     )
     common.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224 (default: the spec's)")
-    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or summary")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars/lines or summary")
     common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
 
     c = sub.add_parser("compile", parents=[common], help="prune a model and write deployable artefacts")

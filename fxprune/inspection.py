@@ -144,18 +144,18 @@ class Inspection:
                 return g
         raise InputError(f"no channel group {gid}; groups are numbered 0..{len(self.groups) - 1}")
 
-    def name(self, node: str) -> str:
+    def display_name(self, node: str) -> str:
         """How ``explain`` names graph node ``node``: a module call by the module's qualified name (with the
-        node name in brackets when the module is called more than once), a ``get_attr`` by the attribute's
-        qualified name, anything else by its fx node name."""
+        node name in parentheses when the module is called more than once), a ``get_attr`` by the
+        attribute's qualified name, anything else by its fx node name."""
         info = self.nodes.get(node)
         if info is None or info.op not in ("call_module", "get_attr"):
             return node
         calls = self._calls.get(info.target, ())
-        return f"{info.target} [{node}]" if len(calls) > 1 else info.target
+        return f"{info.target} (node {node})" if len(calls) > 1 else info.target
 
     def _names(self, nodes: Sequence[str], limit: int) -> str:
-        shown = ", ".join(self.name(n) for n in nodes[:limit])
+        shown = ", ".join(self.display_name(n) for n in nodes[:limit])
         return shown + (f" ... (+{len(nodes) - limit} more)" if len(nodes) > limit else "")
 
     def _node_of(self, what: str) -> str | None:
@@ -223,7 +223,7 @@ class Inspection:
 
     def explain_group(self, gid: int) -> str:
         """Size, FLOPs share, pinned reasons, producers, consumers and norms of group ``gid`` (names as
-        ``name``)."""
+        ``display_name``)."""
         g = self.group(gid)
         lines = [f"group {g.id}: {g.size} channels, {_pct(self.flops_share[g.id])} of FLOPs scale with it"]
         if g.pinned:
@@ -234,16 +234,19 @@ class Inspection:
         prods = g.producers
         if len(prods) > 1:
             pts = self._coupling_points(g.id)
-            joined = ", ".join(f"{self.name(p)} ({self.nodes[p].target})" for p in pts[:6])
+            joined = ", ".join(
+                self.display_name(p) if self.nodes[p].op == "call_module" else f"{p} ({self.nodes[p].target})"
+                for p in pts[:6]
+            )
             lines.append(
                 f"  coupled: {len(prods)} producers must keep the same channels: {self._names(prods, 8)}"
                 + (f"; joined at {joined}{' ...' if len(pts) > 6 else ''}" if pts else "")
             )
         elif prods:
-            lines.append(f"  produced by: {self.name(prods[0])}")
+            lines.append(f"  produced by: {self.display_name(prods[0])}")
         if g.consumers:
             lines.append(f"  consumers (input columns cut): {self._names(g.consumers, 8)}")
-        norms = sorted({s.param.rpartition(".")[0] for s in g.sites if s.role == "norm"})
+        norms = sorted({s.param.rpartition(".")[0] or s.param for s in g.sites if s.role == "norm"})
         if norms:
             lines.append(f"  norms sliced: {', '.join(norms[:8])}{' ...' if len(norms) > 8 else ''}")
         stats = sorted({s.param.rpartition(".")[0] or s.param for s in g.sites if s.role == "stats"})

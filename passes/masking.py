@@ -111,7 +111,7 @@ def progress(iterable: Sequence[Any], enabled: bool, desc: str) -> Iterator[Any]
 
         yield from tqdm(iterable, desc=desc, leave=False)
     else:
-        lines = StepLines(desc, len(iterable))
+        lines = StepLines(desc, len(iterable) if hasattr(iterable, "__len__") else None)
         for item in iterable:
             yield item
             lines.step()

@@ -222,3 +222,26 @@ def test_cli_explain_takes_either_name(capsys: pytest.CaptureFixture[str]) -> No
         "module 'layer1.0.conv1' (Conv2d; fx node 'layer1_0_conv1')"
     )
     assert out[-1].startswith("group 1: 64 channels") and "produced by: layer1.0.conv1" in out[-1]
+
+
+def test_explain_a_module_called_twice_and_a_top_level_parameter() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
+            self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.c(self.b(y) + self.b(y * self.scale))
+
+    ins = fxprune.inspect(Shared().eval(), X)
+    text = ins.explain("b")
+    assert text.splitlines()[0] == "module 'b' (Conv2d, call 1 of 2)"
+    assert (
+        "producers must keep the same channels: b (node b), b (node b_1); joined at add (operator.add)"
+        in text
+    )
+    assert "consumers (input columns cut): b (node b), b (node b_1)" in text
+    assert "norms sliced: scale" in text  # a top-level parameter is named, not left blank
+    assert ins.explain("b_1").splitlines()[0] == "module 'b' (Conv2d; fx node 'b_1', call 2 of 2)"
