@@ -60,8 +60,10 @@ def test_compensation_is_covered_by_the_masked_oracle(cls: type[nn.Module], meth
     r = fxprune.compile(m, X, 0.5, score="magnitude", data=labelled(), compensate=method, verify=False,
                         progress=False)  # fmt: skip
     assert r.compensation is not None
-    if method != "newton":
+    if method != "newton" or cls is not ResidualNet:
         assert r.compensation.overrides, r.compensation.skipped  # something was folded
+    else:  # at random init with labels the Newton step raises the loss here: the line search keeps step 0
+        assert r.compensation.step == 0.0 and not r.compensation.overrides, r.compensation
     assert oracle_error(m, r, X) < 1e-5
 
 

@@ -1,0 +1,215 @@
+"""Compensation checked against its own promise, computed here from scratch (``passes/compensate.py``).
+
+The masked oracle (``tests/test_compile_data.py``) applies fxprune's own ``compensation.overrides`` to both
+sides, so it shows that the rewrite slices the compensated weights correctly, not that they are right. The
+checks below read only the original model, the calibration batches and the pruned GraphModule, and compute
+what each method promises independently:
+
+1. ``"bias"``: the consumer's bias moves by ``sum_{c removed} W[:, c] . E[x_c]``, with ``E[x_c]`` the mean of
+   input channel ``c`` over the calibration data (a conv sees a constant channel through the sum of its
+   kernel), and the kept weights are unchanged;
+2. ``"lsq"``: the kept columns and the bias solve the least-squares problem of reproducing the original
+   layer output on the calibration data, ``min ||layer(x_S; W'_S, b') - layer(x; W, b)||^2``: the
+   gradient of that residual (by autograd through the real layer) vanishes up to the method's ridge
+   ``damping``, and on a linear layer the residual matches ``torch.linalg.lstsq``'s optimum;
+3. ``"newton"``: the update lowers the calibration loss it models (cross-entropy on the labelled batches)
+   below that of the same plan uncompensated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxprune
+
+Layer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class LinearNet(nn.Module):
+    """``b`` is the only consumer of prunable channels (``a``'s outputs); ``b``'s outputs are the output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+class ConvNet(nn.Module):
+    """The same with 3x3 convs (zero padding): the refit runs over unfolded patches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 5, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+class Classifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean((2, 3)))
+
+
+def _setup(cls: type[nn.Module]) -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = cls().eval()
+    g = torch.Generator().manual_seed(1)
+    shape = (16, 6) if cls is LinearNet else (4, 3, 10, 10)
+    return model, [torch.randn(shape, generator=g) for _ in range(3)]
+
+
+def _compile(model: nn.Module, data: list, method: str, target: float = 0.6) -> fxprune.CompileResult:
+    x = data[0][0] if isinstance(data[0], tuple) else data[0]
+    return fxprune.compile(model, x, target, score="magnitude", data=data, compensate=method, verify=False,
+                           progress=False, latency_runs=0)  # fmt: skip
+
+
+def _inputs_of(model: nn.Module, name: str, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The input of module ``name`` on each calibration batch, read with a hook on the original model."""
+    seen: list[torch.Tensor] = []
+    h = model.get_submodule(name).register_forward_pre_hook(lambda _m, a: seen.append(a[0].detach().clone()))
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+    finally:
+        h.remove()
+    return seen
+
+
+def _layer(mod: nn.Module) -> Layer:
+    if isinstance(mod, nn.Linear):
+        return F.linear
+    assert isinstance(mod, nn.Conv2d)
+    return lambda x, w, b: F.conv2d(x, w, b, mod.stride, mod.padding, mod.dilation)
+
+
+def _keep(x: torch.Tensor, kept: list[int], linear: bool) -> torch.Tensor:
+    return x[..., kept] if linear else x[:, kept]
+
+
+def _kept_and_removed(r: fxprune.CompileResult, name: str, n: int) -> tuple[list[int], list[int]]:
+    kept = list(r.plan.modules[name]["in"])
+    removed = sorted(set(range(n)) - set(kept))
+    assert kept and removed, (name, kept)
+    return kept, removed
+
+
+@pytest.mark.parametrize("cls", [LinearNet, ConvNet])
+def test_bias_fold_is_the_mean_of_the_removed_inputs_times_their_weights(cls: type[nn.Module]) -> None:
+    model, data = _setup(cls)
+    r = _compile(model, data, "bias")
+    orig, new = model.get_submodule("b"), r.graph_module.get_submodule("b")
+    w = orig.weight.detach().double()
+    kept, removed = _kept_and_removed(r, "b", w.shape[1])
+    xs = torch.cat([x.movedim(1, -1).reshape(-1, w.shape[1]) if x.dim() > 2 else x
+                    for x in _inputs_of(model, "b", data)]).double()  # fmt: skip  # (positions, channels)
+    mean = xs.mean(0)
+    w_in = w if w.dim() == 2 else w.sum((2, 3))  # what a constant channel sees through a conv kernel
+    expected = orig.bias.detach().double() + w_in[:, removed] @ mean[removed]
+    torch.testing.assert_close(new.bias.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    assert (new.bias - orig.bias).abs().max() > 1e-3  # the fold moved the bias
+    assert torch.equal(new.weight, orig.weight[:, kept])  # only the bias moves
+
+
+def _lsq_loss(
+    layer: Layer, xs: list[torch.Tensor], kept: list[int], linear: bool, w: torch.Tensor, b: torch.Tensor,
+    w_s: torch.Tensor, b_s: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """``sum ||layer(x_S; w_s, b_s) - layer(x; w, b)||^2 / rows`` over the calibration inputs."""
+    total = torch.zeros((), dtype=torch.float64)
+    rows = 0
+    for x in xs:
+        x = x.double()
+        ref = layer(x, w, b)
+        diff = layer(_keep(x, kept, linear), w_s, b_s) - ref
+        total = total + diff.pow(2).sum()
+        rows += ref.numel() // ref.shape[1 if not linear else -1]
+    return total / rows
+
+
+@pytest.mark.parametrize("cls", [LinearNet, ConvNet])
+def test_lsq_refit_solves_the_least_squares_problem_on_the_calibration_data(cls: type[nn.Module]) -> None:
+    model, data = _setup(cls)
+    linear = cls is LinearNet
+    r = _compile(model, data, "lsq")
+    orig, new = model.get_submodule("b"), r.graph_module.get_submodule("b")
+    w, b = orig.weight.detach().double(), orig.bias.detach().double()
+    kept, _ = _kept_and_removed(r, "b", w.shape[1])
+    xs = _inputs_of(model, "b", data)
+    layer = _layer(orig)
+
+    def loss_and_grad(w_s: torch.Tensor, b_s: torch.Tensor) -> tuple[float, torch.Tensor]:
+        w_s, b_s = w_s.detach().double().requires_grad_(), b_s.detach().double().requires_grad_()
+        loss = _lsq_loss(layer, xs, kept, linear, w, b, w_s, b_s)
+        gw, gb = torch.autograd.grad(loss, (w_s, b_s))
+        return float(loss.detach()), torch.cat([gw.flatten(), gb])
+
+    # the uncompensated plan: the kept columns as they were, the bias as it was
+    loss0, grad0 = loss_and_grad(w[:, kept], b)
+    loss_fit, grad_fit = loss_and_grad(new.weight, new.bias)
+    # the refit is the minimiser: its gradient vanishes up to the ridge term (damping 1e-3 x mean diag of
+    # the second moments); measured |grad_fit| / |grad0|: 2.0e-3 (LinearNet), 8.1e-4 (ConvNet), and the
+    # loss 0.0776 -> 0.0458 (LinearNet, optimum 0.0458), 0.0925 -> 0.0529 (ConvNet)
+    assert grad_fit.norm() <= 1e-2 * grad0.norm(), (float(grad_fit.norm()), float(grad0.norm()))
+    assert loss_fit < 0.9 * loss0, (loss_fit, loss0)
+    if linear:  # the exact optimum, by a solver fxprune does not use
+        x = torch.cat(xs).double()
+        a = torch.cat([x[:, kept], torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        sol = torch.linalg.lstsq(a, x @ w.T + b).solution
+        loss_opt = float(_lsq_loss(layer, xs, kept, linear, w, b, sol[:-1].T, sol[-1]))
+        assert loss_opt <= loss_fit <= loss_opt * 1.001 + 1e-12, (loss_opt, loss_fit, loss0)
+
+
+def _output_matching_loss(pruned: nn.Module, model: nn.Module, batches: list[torch.Tensor]) -> float:
+    """``sum ||pruned(x) - model(x)||^2`` over the batches: the label-free calibration loss, up to a factor."""
+    with torch.no_grad():
+        return sum(float((pruned(x) - model(x)).pow(2).sum()) for x in batches)
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [
+        Classifier,
+        pytest.param(
+            ConvNet,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="bug in passes/compensate.py _newton: the step dw = H_ww^-1 H_wm 1_S is taken over all "
+                "weights, and the quadratic model at m = 1 credits changes to the consumer columns of the "
+                "removed channels (|dw| 0.53 there vs 0.005 on the kept columns of b), which the mask then "
+                "zeroes; the real loss rises at every step, the line search picks 0 and nothing is folded",
+            ),
+        ),
+    ],
+)
+def test_newton_update_lowers_the_calibration_loss_it_models(cls: type[nn.Module]) -> None:
+    """Without labels the loss is output matching: zero gradient at the unpruned model, Gauss-Newton
+    curvature, so the quadratic model is exact up to the mask's nonlinearity and its step must help."""
+    torch.manual_seed(0)
+    model = cls().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(3)]
+    plain = _compile(model, data, "none", 0.5)
+    newton = _compile(model, data, "newton", 0.5)
+    assert newton.plan == plain.plan
+    assert newton.compensation is not None and newton.compensation.step, newton.compensation
+    before = _output_matching_loss(plain.graph_module, model, data)
+    after = _output_matching_loss(newton.graph_module, model, data)
+    # measured on Classifier: 0.0636 -> 0.0085
+    assert after < 0.5 * before, (before, after)
