@@ -9,7 +9,7 @@ from fxprune.models_zoo.toy import TOY_MODELS
 
 import fxprune
 
-X = torch.randn(2, 3, 16, 16)
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("name", sorted(TOY_MODELS))

@@ -9,7 +9,7 @@ from fxprune.models_zoo.toy import ResidualNet
 
 import fxprune
 
-X = torch.randn(1, 3, 16, 16)
+X = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
 
 class DataDependent(nn.Module):
