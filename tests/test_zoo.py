@@ -77,7 +77,11 @@ def test_family_at_half_flops(family: str) -> None:
     r = fxprune.compile(model, x, 0.5, latency_runs=0, score="magnitude", progress=False)
     assert_unchanged(model, snap)
     assert fxprune.count_flops(r.graph_module, (x,)) == r.flops_after
-    assert r.flops_ratio <= 0.52
+    # select guarantees cost.flops(kept) <= target and the re-count above equals the cost model, so the
+    # target holds exactly (no slack); measured ratios 0.4868 (swin_v2) .. 0.49997 (convnext). The floor
+    # catches a selection that prunes far past the budget.
+    assert r.target_flops == 0.5 * r.flops_before
+    assert 0.45 * r.flops_before <= r.flops_after <= r.target_flops, r.flops_ratio
     assert r.params_after < r.params_before
     v = r.verification
     assert v is not None and v.passed and v.max_rel_error <= 1e-4, v
