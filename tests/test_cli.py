@@ -224,3 +224,106 @@ def test_cli_progress_lines_on_a_log_and_none_with_quiet(
     assert any(ln.startswith("fxprune: taylor: gradient 1/1 (") for ln in err), err
     assert main([*argv, "--out", str(tmp_path / "b"), "--quiet", "--no-cache"]) == 0
     assert capsys.readouterr().err == ""
+
+
+SEEDED = TINY.replace(
+    "def build():\n    return Tiny()", "def build():\n    torch.manual_seed(0)\n    return Tiny()"
+)
+
+
+@pytest.mark.parametrize(
+    ("layout", "labels"), [("split", True), ("single", True), ("split", False), ("single", False)]
+)
+def test_cli_npz_layouts_evaluate_on_the_held_out_part(tmp_path: Path, layout: str, labels: bool) -> None:
+    """README: ``--data`` takes a .npz with ``x_train``/``x_test`` (and ``y_train``/``y_test``) or ``x`` (and
+    ``y``, the last quarter held out); the metrics are those of the held-out part, computed here."""
+    model_file = tmp_path / "seeded.py"
+    model_file.write_text(textwrap.dedent(SEEDED))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, 12, 12, generator=g)
+    y = torch.randint(0, 10, (40,), generator=g)
+    if layout == "split":
+        arrays = {"x_train": x[:28], "x_test": x[28:]} | (
+            {"y_train": y[:28], "y_test": y[28:]} if labels else {}
+        )
+        x_test, y_test = x[28:], y[28:]
+    else:
+        arrays = {"x": x} | ({"y": y} if labels else {})
+        x_test, y_test = x[30:], y[30:]  # the last quarter
+    np.savez(tmp_path / "d.npz", **{k: v.numpy() for k, v in arrays.items()})
+    out = tmp_path / "out"
+    rc = main(["compile", f"{model_file}:build", "--data", str(tmp_path / "d.npz"), "--target-flops", "0.6",
+               "--out", str(out), "-q", "--latency-runs", "0"])  # fmt: skip
+    assert rc == 0
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["flops_ratio"] <= 0.6 and rep["ort_passed"] is True
+    assert rep["score"] == ("fisher" if labels else "magnitude")  # auto: fisher needs the labels
+    if not labels:
+        assert rep["metrics_before"] == {} and rep["metrics_after"] == {}
+        return
+    namespace: dict[str, object] = {}
+    exec(SEEDED, namespace)  # the same model, built here
+    with torch.no_grad():
+        logits = namespace["build"]().eval()(x_test)  # type: ignore[operator]
+    expected = {
+        "accuracy": float((logits.argmax(1) == y_test).float().mean()),
+        "loss": float(torch.nn.functional.cross_entropy(logits, y_test)),
+    }
+    assert rep["metrics_before"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_cli_exit_code_4_when_the_onnx_runtime_check_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README: exit code 4, artefacts written but the ONNX Runtime check failed (ORT's outputs shifted)."""
+    import fxprune.verify
+
+    real = fxprune.verify._ort_run
+    monkeypatch.setattr(fxprune.verify, "_ort_run", lambda sess, ex: [o + 1.0 for o in real(sess, ex)])
+    out = tmp_path / "out"
+    rc = main(["compile", "models_zoo:residual", "--target-flops", "0.5", "--out", str(out), "--quiet",
+               "--latency-runs", "0"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 4, err
+    assert err.startswith("fxprune: error: ONNX Runtime check failed") and str(out) in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["ort_passed"] is False and rep["flops_ratio"] <= 0.5
+    for name in ("model.onnx", "graph_module.pt", "state_dict.pt", "code.py", "plan.json", "report.md"):
+        assert (out / name).is_file(), name
+
+
+BOOM = """
+import sys
+import fxprune
+
+def boom(*args, **kwargs):
+    raise ZeroDivisionError("boom in compile")
+
+fxprune.compile = boom  # an unexpected error inside the pipeline
+from fxprune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_cli_exit_code_1_on_an_internal_error_and_debug_shows_the_traceback(tmp_path: Path) -> None:
+    """README: exit code 1 for an internal error, one line without a traceback; ``--debug`` shows it."""
+    argv = ["compile", "models_zoo:residual", "--target-flops", "0.5", "--out", str(tmp_path / "o")]
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    p = subprocess.run(
+        [sys.executable, "-c", BOOM, *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.strip() == (
+        "fxprune: internal error: ZeroDivisionError: boom in compile (rerun with --debug for the traceback)"
+    )
+    d = subprocess.run([sys.executable, "-c", BOOM, *argv, "--debug"], capture_output=True, text=True, env=env,
+                       timeout=300)  # fmt: skip
+    assert d.returncode == 1, d.stderr
+    assert (
+        "Traceback (most recent call last)" in d.stderr
+        and str(Path("fxprune", "cli.py")) in d.stderr  # through the CLI's frames
+        and "in boom" in d.stderr
+    )
+    assert d.stderr.strip().endswith("ZeroDivisionError: boom in compile")
+    assert not (tmp_path / "o").exists()
