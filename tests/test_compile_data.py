@@ -174,6 +174,33 @@ def test_given_scores_decide_the_plan() -> None:
     assert r2.flops_ratio <= 0.5
 
 
+def test_custom_loss_fn_is_the_loss_that_scores() -> None:
+    """README: ``loss_fn=`` works. The default loss given as ``loss_fn`` reproduces the default plan (and is
+    called); a loss that looks at one logit only gives another plan; a regression loss on float targets runs."""
+    m = model()
+    kw: dict = {"score": "taylor", "data": labelled(), "verify": False, "progress": False}
+    calls = 0
+
+    def counted_ce(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        return F.cross_entropy(out, target)
+
+    default = fxprune.compile(m, X, 0.5, **kw)
+    same = fxprune.compile(m, X, 0.5, loss_fn=counted_ce, **kw)
+    assert calls >= len(kw["data"]) and same.plan == default.plan
+    first_logit = fxprune.compile(m, X, 0.5, loss_fn=lambda out, _t: out[:, 0].pow(2).mean(), **kw)
+    assert first_logit.plan != default.plan
+    assert first_logit.flops_ratio <= 0.5
+    regression = [
+        (x, torch.randn(x.shape[0], 10, generator=torch.Generator().manual_seed(2))) for x, _ in kw["data"]
+    ]
+    r = fxprune.compile(
+        m, X, 0.5, score="fisher", data=regression, loss_fn=F.mse_loss, verify=False, progress=False
+    )
+    assert r.plan.removed_channels > 0 and r.calibration is not None and r.calibration.labelled
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
