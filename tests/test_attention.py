@@ -279,6 +279,53 @@ def test_mha_that_cannot_be_decomposed_pins_with_the_reason(mode: str, why: str)
     torch.testing.assert_close(r.graph_module(x), model(x), rtol=0, atol=0)
 
 
+class CrossMha(nn.Module):
+    """Queries from ``x``, keys and values from ``z``: cross-attention, with ``kdim``/``vdim`` when given.
+
+    ``hidden`` is a prunable MLP in front of the query projection, so the model compiles below 1.0."""
+
+    def __init__(self, kv_dim: int | None) -> None:
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 6))
+        self.q_in, self.kv_in = nn.Linear(6, E), nn.Linear(4, kv_dim or E)
+        self.attn = nn.MultiheadAttention(E, H, batch_first=True, kdim=kv_dim, vdim=kv_dim)
+        self.out = nn.Linear(E, 3)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        kv = self.kv_in(z)
+        return self.out(self.attn(self.q_in(self.hidden(x)), kv, kv, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("kv_dim", [None, 10], ids=["cross-attention", "kdim-vdim"])
+def test_cross_attention_and_kdim_vdim_keep_the_module_and_pin(kv_dim: int | None) -> None:
+    """README ("Attention"): cross-attention and kdim/vdim calls keep ``nn.MultiheadAttention`` whole and
+    pin the channels it reads, with the reason; the rest of the model still prunes and verifies.
+
+    A kdim/vdim module is only callable with keys of another width than the queries, so its calls are
+    cross-attention too and ``passes/canonical.py`` names that reason first."""
+    g = torch.Generator().manual_seed(3)
+    x, z = torch.randn(2, 5, 6, generator=g), torch.randn(2, 7, 4, generator=g)
+    model = CrossMha(kv_dim).eval()
+    assert model.attn._qkv_same_embed_dim == (kv_dim is None)
+    dep = fxprune.dependency_graph(model, (x, z))
+    why = "nn.MultiheadAttention 'attn' kept whole (query, key and value are not one tensor)"
+    for producer in ("q_in.weight", "kv_in.weight"):
+        assert why in " ".join(_group_with(dep, producer, "out").pinned), producer
+    assert _group_with(dep, "hidden.0.weight", "out").prunable
+    snap = snapshot(model)
+    r = fxprune.compile(model, (x, z), 0.95, latency_runs=0, score="magnitude", progress=False)
+    assert_unchanged(model, snap)
+    assert r.plan.removed_channels > 0 and "hidden.0" in r.plan.modules
+    assert not {"attn", "kv_in", "out"} & set(r.plan.modules) and "out" not in r.plan.modules.get("q_in", {})
+    assert isinstance(r.graph_module.get_submodule("attn"), nn.MultiheadAttention)  # not decomposed
+    pruned_attn = dict(r.graph_module.get_submodule("attn").named_parameters())
+    assert {k: v.shape for k, v in pruned_attn.items()} == {
+        k: v.shape for k, v in model.attn.named_parameters()
+    }
+    assert r.verification is not None and r.verification.passed, r.verification
+    assert_masked_equivalent(model, r, (x, z))
+
+
 def test_count_flops_counts_multihead_attention() -> None:
     """The MHA inference fast path is one fused op that FlopCounterMode counts as 0."""
     model = TinyViT().eval()
