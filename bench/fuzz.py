@@ -4,7 +4,9 @@
 
 Each example draws a random net (``fxprune.models_zoo.random_nets``) and a target in [0.3, 1.0] and runs
 ``check_compile`` (every ``--data-every``-th example with a data-driven score and bias compensation, the
-rest with ``score="magnitude"``). Outcomes: ``pruned`` / ``unpruned`` (all checks passed), a typed fxprune
+rest with ``score="magnitude"``). The nets return their outputs in every container form
+(``random_nets.OUTPUTS``: tensor/tuple, list, dict, OrderedDict, nested, namedtuple, dataclass), one to
+three of them, from the end or the middle of the net; the table counts each form. Outcomes: ``pruned`` / ``unpruned`` (all checks passed), a typed fxprune
 error by class (only ``TargetError`` for an unreachable target is acceptable, and it is checked), or a
 *failure*: any assertion of the property or any other exception, recorded with the readable spec.
 Prints a markdown table and writes JSON; exits 1 if anything failed.
@@ -41,6 +43,8 @@ def soak(examples: int, seed: int, data_every: int) -> dict[str, Any]:
     outcomes: collections.Counter[str] = collections.Counter()
     failures: list[dict[str, str]] = []
     scores: collections.Counter[str] = collections.Counter()
+    forms: collections.Counter[str] = collections.Counter()  # NetSpec.output: how the outputs are packed
+    heads: collections.Counter[int] = collections.Counter()  # outputs per model
 
     @hyp_seed(seed)
     @settings(max_examples=examples, deadline=None, database=None, phases=[Phase.generate],
@@ -50,6 +54,8 @@ def soak(examples: int, seed: int, data_every: int) -> dict[str, Any]:
         i = sum(outcomes.values())
         score = data_score if data_every and i % data_every == 0 else "magnitude"
         scores[score] += 1
+        forms[spec.output] += 1
+        heads[len(spec.heads)] += 1
         try:
             outcome = check_compile(spec, target, score)
         except fxprune.FxpruneError as exc:  # a typed error check_compile does not accept
@@ -72,6 +78,8 @@ def soak(examples: int, seed: int, data_every: int) -> dict[str, Any]:
         "wall_s": round(wall, 1),
         "outcomes": dict(outcomes),
         "scores": dict(scores),
+        "output_forms": dict(forms),
+        "outputs_per_model": dict(sorted(heads.items())),
         "passed_oracle": outcomes["pruned"] + outcomes["unpruned"],
         "typed_errors": {k: v for k, v in outcomes.items() if k.endswith("Error")},
         "failures": sum(v for k, v in outcomes.items() if k.startswith("failure")),
@@ -98,6 +106,8 @@ def table(r: dict[str, Any]) -> str:
         f"| {r['examples']} | {r['passed_oracle']} ({r['outcomes'].get('pruned', 0)} / "
         f"{r['outcomes'].get('unpruned', 0)}) | {errors} | {r['failures']} | {r['wall_s']:.0f} s |",
     ]
+    rows += ["", "output forms: " + ", ".join(f"{k} {v}" for k, v in sorted(r["output_forms"].items())),
+             "outputs per model: " + ", ".join(f"{k}: {v}" for k, v in r["outputs_per_model"].items())]  # fmt: skip
     return "\n".join(rows)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from fxprune.data import PrunePlan, flatten_structure
 from fxprune.onnx_writer import Unsupported, write_onnx
-from fxprune.trace import detached_caches, fold_parametrizations, mha_slow_path
+from fxprune.trace import detached_caches, fold_parametrizations, is_container_call, mha_slow_path
 
 __all__ = ["Verification", "export_onnx", "flatten_outputs", "masked_model", "ort_session", "verify_onnx"]
 
@@ -68,8 +68,42 @@ def export_onnx(
             return write_onnx(model, example)[0], "fxprune"
         except Unsupported as exc:
             log.debug("fxprune's ONNX writer falls back to torch's exporter: %s", exc)
-    with mha_slow_path():
-        return _export_onnx(model, example, opset, dynamo_only=exporter == "dynamo")
+    flat = _FlatOutputs(model) if _containers_in_output(model) else model
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with mha_slow_path():
+            return _export_onnx(flat, example, opset, dynamo_only=exporter == "dynamo")
+    finally:  # the exporters switch modes and restore them wholesale; the model must come back as it was
+        for m, training in modes:
+            m.training = training
+
+
+def _containers_in_output(model: torch.nn.Module) -> bool:
+    """Whether a GraphModule returns what torch's exporters reject: a container built by a call (a
+    dataclass, an OrderedDict) or a leaf that is no tensor (a number, None)."""
+    if not isinstance(model, torch.fx.GraphModule):
+        return False
+    out = next(n for n in reversed(model.graph.nodes) if n.op == "output").args[0]
+    leaves: list[Any] = []
+    torch.fx.node.map_aggregate(out, leaves.append)
+    return any(not isinstance(a, torch.fx.Node) or is_container_call(a) for a in leaves)
+
+
+class _FlatOutputs(torch.nn.Module):
+    """``model`` returning the tuple of its output tensors (``flatten_outputs`` order) for torch's
+    exporters, which reject dataclass outputs and non-tensor leaves (an int in a dict): an ONNX model's
+    outputs are a flat list of tensors whatever the container, in the order the check compares. Only
+    used where needed: its parameters' names in the ONNX model gain a ``model.`` prefix."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        # the exporters restore the mode they found, recursively: a new module is in training mode, which
+        # would leave the wrapped model's BatchNorm and dropout in training mode after the export
+        self.training = model.training
+
+    def forward(self, *args: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(flatten_outputs(self.model(*args)))
 
 
 def _export_onnx(

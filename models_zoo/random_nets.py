@@ -22,7 +22,12 @@ Op kinds (``Op.kind``) and their fields:
 ============  =================================================================================
 
 Heads: ``gap_linear`` (global pool, flatten, Linear), ``flatten_linear`` (flatten ``C x H x W``, Linear),
-``conv`` (1x1 conv, a 4-D output), ``raw`` (the value itself), ``collect`` (pool each source, cat, Linear).
+``conv`` (1x1 conv, a 4-D output), ``raw`` (the value itself: an output taken from the middle of the net,
+whose channels other ops read too), ``collect`` (pool each source, cat, Linear).
+
+``NetSpec.output`` packs the heads' outputs (``OUTPUTS``): ``plain`` (one tensor, or a tuple of several),
+``list``, ``dict``, ``ordered_dict``, ``nested`` (a dict holding a list, a tuple, a dict and an int),
+``namedtuple`` (``HeadsN``), ``dataclass`` (``HeadOutputs``).
 
 ``net_specs(max_ops=...)`` is a hypothesis strategy of ``NetSpec``s; ``build(spec)`` returns the module
 and ``example(spec)`` the inputs, both deterministic in ``spec.seed``. A failing example prints the spec
@@ -31,6 +36,7 @@ as a little program, one line per op, with each value's channels and spatial siz
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,7 +45,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "HEADS", "NetSpec", "Op", "RandomNet", "build", "example", "net_specs"]
+__all__ = [
+    "ACTIVATIONS",
+    "HEADS",
+    "OUTPUTS",
+    "HeadOutputs",
+    "NetSpec",
+    "Op",
+    "RandomNet",
+    "build",
+    "example",
+    "net_specs",
+]
 
 ACTIVATIONS = ("relu", "relu_", "relu6", "sigmoid", "silu", "tanh", "gelu", "hardswish", "leaky_relu")
 #: head kinds the strategy draws from (a global-pool classifier is the common case)
@@ -48,8 +65,25 @@ HEADS = ("gap_linear", "gap_linear", "flatten_linear", "conv", "raw")
 _OPS = ("conv", "conv", "conv", "gconv", "dwconv", "reuse", "bn", "bn", "act", "act", "add", "mul", "cat",
         "split", "chunk", "slice", "se", "pool")  # fmt: skip
 
+#: how the heads' outputs are returned (``NetSpec.output``)
+OUTPUTS = ("plain", "list", "dict", "ordered_dict", "nested", "namedtuple", "dataclass")
+
 BATCH = 2
 SPATIAL = 8
+
+#: ``HeadsN``: a namedtuple of ``N`` head outputs (module-level, so a pruned model pickles)
+Heads1 = collections.namedtuple("Heads1", ["h0"])
+Heads2 = collections.namedtuple("Heads2", ["h0", "h1"])
+Heads3 = collections.namedtuple("Heads3", ["h0", "h1", "h2"])
+_NAMEDTUPLES = {1: Heads1, 2: Heads2, 3: Heads3}
+
+
+@dataclass
+class HeadOutputs:
+    """A dataclass output (as ``transformers`` models return): the first head, then the rest."""
+
+    first: torch.Tensor
+    rest: tuple[torch.Tensor, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +127,7 @@ class NetSpec:
     heads: tuple[Op, ...]
     seed: int = 0
     shapes: tuple[tuple[int, int], ...] = field(default=(), compare=False)
+    output: str = "plain"
 
     def __str__(self) -> str:
         lines = [f"NetSpec(seed={self.seed}, inputs={list(self.in_channels)})"]
@@ -106,6 +141,7 @@ class NetSpec:
             lines.append(f"  {outs} = {op}{shapes}")
             v += n
         lines.extend(f"  out[{i}] = {h}" for i, h in enumerate(self.heads))
+        lines.append(f"  return {self.output}(out)")
         return "\n".join(lines)
 
     __repr__ = __str__
@@ -262,7 +298,25 @@ class RandomNet(nn.Module):
                 outs.append(x)
             elif h.kind == "collect":
                 outs.append(self.heads[str(i)](torch.cat([vals[j].mean((2, 3)) for j in h.src], 1)))
+        return pack(self.spec.output, outs)
+
+
+def pack(form: str, outs: list[torch.Tensor]) -> Any:
+    """The head outputs ``outs`` in the container ``form`` (``OUTPUTS``)."""
+    if form == "plain":
         return outs[0] if len(outs) == 1 else tuple(outs)
+    if form == "list":
+        return list(outs)
+    if form in ("dict", "ordered_dict"):
+        d = {f"h{i}": o for i, o in enumerate(outs)}
+        return collections.OrderedDict(d) if form == "ordered_dict" else d
+    if form == "nested":
+        return {"first": outs[0], "rest": [tuple(outs[1:]), {"count": len(outs), "last": outs[-1]}]}
+    if form == "namedtuple":
+        return _NAMEDTUPLES[len(outs)](*outs)
+    if form == "dataclass":
+        return HeadOutputs(outs[0], tuple(outs[1:]))
+    raise ValueError(f"unknown output form {form!r}")  # pragma: no cover
 
 
 class RandomNet1(RandomNet):
@@ -353,8 +407,9 @@ def net_specs(max_ops: int = 8, max_width: int = 16) -> Any:
         if rest:
             heads.append(Op("collect", rest, width=draw(st.integers(2, 6))))
         seed = draw(st.integers(0, 2**16))
+        output = draw(st.sampled_from(OUTPUTS))
         return NetSpec(
-            tuple(chans[:n_in]), tuple(ops), tuple(heads), seed, tuple(zip(chans, sp, strict=True))
+            tuple(chans[:n_in]), tuple(ops), tuple(heads), seed, tuple(zip(chans, sp, strict=True)), output
         )
 
     return draw_spec()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fxprune
+from fxprune.data import output_differences, output_signature
 from fxprune.trace import detached_caches
 from fxprune.verify import flatten_outputs
 
@@ -69,6 +70,8 @@ def assert_masked_equivalent(
         got_out = result.graph_module(*_clones(inputs))
         orig_out = model(*_clones(inputs))
     assert _structure(got_out) == _structure(ref_out) == _structure(orig_out)
+    changed = output_differences(output_signature(orig_out), output_signature(got_out))
+    assert not changed, f"the pruned model's output differs from the original's: {changed}"
     refs, gots, origs = (flatten_outputs(o) for o in (ref_out, got_out, orig_out))
     assert refs, "the model has no tensor outputs"
     worst, changed = 0.0, False

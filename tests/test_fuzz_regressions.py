@@ -187,3 +187,33 @@ def test_shape_query_of_a_shared_parameter_does_not_pin() -> None:
     dep = fxprune.dependency_graph(M().eval(), torch.randn(2, 3, 8, 8))
     g = next(g for g in dep.groups if any(s.param == "w" and s.dim == 0 for s in g.sites))
     assert g.prunable, g.pinned
+
+
+class SegOutputWithBN(nn.Module):
+    """A BatchNorm net returning an ``OrderedDict`` (as torchvision's segmentation models do) with an op
+    fxprune's ONNX writer does not translate (``leaky_relu``), so torch's exporter checks it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(3)
+        self.head = nn.Linear(11, 2)
+
+    def forward(self, x: torch.Tensor) -> object:
+        from collections import OrderedDict
+
+        y = torch.cat([self.conv(x).mean((2, 3)), F.leaky_relu(self.bn(x), 0.1).mean((2, 3))], 1)
+        return OrderedDict(out=self.head(y))
+
+
+def test_export_leaves_the_compiled_model_in_eval_mode() -> None:
+    """Bug: the exporter's wrapper for container outputs was a new module in training mode; torch's
+    exporter restores the mode it found recursively, so the returned model's BatchNorm ran in training mode
+    (found by the fuzzer: ``ordered_dict`` outputs differed from the masked original)."""
+    torch.manual_seed(0)
+    model = randomize_norms(SegOutputWithBN()).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    r = fxprune.compile(model, x, 0.6, score="magnitude", latency_runs=0, progress=False)
+    assert r.verification is not None and r.verification.exporter != "fxprune"  # torch's exporter ran
+    assert not any(m.training for m in r.graph_module.modules())
+    assert_masked_equivalent(model, r, x)
