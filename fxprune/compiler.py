@@ -332,7 +332,8 @@ def compile(  # noqa: A001 - the product's name for it
             (``bench/quality.py``) it was the only method that recovered accuracy without fine-tuning.
         device: where scoring runs (default: CUDA if available, else CPU); the result is on the CPU.
         seed: seeds random probes, so the same inputs give the same plan.
-        progress: show progress bars over calibration batches.
+        progress: report scoring and compensation over calibration batches on stderr: a tqdm bar on a
+            terminal, else a line per step (at most one every 5 s); nothing with ``progress=False``.
         max_batches: use at most this many batches of ``data``.
         scores: reuse ``result.scores`` of an earlier compile of the same model and input (same groups)
             instead of scoring again: score once, then sweep targets or compensation methods.
@@ -394,7 +395,7 @@ def compile(  # noqa: A001 - the product's name for it
         assert calib is not None
         with _timed(timings, "compensate"), _autograd_errors(gm, f"compensate={method!r}"):
             source, comp = run_compensation(gm, dep.groups, plan, calib, method, device=dev,
-                                            newton_options=score_options)  # fmt: skip
+                                            newton_options=score_options, progress=progress)  # fmt: skip
     with _timed(timings, "rewrite"):
         pruned = (
             RewritePass(dep.groups, chosen.kept, indices)(source) if chosen.kept else copy_graph_module(gm)
