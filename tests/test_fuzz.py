@@ -134,8 +134,9 @@ def _run_counting(
 def test_random_nets_compile_to_verified_models() -> None:
     seen = _run_counting(200, check_compile, spec=net_specs(), target=st.floats(0.3, 1.0))
     total = sum(seen.values())
-    # Measured on 9d0c8f2: 133 of 200 pruned (66%), 13 unpruned, 54 TargetError. The floor leaves room for
-    # new generator forms (more outputs pin more channels); an all-pinning regression gives 0.
+    # Measured: 133 of 200 pruned (66%), 13 unpruned, 54 TargetError on 9d0c8f2; 158 pruned, 2 unpruned,
+    # 40 TargetError with the output forms of d66a103. The floor leaves room for new generator forms (more
+    # outputs pin more channels); an all-pinning regression gives 0.
     assert total >= 200 and seen["pruned"] >= 0.45 * total, seen
     assert seen["TargetError"] <= 0.4 * total, seen
 
