@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxprune.data import META_VALUE, PrunePlan
-from fxprune.errors import InputError
+from fxprune.data import META_OUTPUT, META_VALUE, PrunePlan, output_differences, output_signature
+from fxprune.errors import InputError, VerificationError
 from fxprune.passes.rewrite import RewritePass, build_plan
 
 __all__ = ["PLAN_FORMAT", "apply_plan", "load", "load_plan", "plan_from_dict", "plan_to_dict", "save"]
@@ -193,9 +193,15 @@ def apply_plan(
             f"plan does not match this model's channel groups ({len(here)} here, {len(plan.group_sizes)} in "
             f"the plan): {'; '.join(diff[:3])}; pass a fresh instance of the architecture that was compiled"
         )
+    pinned = {g.id: g.pinned for g in dep.groups if not g.prunable}
     for gid, kept in plan.kept.items():
         if any(not 0 <= i < here[gid] for i in kept) or list(kept) != sorted(set(kept)):
             raise InputError(f"plan keeps invalid channel indices for group {gid} (size {here[gid]})")
+        if gid in pinned and len(kept) < here[gid]:
+            raise InputError(
+                f"plan prunes group {gid}, which is pinned in this model ({'; '.join(pinned[gid][:2])}); "
+                "pass the plan of a compile of this architecture, unedited"
+            )
     rebuilt = build_plan(dep.groups, plan.kept)
     if {p: dict(d) for p, d in rebuilt.params.items()} != {p: dict(d) for p, d in plan.params.items()}:
         bad = sorted(set(rebuilt.params) ^ set(plan.params)) or sorted(
@@ -209,7 +215,16 @@ def apply_plan(
         new = fx.GraphModule(gm, gm.graph)
         new.recompile()
         return new
-    return RewritePass(dep.groups, plan.kept)(gm)
+    new = RewritePass(dep.groups, plan.kept)(gm)
+    with torch.no_grad():
+        changed = output_differences(
+            gm.meta[META_OUTPUT], output_signature(new(*(t.clone() for t in example)))
+        )
+    if changed:
+        raise VerificationError(
+            "the planned model does not return what the original returns: " + "; ".join(changed[:8])
+        )
+    return new
 
 
 def _add_missing_biases(gm: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

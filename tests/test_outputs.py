@@ -287,3 +287,17 @@ def test_a_target_that_leaves_a_handful_of_channels_warns_naming_them() -> None:
         fxprune.compile(model, x, 0.5, **{**FAST, "verify": False})
         warnings.warn("sentinel", UserWarning, stacklevel=1)
     assert not any("fewer than 4" in str(w.message) for w in quiet)
+
+
+def test_apply_plan_keeps_the_output_and_refuses_a_plan_that_prunes_a_pinned_group() -> None:
+    import dataclasses as dc
+
+    torch.manual_seed(0)
+    r = fxprune.compile(Net("ordered_dict").eval(), X, 0.3, **FAST)
+    fresh = fxprune.apply_plan(Net("ordered_dict"), r.plan, X)
+    with torch.no_grad():
+        assert output_signature(fresh(X)) == output_signature(r.graph_module(X))
+    head = next(g for g in r.groups if any(s.param == "head.weight" and s.role == "out" for s in g.sites))
+    edited = dc.replace(r.plan, kept={**r.plan.kept, head.id: (0, 1)})
+    with pytest.raises(fxprune.InputError, match=rf"plan prunes group {head.id}, which is pinned"):
+        fxprune.apply_plan(Net("ordered_dict"), edited, X)
