@@ -53,7 +53,12 @@ def default_device(device: str | torch.device | None) -> torch.device:
     """``device`` as given, else CUDA when available, else CPU."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(
+            f"device={device!r} is not a device torch knows ({exc}); pass e.g. device='cpu' or 'cuda:0'"
+        ) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device={str(device)!r} but this machine has no CUDA device; use device='cpu'")
     return dev

@@ -226,16 +226,8 @@ def test_custom_loss_fn_is_the_loss_that_scores() -> None:
             id="cuda-without-cuda",
             marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA"),
         ),
-        pytest.param(
-            {"device": "nope"},
-            "device",
-            id="unparseable-device",
-            marks=pytest.mark.xfail(
-                raises=RuntimeError,
-                strict=True,
-                reason="bug: passes/masking.py default_device lets torch.device('nope') raise RuntimeError",
-            ),
-        ),
+        pytest.param({"device": "nope"}, r"device='nope' is not a device", id="unparseable-device"),
+        pytest.param({"device": "cpu:x"}, r"device='cpu:x' is not a device", id="bad-device-index"),
     ],
 )
 def test_bad_calibration_arguments_raise_input_error(kwargs: dict, match: str) -> None:
