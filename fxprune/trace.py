@@ -133,13 +133,18 @@ def _rebuilds(cls: type, plain: Any) -> bool:
 
 
 def is_container_call(node: fx.Node) -> bool:
-    """Whether ``node`` builds an output container (``_Tracer.create_arg``: a dict/list subclass or a
-    dataclass) instead of computing a value."""
+    """Whether ``node`` builds a container instead of computing a value: a dict/list subclass or a
+    dataclass (``_Tracer.create_arg``), or a namedtuple nested in another container (torch.fx's own
+    lowering)."""
     t = node.target
     return (
         node.op == "call_function"
         and isinstance(t, type)
-        and (issubclass(t, (dict, list)) or dataclasses.is_dataclass(t))
+        and (
+            issubclass(t, (dict, list))
+            or (issubclass(t, tuple) and hasattr(t, "_fields"))
+            or dataclasses.is_dataclass(t)
+        )
     )
 
 
