@@ -162,6 +162,7 @@ def _prepare(
     example = as_example_tuple(example_input)
     _check_devices(model, example)
     _check_finite_example(example)
+    _check_no_weight_norm_hooks(model)
     try:
         work = copy_module(model, detached_caches(model))
     except Exception as exc:
@@ -185,6 +186,21 @@ def _prepare(
         )
     work.eval()
     return work, tuple(t.detach().clone() for t in example)
+
+
+def _check_no_weight_norm_hooks(model: torch.nn.Module) -> None:
+    """The deprecated hook-based ``torch.nn.utils.weight_norm`` recomputes ``weight`` from ``weight_g`` and
+    ``weight_v`` before every forward, so slicing ``weight`` would be undone: refuse it, naming the fix."""
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    for name, m in model.named_modules():
+        if any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values()):
+            raise InputError(
+                f"module '{name}' uses the deprecated torch.nn.utils.weight_norm, whose hook recomputes the "
+                "weight on every call (the model cannot be deep-copied and pruned as it is); call "
+                f"torch.nn.utils.remove_weight_norm(model.get_submodule('{name}')) first or use "
+                "torch.nn.utils.parametrizations.weight_norm"
+            )
 
 
 def _check_finite_example(example: tuple[torch.Tensor, ...]) -> None:
@@ -224,6 +240,11 @@ def _check_devices(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) ->
                     f"example_input[{i}] is on {t.device} but the model's tensors are on {dev} (e.g. '{name}'); "
                     f"move one of them, e.g. example_input.to('{dev}') or model.to('{t.device}')"
                 )
+
+
+def _clones(example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Fresh copies of the example for one extra run: a model may write into its input in place."""
+    return tuple(t.clone() for t in example)
 
 
 def _check_runs(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> int:
@@ -408,7 +429,7 @@ def compile(  # noqa: A001 - the product's name for it
     changed = output_differences(gm.meta[META_OUTPUT], output_signature(eager))
     if verify and not changed:
         with _timed(timings, "verify"), torch.no_grad():  # the user's model itself, not only its trace
-            changed = output_differences(output_signature(work(*example)), output_signature(eager))
+            changed = output_differences(output_signature(work(*_clones(example))), output_signature(eager))
     if verify and not changed:
         on_cpu = all(t.device.type == "cpu" for t in example)
         with _timed(timings, "verify"):

@@ -330,7 +330,7 @@ def test_deprecated_weight_norm_is_input_error(no_tracing: None) -> None:
         fxprune.InputError,
         model,
         X,
-        match=r"cannot be deep-copied.*remove_weight_norm.*parametrizations.weight_norm",
+        match=r"module .b. uses the deprecated torch.nn.utils.weight_norm.*cannot be deep-copied.*remove_weight_norm.*parametrizations.weight_norm",
     )
 
 
