@@ -212,7 +212,8 @@ def output_signature(out: Any) -> Signature:
     other leaves (numbers, strings, None) by type and value. Hashable; ``output_differences`` compares two.
     """
     if isinstance(out, _tensor_type()):
-        return ("tensor", tuple(int(s) for s in out.shape), str(out.dtype).removeprefix("torch."))
+        t: Any = out
+        return ("tensor", tuple(int(s) for s in t.shape), str(t.dtype).removeprefix("torch."))
     cls = (
         _FX_IMMUTABLE.get(type(out).__qualname__, type(out))
         if type(out).__module__.startswith("torch.fx")

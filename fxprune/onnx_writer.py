@@ -537,7 +537,7 @@ def write_onnx(
 def _output_nodes(out: Any) -> list[fx.Node]:
     """The tensor nodes of the graph's output in ``flatten_structure`` order, looking through the calls
     that build output containers (their arguments hold the items in the container's own order)."""
-    nodes = []
+    nodes: list[fx.Node] = []
     for n in flatten_structure(out, fx.Node):
         nodes += _output_nodes((n.args, n.kwargs)) if is_container_call(n) else [n]
     return nodes

@@ -122,7 +122,7 @@ _PLAIN_CONTAINERS = (
 )
 
 
-def _rebuilds(cls: type, plain: Any) -> bool:
+def _rebuilds(cls: Any, plain: Any) -> bool:
     """Whether ``cls(plain)`` gives a ``cls`` with the same keys (or length) as ``plain``."""
     probe = dict.fromkeys(plain) if isinstance(plain, dict) else [None] * len(plain)
     try:
