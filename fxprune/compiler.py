@@ -147,11 +147,12 @@ def _prepare(
     """A private eval-mode copy of the model and of the example (a tuple); checks both.
 
     Cases: (1) not an ``nn.Module``; (2) the example is not tensors, or is on the ``meta`` device, or holds
-    NaN or Inf; (3) model tensors on ``meta`` (no data) or on another device than the example; (4) a model
-    that cannot be deep-copied (e.g. the deprecated ``torch.nn.utils.weight_norm``): all ``InputError``,
-    raised before any work. Tensors a forward cached in the model's attributes with autograd on (not graph
-    leaves, which ``deepcopy`` refuses) are copied detached (``fxprune.trace.detached_caches``). (5) parametrized tensors (``torch.nn.utils.parametrize``, ``parametrizations.weight_norm``) are
-    folded into plain parameters in the copy, with a warning; (6) a model in training mode is compiled in
+    NaN or Inf; (3) model tensors on ``meta`` (no data) or on another device than the example; (4) the
+    deprecated hook-based ``torch.nn.utils.weight_norm``, or a model that cannot be deep-copied: all
+    ``InputError``, raised before any work. Tensors a forward cached in the model's attributes with
+    autograd on (not graph leaves, which ``deepcopy`` refuses) are copied detached
+    (``fxprune.trace.detached_caches``). (5) parametrized tensors (``torch.nn.utils.parametrize``,
+    ``parametrizations.weight_norm``) are folded into plain parameters in the copy, with a warning; (6) a model in training mode is compiled in
     eval mode, with a warning. The example is cloned, so a model that writes into its input in place never
     touches the caller's tensors. ``stacklevel``: of the warnings, to point at the user's call.
     """
@@ -456,8 +457,8 @@ def compile(  # noqa: A001 - the product's name for it
         raise VerificationError(
             "the compiled model does not return what the original returns: " + "; ".join(changed[:8])
             + (f" (and {len(changed) - 8} more)" if len(changed) > 8 else "")
-            + ". This is a bug in fxprune (a channel that reaches an output was pruned); please report it "
-            "with the model. err.result holds the result for inspection",
+            + ". This is a bug in fxprune (the rewrite changed an output); please report it with the model. "
+            "err.result holds the result for inspection",
             result=result,
         )  # fmt: skip
     if verification is not None and not verification.passed:
@@ -495,8 +496,10 @@ def _warn_few_channels(dep: DependencyResult, kept: Mapping[int, tuple[int, ...]
         return
 
     def name(g: Any) -> str:
-        mods = dict.fromkeys(s.param.rpartition(".")[0] for s in g.sites if s.role == "out")
-        where = ", ".join(list(mods)[:2]) + (", ..." if len(mods) > 2 else "")
+        mods = list(dict.fromkeys(s.param.rpartition(".")[0] for s in g.sites if s.role == "out")) or list(
+            g.nodes
+        )
+        where = ", ".join(mods[:2]) + (", ..." if len(mods) > 2 else "")
         return f"group {g.id} ({where}: {g.size} -> {len(kept[g.id])})"
 
     warnings.warn(

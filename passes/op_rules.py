@@ -96,9 +96,9 @@ def _output(ctx: RuleContext) -> Any:
 
 
 def _container(ctx: RuleContext) -> Any:
-    """A dict subclass or dataclass built around tensors (``fxprune.trace.is_container_call``; an output
-    such as ``OrderedDict(out=x)``): its channels are not followed through the container, so every space
-    in it is pinned, however deeply nested."""
+    """A container built by a call of its class (``fxprune.trace.is_container_call``: a dict/list subclass,
+    a dataclass, a nested namedtuple; an output such as ``OrderedDict(out=x)``): channels are not followed
+    through containers, so every space in it is pinned, however deeply nested."""
     ctx.pin_inputs(f"packed into a {ctx.node.target.__qualname__}")  # type: ignore[union-attr]
     return None
 
