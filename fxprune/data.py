@@ -202,14 +202,14 @@ def flatten_structure(out: Any, leaf: type) -> list[Any]:
     return []
 
 
-#: ``output_signature`` of a tensor: ``("tensor", shape, dtype)``
+#: an ``output_signature``: nested tuples; a tensor's is ``("tensor", shape, dtype)``
 Signature = tuple[Any, ...]
 
 
 def output_signature(out: Any) -> Signature:
     """What a caller can see of a model's output without its values: container types (by qualified name),
     dict keys and their order, sequence lengths, dataclass fields; for every tensor its shape and dtype;
-    other leaves (numbers, strings, None) by type and value. Hashable; ``output_differences`` compares two.
+    numbers, strings and None by type and value, other objects by type. Hashable; ``output_differences`` compares two.
     """
     if isinstance(out, _tensor_type()):
         t: Any = out
@@ -226,7 +226,8 @@ def output_signature(out: Any) -> Signature:
         return ("seq", kind, tuple((i, output_signature(v)) for i, v in enumerate(out)))
     if dataclasses.is_dataclass(out) and not isinstance(out, type):
         return ("fields", kind, tuple((k, output_signature(v)) for k, v in _fields(out)))
-    return ("value", kind, repr(out))
+    shown = repr(out) if isinstance(out, (int, float, complex, str, bytes, type(None))) else None
+    return ("value", kind, shown)  # another object: by type (its repr may hold an address)
 
 
 #: torch.fx's ``Interpreter`` returns these where the GraphModule itself returns a plain dict or list
