@@ -209,7 +209,8 @@ Signature = tuple[Any, ...]
 def output_signature(out: Any) -> Signature:
     """What a caller can see of a model's output without its values: container types (by qualified name),
     dict keys and their order, sequence lengths, dataclass fields; for every tensor its shape and dtype;
-    numbers, strings and None by type and value, other objects by type. Hashable; ``output_differences`` compares two.
+    numbers, strings and None by type and value, other objects by type. Hashable; ``output_differences``
+    compares two.
     """
     if isinstance(out, _tensor_type()):
         t: Any = out
