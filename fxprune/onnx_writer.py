@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -186,6 +186,15 @@ def _arg(n: fx.Node, i: int, key: str, default: Any = None) -> Any:
     return n.args[i] if len(n.args) > i else n.kwargs.get(key, default)
 
 
+def _input(n: fx.Node) -> fx.Node:
+    """``n``'s tensor input ``n.args[0]``, a node: fx records a tensor operand as one (a constant tensor as a
+    ``get_attr`` node). Anything else raises ``Unsupported`` as ``_Writer.shape`` does."""
+    x = n.args[0]
+    if not isinstance(x, fx.Node):
+        raise Unsupported(f"{getattr(x, 'name', x)} is not a float32 tensor")
+    return x
+
+
 def _pair_pads(padding: Sequence[int]) -> list[int]:
     return [*padding, *padding]
 
@@ -198,8 +207,8 @@ def _ints(v: Any, k: int) -> list[int]:
 def _conv(w: _Writer, n: fx.Node, m: nn.modules.conv._ConvNd) -> None:
     if m.transposed or m.padding_mode != "zeros" or isinstance(m.padding, str):
         raise Unsupported(f"{n.target}: transposed/padding_mode/string padding")
-    k = _spatial(w, n, n.args[0], len(m.kernel_size))  # type: ignore[arg-type]
-    ins = [n.args[0].name, w.tensor(f"{n.target}.weight", m.weight)]  # type: ignore[union-attr]
+    k = _spatial(w, n, _input(n), len(m.kernel_size))
+    ins = [_input(n).name, w.tensor(f"{n.target}.weight", m.weight)]
     if m.bias is not None:
         ins.append(w.tensor(f"{n.target}.bias", m.bias))
     w.emit("Conv", ins, n.name, kernel_shape=list(m.kernel_size), strides=_ints(m.stride, k),
@@ -220,7 +229,7 @@ def _linear_parts(w: _Writer, n: fx.Node, x: fx.Node, weight: str, bias: str | N
 def _linear(w: _Writer, n: fx.Node, m: nn.Linear) -> None:
     weight = w.tensor(f"{n.target}.weight", m.weight, np.transpose)
     bias = w.tensor(f"{n.target}.bias", m.bias) if m.bias is not None else None
-    _linear_parts(w, n, n.args[0], weight, bias)  # type: ignore[arg-type]
+    _linear_parts(w, n, _input(n), weight, bias)
 
 
 def _batch_norm(w: _Writer, n: fx.Node, m: nn.modules.batchnorm._BatchNorm) -> None:
@@ -233,7 +242,7 @@ def _batch_norm(w: _Writer, n: fx.Node, m: nn.modules.batchnorm._BatchNorm) -> N
         w.tensor(f"{n.target}.running_mean", m.running_mean),
         w.tensor(f"{n.target}.running_var", m.running_var),
     )
-    w.emit("BatchNormalization", [n.args[0].name, scale, bias, mean, var], n.name, epsilon=float(m.eps))  # type: ignore[union-attr]
+    w.emit("BatchNormalization", [_input(n).name, scale, bias, mean, var], n.name, epsilon=float(m.eps))
 
 
 def _layer_norm_parts(w: _Writer, n: fx.Node, x: fx.Node, shape: Sequence[int], scale: str | None,
@@ -250,7 +259,7 @@ def _layer_norm_parts(w: _Writer, n: fx.Node, x: fx.Node, shape: Sequence[int], 
 def _layer_norm_module(w: _Writer, n: fx.Node, m: nn.LayerNorm) -> None:
     scale = w.tensor(f"{n.target}.weight", m.weight) if m.weight is not None else None
     bias = w.tensor(f"{n.target}.bias", m.bias) if getattr(m, "bias", None) is not None else None
-    _layer_norm_parts(w, n, n.args[0], m.normalized_shape, scale, bias, m.eps)  # type: ignore[arg-type]
+    _layer_norm_parts(w, n, _input(n), m.normalized_shape, scale, bias, m.eps)
 
 
 def _spatial(w: _Writer, n: fx.Node, x: fx.Node, k: int) -> int:
@@ -274,14 +283,14 @@ def _max_pool(w: _Writer, n: fx.Node, m: nn.MaxPool2d) -> None:
     if m.return_indices:
         raise Unsupported(f"{n.target}: return_indices")
     k = _DIMS[type(m)]
-    _pool_common(w, n, n.args[0], "MaxPool", k, m.kernel_size, m.stride, m.padding, m.ceil_mode,  # type: ignore[arg-type]
+    _pool_common(w, n, _input(n), "MaxPool", k, m.kernel_size, m.stride, m.padding, m.ceil_mode,
                  dilations=_ints(m.dilation, k))  # fmt: skip
 
 
 def _avg_pool(w: _Writer, n: fx.Node, m: nn.AvgPool2d) -> None:
     if getattr(m, "divisor_override", None) is not None:  # AvgPool1d has none
         raise Unsupported(f"{n.target}: divisor_override")
-    _pool_common(w, n, n.args[0], "AveragePool", _DIMS[type(m)], m.kernel_size, m.stride, m.padding, m.ceil_mode,  # type: ignore[arg-type]
+    _pool_common(w, n, _input(n), "AveragePool", _DIMS[type(m)], m.kernel_size, m.stride, m.padding, m.ceil_mode,
                  count_include_pad=int(m.count_include_pad))  # fmt: skip
 
 
@@ -299,23 +308,23 @@ def _adaptive_avg(w: _Writer, n: fx.Node, x: fx.Node, k: int) -> None:
 
 def _unary(op: str, **attrs: Any) -> Callable[..., None]:
     def write(w: _Writer, n: fx.Node, m: Any = None) -> None:
-        w.emit(op, [n.args[0].name], n.name, **attrs)  # type: ignore[union-attr]
+        w.emit(op, [_input(n).name], n.name, **attrs)
 
     return write
 
 
 def _relu6(w: _Writer, n: fx.Node, m: Any = None) -> None:
-    w.emit("Clip", [n.args[0].name, w.const(0.0), w.const(6.0)], n.name)  # type: ignore[union-attr]
+    w.emit("Clip", [_input(n).name, w.const(0.0), w.const(6.0)], n.name)
 
 
 def _silu(w: _Writer, n: fx.Node, m: Any = None) -> None:
-    x = n.args[0].name  # type: ignore[union-attr]
+    x = _input(n).name
     w.emit("Mul", [x, w.emit("Sigmoid", [x])], n.name)
 
 
 def _gelu(w: _Writer, n: fx.Node, m: Any = None) -> None:
     approximate = m.approximate if m is not None else _arg(n, 1, "approximate", "none")
-    x = n.args[0].name  # type: ignore[union-attr]
+    x = _input(n).name
     if approximate == "none":  # 0.5 x (1 + erf(x / sqrt 2))
         inner = w.emit("Erf", [w.emit("Mul", [x, w.const(1 / math.sqrt(2))])])
     elif approximate == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
@@ -329,12 +338,12 @@ def _gelu(w: _Writer, n: fx.Node, m: Any = None) -> None:
 
 
 def _identity(w: _Writer, n: fx.Node, m: Any = None) -> None:
-    w.emit("Identity", [n.args[0].name], n.name)  # type: ignore[union-attr]
+    w.emit("Identity", [_input(n).name], n.name)
 
 
 def _reshape(w: _Writer, n: fx.Node, m: Any = None) -> None:
     # allowzero: a 0 in the (static) target shape is an empty dim, not "copy the input's"
-    w.emit("Reshape", [n.args[0].name, w.const(w.shape(n), "shape", np.int64)], n.name, allowzero=1)  # type: ignore[union-attr]
+    w.emit("Reshape", [_input(n).name, w.const(w.shape(n), "shape", np.int64)], n.name, allowzero=1)
 
 
 _MODULES: dict[type, Callable[..., None]] = {
@@ -352,9 +361,9 @@ _MODULES: dict[type, Callable[..., None]] = {
     nn.AvgPool1d: _avg_pool,
     nn.AvgPool2d: _avg_pool,
     nn.AvgPool3d: _avg_pool,
-    nn.AdaptiveAvgPool1d: lambda w, n, m: _adaptive_avg(w, n, n.args[0], 1),
-    nn.AdaptiveAvgPool2d: lambda w, n, m: _adaptive_avg(w, n, n.args[0], 2),
-    nn.AdaptiveAvgPool3d: lambda w, n, m: _adaptive_avg(w, n, n.args[0], 3),
+    nn.AdaptiveAvgPool1d: lambda w, n, m: _adaptive_avg(w, n, _input(n), 1),
+    nn.AdaptiveAvgPool2d: lambda w, n, m: _adaptive_avg(w, n, _input(n), 2),
+    nn.AdaptiveAvgPool3d: lambda w, n, m: _adaptive_avg(w, n, _input(n), 3),
     nn.ReLU: _unary("Relu"),
     nn.ReLU6: _relu6,
     nn.SiLU: _silu,
@@ -395,30 +404,37 @@ def _cat(w: _Writer, n: fx.Node) -> None:
 
 
 def _permute(w: _Writer, n: fx.Node) -> None:
-    dims = _arg(n, 1, "dims") if n.op == "call_function" else (n.args[1:] or n.kwargs.get("dims"))
-    if n.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
-        dims = dims[0]
+    # ints by permute's signature: torch.permute(x, dims); x.permute(*dims), x.permute(dims) or (dims=dims)
+    dims: Sequence[Any]
+    if n.op == "call_function":
+        dims = _arg(n, 1, "dims")
+    else:
+        dims = cast(Sequence[Any], n.args[1:] or n.kwargs.get("dims"))
+        if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+            dims = dims[0]
     rank = len(w.shape(n))
-    w.emit("Transpose", [n.args[0].name], n.name, perm=[int(d) % rank for d in dims])  # type: ignore[union-attr]
+    w.emit("Transpose", [_input(n).name], n.name, perm=[int(d) % rank for d in dims])
 
 
 def _layer_norm_fn(w: _Writer, n: fx.Node) -> None:
-    x, shape = n.args[0], _arg(n, 1, "normalized_shape")
+    shape = _arg(n, 1, "normalized_shape")
     weight, bias, eps = _arg(n, 2, "weight"), _arg(n, 3, "bias"), _arg(n, 4, "eps", 1e-5)
     for t in (weight, bias):
         if t is not None and not isinstance(t, fx.Node):
             raise Unsupported(f"{n.name}: layer_norm with a constant tensor argument")
-    _layer_norm_parts(w, n, x, list(shape), weight.name if weight else None, bias.name if bias else None, eps)  # type: ignore[arg-type]
+    _layer_norm_parts(
+        w, n, _input(n), list(shape), weight.name if weight else None, bias.name if bias else None, eps
+    )
 
 
 def _mean(w: _Writer, n: fx.Node) -> None:
-    x = n.args[0]
     dim, keepdim = _arg(n, 1, "dim"), bool(_arg(n, 2, "keepdim", False))
     if dim is None or "dtype" in n.kwargs:
         raise Unsupported(f"{n.name}: mean over all dims or with dtype")
+    x = _input(n)
     rank = len(w.shape(x))
     axes = [int(d) % rank for d in (dim if isinstance(dim, (tuple, list)) else [dim])]
-    w.emit("ReduceMean", [x.name, w.const(axes, "axes", np.int64)], n.name, keepdims=int(keepdim))  # type: ignore[union-attr]
+    w.emit("ReduceMean", [x.name, w.const(axes, "axes", np.int64)], n.name, keepdims=int(keepdim))
 
 
 def _stochastic_depth(w: _Writer, n: fx.Node) -> None:
@@ -429,31 +445,31 @@ def _stochastic_depth(w: _Writer, n: fx.Node) -> None:
 
 
 def _relu_fn(w: _Writer, n: fx.Node) -> None:
-    w.emit("Relu", [n.args[0].name], n.name)  # type: ignore[union-attr]
+    w.emit("Relu", [_input(n).name], n.name)
 
 
 def _adaptive_fn(w: _Writer, n: fx.Node) -> None:
-    _adaptive_avg(w, n, n.args[0], 2)  # type: ignore[arg-type]
+    _adaptive_avg(w, n, _input(n), 2)
 
 
 def _max_pool_fn(w: _Writer, n: fx.Node) -> None:
     if _arg(n, 6, "return_indices", False):
         raise Unsupported(f"{n.name}: return_indices")
-    x, kernel = n.args[0], _arg(n, 1, "kernel_size")
-    _pool_common(w, n, x, "MaxPool", 2, kernel, _arg(n, 2, "stride"), _arg(n, 3, "padding", 0),  # type: ignore[arg-type]
+    x, kernel = _input(n), _arg(n, 1, "kernel_size")
+    _pool_common(w, n, x, "MaxPool", 2, kernel, _arg(n, 2, "stride"), _arg(n, 3, "padding", 0),
                  _arg(n, 5, "ceil_mode", False), dilations=_ints(_arg(n, 4, "dilation", 1), 2))  # fmt: skip
 
 
 def _avg_pool_fn(w: _Writer, n: fx.Node) -> None:
     if _arg(n, 6, "divisor_override") is not None:
         raise Unsupported(f"{n.name}: divisor_override")
-    _pool_common(w, n, n.args[0], "AveragePool", 2, _arg(n, 1, "kernel_size"), _arg(n, 2, "stride"),  # type: ignore[arg-type]
+    _pool_common(w, n, _input(n), "AveragePool", 2, _arg(n, 1, "kernel_size"), _arg(n, 2, "stride"),
                  _arg(n, 3, "padding", 0), _arg(n, 4, "ceil_mode", False),
                  count_include_pad=int(bool(_arg(n, 5, "count_include_pad", True))))  # fmt: skip
 
 
 def _linear_fn(w: _Writer, n: fx.Node) -> None:
-    x, weight, bias = n.args[0], _arg(n, 1, "weight"), _arg(n, 2, "bias")
+    weight, bias = _arg(n, 1, "weight"), _arg(n, 2, "bias")
     if (
         not isinstance(weight, fx.Node)
         or weight.op != "get_attr"
@@ -461,7 +477,7 @@ def _linear_fn(w: _Writer, n: fx.Node) -> None:
     ):
         raise Unsupported(f"{n.name}: linear with a computed weight")
     wt = w.tensor(str(weight.target), _fetch(w.gm, str(weight.target)), np.transpose)
-    _linear_parts(w, n, x, wt, bias.name if bias is not None else None)  # type: ignore[arg-type]
+    _linear_parts(w, n, _input(n), wt, bias.name if bias is not None else None)
 
 
 _FUNCTIONS: dict[Any, Callable[[_Writer, fx.Node], None]] = {
