@@ -10,9 +10,16 @@ from __future__ import annotations
 from fxprune.compiler import STAGES, CompileResult, compile, count_flops, count_params, dependency_graph
 from fxprune.data import ChannelDim, ChannelGroup, PrunePlan, Site
 from fxprune.deploy import apply_plan, load, save
-from fxprune.errors import FxpruneError, InputError, TargetError, TraceError, VerificationError
+from fxprune.errors import (
+    FxpruneError,
+    InputError,
+    TargetError,
+    TraceError,
+    UnsupportedOpError,
+    VerificationError,
+)
 from fxprune.inspection import Inspection, inspect
-from fxprune.passes.dependency import DependencyResult, UnsupportedOpError
+from fxprune.passes.dependency import DependencyResult
 from fxprune.verify import Verification, masked_model
 
 __all__ = [

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-__all__ = ["FxpruneError", "InputError", "TargetError", "TraceError", "VerificationError"]
+__all__ = [
+    "FxpruneError",
+    "InputError",
+    "PassContractError",
+    "TargetError",
+    "TraceError",
+    "UnsupportedOpError",
+    "VerificationError",
+]
 
 
 class FxpruneError(Exception):
@@ -41,3 +49,13 @@ class VerificationError(FxpruneError, RuntimeError):
     def __init__(self, message: str, *, result: object = None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class UnsupportedOpError(FxpruneError, NotImplementedError):
+    """With ``strict=True``: an op without a rule touches channels (names the node and the op)."""
+
+
+class PassContractError(FxpruneError, RuntimeError):
+    """A pass touched what it declared it would not (``fxprune.passes.base``): a bug in fxprune, never the
+    user's fault. Not an ``AssertionError``, so ``python -O`` cannot hide it and a test's bare ``assert``
+    failures stay distinct from it."""

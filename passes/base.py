@@ -7,13 +7,11 @@ from typing import Any, Generic, TypeVar
 
 import torch.fx as fx
 
+from fxprune.errors import PassContractError
+
 __all__ = ["AnalysisPass", "PassContractError", "TransformPass"]
 
 R = TypeVar("R")
-
-
-class PassContractError(AssertionError):
-    """A pass touched what it declared it would not (a bug in fxprune, never the user's fault)."""
 
 
 def _fingerprint(gm: fx.GraphModule) -> tuple[Any, ...]:

@@ -37,7 +37,7 @@ from fxprune.data import (
     Site,
     TensorValue,
 )
-from fxprune.errors import FxpruneError
+from fxprune.errors import UnsupportedOpError
 
 __all__ = [
     "DependencyPass",
@@ -98,10 +98,6 @@ def param_dim(info: Any, d: int) -> int | None:
     if isinstance(info, ParamView):
         return info.dims[d] if 0 <= d < len(info.dims) else None
     return None
-
-
-class UnsupportedOpError(FxpruneError, NotImplementedError):
-    """With ``strict=True``: an op without a rule touches channels (names the node and the op)."""
 
 
 _MISSING = object()
