@@ -295,9 +295,11 @@ def main() -> None:
         all_units = [(g.id, c) for g in prunable for c in range(g.size)]
         units = [all_units[i] for i in sorted(rng.choice(len(all_units), min(args.units, len(all_units)),
                                                           replace=False))]  # fmt: skip
+        from fxprune.passes.rules_swin import EXPANSIONS
+
         from fxprune.trace import shape_propagate, trace
 
-        gm = trace(copy.deepcopy(model).eval(), (), None)
+        gm = trace(copy.deepcopy(model).eval(), (), None, EXPANSIONS)
         shape_propagate(gm, (x1,))
         calib = make_calibration(gm, (x1,), calib_batches, None)
         t = time.perf_counter()

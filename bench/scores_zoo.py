@@ -31,6 +31,7 @@ def one(model_name: str, score: str, size: int, n_batches: int, batch_size: int)
     import torch
     import torchvision
     from fxprune.passes.dependency import DependencyPass
+    from fxprune.passes.rules_swin import EXPANSIONS
     from fxprune.passes.score import ScoreContext, get_score
 
     import fxprune
@@ -44,7 +45,7 @@ def one(model_name: str, score: str, size: int, n_batches: int, batch_size: int)
     data = [(torch.randn(batch_size, 3, size, size, generator=g), torch.randint(0, 1000, (batch_size,), generator=g))
             for _ in range(n_batches)]  # fmt: skip
     x = data[0][0][:1]
-    gm = trace(model, (), None)
+    gm = trace(model, (), None, EXPANSIONS)
     shape_propagate(gm, (x,))
     dep = DependencyPass()(gm)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

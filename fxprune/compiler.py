@@ -26,6 +26,7 @@ from fxprune.passes.cost import CostModel, CostPass
 from fxprune.passes.dependency import DependencyPass, DependencyResult
 from fxprune.passes.masking import default_device
 from fxprune.passes.rewrite import RewritePass, build_plan, param_indices
+from fxprune.passes.rules_swin import EXPANSIONS
 from fxprune.passes.score import AUTO, GroupScore, ScoreContext, auto_score, get_score
 from fxprune.select import resolve_target, select
 from fxprune.trace import (
@@ -273,7 +274,7 @@ def _analyse(
     it too, that is an ``InputError`` about the example (``_check_runs``), not a tracing problem.
     """
     with _timed(timings, "trace"):
-        gm = trace(work, leaf_modules, concrete_args)
+        gm = trace(work, leaf_modules, concrete_args, EXPANSIONS)
         try:
             if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
                 shape_propagate(gm, example, count_flops=False)  # the decomposition needs the input ranks

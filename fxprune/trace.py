@@ -8,7 +8,7 @@ import logging
 import os
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,7 +21,7 @@ from fxprune.data import META_FLOPS, META_VALUE, TensorValue
 from fxprune.errors import InputError, TraceError
 
 __all__ = [
-    "EXPANSIONS",
+    "Expansion",
     "as_example_tuple",
     "copy_graph_module",
     "copy_module",
@@ -36,10 +36,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Opaque library calls (``torch.fx.wrap``-ped functions) that ``trace`` replaces by an equivalent sequence
-#: of calls with op rules: ``target -> expand(graph, node)``, which inserts the calls before ``node`` and
-#: returns the node that replaces it. Rule modules register here (``fxprune.passes.rules_swin``).
-EXPANSIONS: dict[Any, Callable[[fx.Graph, fx.Node], fx.Node]] = {}
+#: How ``trace`` replaces an opaque library call (a ``torch.fx.wrap``-ped function) by an equivalent sequence
+#: of calls with op rules: ``expand(graph, node)`` inserts the calls before ``node`` and returns the node
+#: that replaces it. Tables of them (``target -> expand``) live with the op rules
+#: (``fxprune.passes.rules_swin.EXPANSIONS``) and are passed to ``trace`` by its caller.
+Expansion = Callable[[fx.Graph, fx.Node], fx.Node]
 
 _OWN_DIR = os.path.dirname(__file__)
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -300,8 +301,13 @@ def trace(
     model: torch.nn.Module,
     leaf_modules: Sequence[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    expansions: Mapping[Any, Expansion] | None = None,
 ) -> fx.GraphModule:
     """Symbolically trace ``model``; never mutates it.
+
+    ``expansions`` (``target -> Expansion``) replaces each call of a target in it by the finer calls its
+    expansion inserts (the pipeline passes ``fxprune.passes.rules_swin.EXPANSIONS``, which decomposes
+    torchvision's shifted window attention); without it (the default) no call is replaced.
 
     Raises:
         TraceError: naming the call that broke tracing and the module being traced, with the fix.
@@ -325,18 +331,16 @@ def trace(
             f"torch.fx could not trace {where}: {type(exc).__name__}: {exc}\n  at {_user_frame(exc)}\n"
             f"  fix: {hint}, or make the control flow independent of tensor values"
         ) from exc
-    _expand(graph)
+    _expand(graph, expansions or {})
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
 
 
-def _expand(graph: fx.Graph) -> None:
-    """Replace every call registered in ``EXPANSIONS`` (same values, finer nodes for the rules)."""
-    from fxprune.passes import op_rules  # noqa: F401 - registers the expansions with the rules
-
+def _expand(graph: fx.Graph, expansions: Mapping[Any, Expansion]) -> None:
+    """Replace every call of a target in ``expansions`` (same values, finer nodes for the rules)."""
     for node in list(graph.nodes):
-        if node.op == "call_function" and node.target in EXPANSIONS:
-            new = EXPANSIONS[node.target](graph, node)
+        if node.op == "call_function" and node.target in expansions:
+            new = expansions[node.target](graph, node)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
 

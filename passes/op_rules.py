@@ -17,13 +17,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
-from fxprune.passes.dependency import (
+from fxprune.passes.rule_context import (
     ParamRef,
     ParamView,
     RuleContext,
     SizeOf,
     Tracked,
-    _flat_args,
+    flat_args,
     has_sizes,
     param_dim,
 )
@@ -32,7 +32,17 @@ from fxprune.passes.spaces import Seg
 from fxprune.data import META_VALUE, TensorValue
 from fxprune.trace import is_container_call
 
-__all__ = ["FUNCTION_RULES", "METHOD_RULES", "MODULE_RULES", "lookup", "register"]
+__all__ = [
+    "FUNCTION_RULES",
+    "METHOD_RULES",
+    "MODULE_RULES",
+    "linear_rule",
+    "lookup",
+    "norm_dim",
+    "register",
+    "self_arg",
+    "tensor_shape",
+]
 
 Rule = Callable[[RuleContext], Any]
 
@@ -67,16 +77,18 @@ def lookup(node: fx.Node, module: nn.Module | None) -> Rule | None:
     return _STRUCTURAL[node.op]
 
 
-# --------------------------------------------------------------------------------------------- helpers
-def _shape(v: Any) -> tuple[int, ...] | None:
+# ------------------------------------------------------------- helpers (shared with the other rule modules)
+def tensor_shape(v: Any) -> tuple[int, ...] | None:
+    """The shape of a ``TensorValue``; None for anything else (a literal, a tuple of values)."""
     return v.shape if isinstance(v, TensorValue) else None
 
 
-def _norm_dim(d: int, ndim: int) -> int:
+def norm_dim(d: int, ndim: int) -> int:
+    """``d`` as a non-negative dim of a tensor of rank ``ndim``."""
     return d + ndim if d < 0 else d
 
 
-def _self_arg(ctx: RuleContext) -> Any:
+def self_arg(ctx: RuleContext) -> Any:
     """The primary tensor: the module input, or the first argument of a function/method."""
     return ctx.arg(0, "input") if ctx.node.args or "input" in ctx.node.kwargs else ctx.arg(0, "self")
 
@@ -111,11 +123,11 @@ def _passthrough(spatial: int = 0) -> Rule:
     """Channel-wise op: output keeps the input's channel dim; the last ``spatial`` dims may be pooled."""
 
     def rule(ctx: RuleContext) -> Any:
-        x = _self_arg(ctx)
+        x = self_arg(ctx)
         t = ctx.tracked(x)
         if t is None:
             return None
-        si, so = _shape(ctx.value(x)), _shape(ctx.out)
+        si, so = tensor_shape(ctx.value(x)), tensor_shape(ctx.out)
         if (
             si is None
             or so is None
@@ -203,13 +215,13 @@ for _k in (1, 2, 3):
     "log_softmax",
 )
 def _softmax(ctx: RuleContext) -> Any:
-    x = _self_arg(ctx)
+    x = self_arg(ctx)
     t = ctx.tracked(x)
     if t is None:
         return None
-    shape = _shape(ctx.value(x)) or ()
+    shape = tensor_shape(ctx.value(x)) or ()
     dim = ctx.module.dim if ctx.module is not None else ctx.arg(1, "dim", None)
-    if dim is None or _norm_dim(dim, len(shape)) == t.dim:
+    if dim is None or norm_dim(dim, len(shape)) == t.dim:
         ctx.pin(t, "softmax normalises across the channels")
         return None
     return t
@@ -243,14 +255,14 @@ def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
 
     def rule(ctx: RuleContext) -> Any:
         ops = list(operands(ctx))
-        so = _shape(ctx.out)
+        so = tensor_shape(ctx.out)
         if so is None:
             return _size_math(ctx)
         n = len(so)
         tracked = [(x, ctx.tracked(x)) for x in ops if ctx.tracked(x) is not None]
         if not tracked:
             return _size_math(ctx) if isinstance(ctx.out, (int, float)) else None
-        tie = _tie_on_one_dim(ctx, tracked, lambda x, t: t.dim + n - len(_shape(ctx.value(x)) or ()),
+        tie = _tie_on_one_dim(ctx, tracked, lambda x, t: t.dim + n - len(tensor_shape(ctx.value(x)) or ()),
                               "operands carry channels on different dims", "elementwise op")  # fmt: skip
         if tie is None:
             return None
@@ -258,7 +270,7 @@ def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
         for x in ops:
             if not isinstance(x, fx.Node) or ctx.tracked(x) is not None:
                 continue
-            s = _shape(ctx.value(x))
+            s = tensor_shape(ctx.value(x))
             if s is None:
                 continue
             d = D - (n - len(s))
@@ -299,10 +311,10 @@ register(torch.addcmul, torch.addcdiv)(
 @register(torch.cat, torch.concat, torch.concatenate)
 def _cat(ctx: RuleContext) -> Any:
     xs = list(ctx.arg(0, "tensors"))
-    so = _shape(ctx.out)
+    so = tensor_shape(ctx.out)
     if so is None:
         return None
-    dim = _norm_dim(ctx.arg(1, "dim", 0), len(so))
+    dim = norm_dim(ctx.arg(1, "dim", 0), len(so))
     infos = [ctx.tracked(x) for x in xs]
     tracked = [t for t in infos if t is not None]
     if not tracked:
@@ -327,7 +339,7 @@ def _cat(ctx: RuleContext) -> Any:
         if t is not None:
             segs.extend(t.segs)
             continue
-        s = _shape(ctx.value(x))
+        s = tensor_shape(ctx.value(x))
         if s is None:
             return None
         pd = param_dim(ctx.info(x), D)
@@ -352,8 +364,8 @@ def _pieces(ctx: RuleContext, x: Any, dim: int, sections: tuple[int | str, Any] 
     outs = ctx.out
     if t is None or not isinstance(outs, tuple):
         return None
-    ndim = len(_shape(ctx.value(x)) or ())
-    dim = _norm_dim(dim, ndim)
+    ndim = len(tensor_shape(ctx.value(x)) or ())
+    dim = norm_dim(dim, ndim)
     if dim != t.dim:
         return tuple(t for _ in outs)
     pieces: list[tuple[Seg, ...]] = []
@@ -399,7 +411,7 @@ def _unbind(ctx: RuleContext) -> Any:
     outs = ctx.out
     if t is None or not isinstance(outs, tuple):
         return None
-    dim = _norm_dim(ctx.arg(1, "dim", 0), len(_shape(ctx.value(x)) or ()))
+    dim = norm_dim(ctx.arg(1, "dim", 0), len(tensor_shape(ctx.value(x)) or ()))
     if dim == t.dim:
         ctx.pin(t, "unbind along the channel dim")
         return tuple(None for _ in outs)
@@ -420,7 +432,7 @@ def _getitem(ctx: RuleContext) -> Any:
         return info[idx] if isinstance(idx, int) and -len(info) <= idx < len(info) else None
     if not isinstance(info, Tracked):
         return None
-    shape = _shape(ctx.value(obj))
+    shape = tensor_shape(ctx.value(obj))
     if shape is None:
         return None
     items = list(idx) if isinstance(idx, tuple) else [idx]
@@ -507,7 +519,7 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
     def core(ctx: RuleContext, used: list[fx.Node]) -> Any:
         x = ctx.arg(0, "input")
         t = ctx.tracked(x)
-        si, so = _shape(ctx.value(x)), _shape(ctx.out)
+        si, so = tensor_shape(ctx.value(x)), tensor_shape(ctx.out)
         if t is None or si is None or so is None:
             return None
         d = t.dim
@@ -569,7 +581,7 @@ def _expand_param(ctx: RuleContext) -> ParamView | None:
     not follow the parameter's pruning, so the view is then untracked (and whatever reads it pins)."""
     x = ctx.arg(0, "input")
     info = ctx.info(x)
-    si, so = _shape(ctx.value(x)), _shape(ctx.out)
+    si, so = tensor_shape(ctx.value(x)), tensor_shape(ctx.out)
     index, packed = _method_sizes(ctx)
     sizes = (ctx.node.args[index] if isinstance(index, int) else ctx.node.kwargs[index]) if packed else None
     sizes = list(sizes) if sizes is not None else list(ctx.node.args[1:])
@@ -606,7 +618,7 @@ def _pin_other_sizes(ctx: RuleContext, used: Sequence[fx.Node]) -> None:
     read from channels anywhere else (MaxViT's ``reshape(B, G, P, D)``, ``D`` the residual width, applied
     to the attention's inner width) would silently change with pruning: its channels are pinned."""
     ctx.sizes_handled = True
-    for a in _flat_args(ctx.node)[1:]:
+    for a in flat_args(ctx.node)[1:]:
         info = ctx.info(a)
         if isinstance(a, fx.Node) and has_sizes(info) and a not in used:
             ctx.pin(info, "reshape to a size read from channels, at a position that does not carry them")
@@ -693,8 +705,8 @@ def _permute(ctx: RuleContext) -> Any:
     dims = (
         ctx.node.args[1:] if len(ctx.node.args) > 2 or isinstance(ctx.node.args[1], int) else ctx.node.args[1]
     )
-    ndim = len(_shape(ctx.value(x)) or ())
-    perm = [_norm_dim(int(d), ndim) for d in dims]
+    ndim = len(tensor_shape(ctx.value(x)) or ())
+    perm = [norm_dim(int(d), ndim) for d in dims]
     return Tracked(perm.index(t.dim), t.segs)
 
 
@@ -704,8 +716,8 @@ def _transpose(ctx: RuleContext) -> Any:
     t = ctx.tracked(x)
     if t is None:
         return None
-    ndim = len(_shape(ctx.value(x)) or ())
-    a, b = _norm_dim(ctx.arg(1, "dim0"), ndim), _norm_dim(ctx.arg(2, "dim1"), ndim)
+    ndim = len(tensor_shape(ctx.value(x)) or ())
+    a, b = norm_dim(ctx.arg(1, "dim0"), ndim), norm_dim(ctx.arg(2, "dim1"), ndim)
     return Tracked(b if t.dim == a else a if t.dim == b else t.dim, t.segs)
 
 
@@ -728,12 +740,12 @@ def _reduce(ctx: RuleContext) -> Any:
     t = ctx.tracked(x)
     if t is None:
         return None
-    ndim = len(_shape(ctx.value(x)) or ())
+    ndim = len(tensor_shape(ctx.value(x)) or ())
     dim = ctx.arg(1, "dim", None)
     if dim is None:
         ctx.pin(t, "reduction over all dims")
         return None
-    dims = {_norm_dim(d, ndim) for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
+    dims = {norm_dim(d, ndim) for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
     if t.dim in dims:
         ctx.pin(t, "reduction over the channel dim")
         return None
@@ -760,10 +772,10 @@ def _query(ctx: RuleContext) -> Any:
         return SizeOf(t.segs)
     if name not in ("shape", "size"):
         return None
-    ndim = len(_shape(ctx.value(x)) or ())
+    ndim = len(tensor_shape(ctx.value(x)) or ())
     dim = ctx.arg(1, "dim", None) if name == "size" else None
     if isinstance(dim, int):
-        return SizeOf(t.segs) if _norm_dim(dim, ndim) == t.dim else None
+        return SizeOf(t.segs) if norm_dim(dim, ndim) == t.dim else None
     return tuple(SizeOf(t.segs) if i == t.dim else None for i in range(ndim))
 
 
@@ -831,7 +843,7 @@ def _conv(
     new space of ``C_out/groups`` — the group structure is never broken.
     """
     t = ctx.tracked(x)
-    xs = _shape(ctx.value(x))
+    xs = tensor_shape(ctx.value(x))
     ch = 1 if xs is not None and len(xs) == len(w_shape) else 0
     if t is not None and t.dim != ch:
         ctx.pin(t, "conv input carries channels on a non-channel dim")
@@ -901,7 +913,7 @@ def _conv_functional(ctx: RuleContext) -> Any:
     if b is not None and not isinstance(ctx.info(b), ParamRef):
         ctx.pin_inputs("functional conv with a computed bias")
         return None
-    w_shape = _shape(ctx.value(ctx.arg(1, "weight")))
+    w_shape = tensor_shape(ctx.value(ctx.arg(1, "weight")))
     assert w_shape is not None
     literal: int | str | None = None
     if groups > 1:
@@ -909,12 +921,12 @@ def _conv_functional(ctx: RuleContext) -> Any:
     return _conv(ctx, ctx.arg(0, "input"), w.name, _param_name(ctx, "bias"), w_shape, groups, literal)
 
 
-def _linear(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Sequence[int],
+def linear_rule(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Sequence[int],
             out_dim: int | None = None) -> Any:  # fmt: skip
     """Linear: the last dim of ``x`` cuts weight columns; the output's last dim (or ``out_dim``, for an op
     that also reshapes, like Swin's window merge) is a new space."""
     t = ctx.tracked(x)
-    xs = _shape(ctx.value(x)) or ()
+    xs = tensor_shape(ctx.value(x)) or ()
     if t is not None and t.dim != len(xs) - 1:
         ctx.pin(t, "linear applied along a non-channel dim")
         t = None
@@ -931,7 +943,7 @@ def _linear(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Se
 def _linear_module(ctx: RuleContext) -> Any:
     m = ctx.module
     assert isinstance(m, nn.Linear)
-    return _linear(
+    return linear_rule(
         ctx, ctx.arg(0, "input"), f"{ctx.node.target}.weight", _param_name(ctx, "bias"), m.weight.shape
     )
 
@@ -943,9 +955,9 @@ def _linear_functional(ctx: RuleContext) -> Any:
     if not isinstance(w, ParamRef) or (b is not None and not isinstance(ctx.info(b), ParamRef)):
         ctx.pin_inputs("functional linear with a computed weight or bias")
         return None
-    w_shape = _shape(ctx.value(ctx.arg(1, "weight")))
+    w_shape = tensor_shape(ctx.value(ctx.arg(1, "weight")))
     assert w_shape is not None
-    return _linear(ctx, ctx.arg(0, "input"), w.name, _param_name(ctx, "bias"), w_shape)
+    return linear_rule(ctx, ctx.arg(0, "input"), w.name, _param_name(ctx, "bias"), w_shape)
 
 
 def _per_channel(ctx: RuleContext, x: Any, params: Iterable[str | None]) -> Any:
@@ -1008,7 +1020,7 @@ def _layer_norm(
     include the channel dim; no affine weight, which the oracle needs to find the call) pins.
     """
     t = ctx.tracked(x)
-    xs = _shape(ctx.value(x))
+    xs = tensor_shape(ctx.value(x))
     if t is None or xs is None:
         return None
     k = len(normalized)
@@ -1060,7 +1072,7 @@ def _layer_norm_functional(ctx: RuleContext) -> Any:
     out = _layer_norm(ctx, ctx.arg(0, "input"), shape, names[0], names[1])
     t = ctx.tracked(ctx.arg(0, "input"))
     if out is not None and t is not None and len(shape) == 1 and names[0] is not None:
-        xs = _shape(ctx.value(ctx.arg(0, "input"))) or ()
+        xs = tensor_shape(ctx.value(ctx.arg(0, "input"))) or ()
         if t.dim == len(xs) - 1:
             ctx.literal(1 if len(ctx.node.args) > 1 else "normalized_shape", 0, t.segs)
     return out
@@ -1081,7 +1093,7 @@ def _group_norm(
     by it), or a layout that cannot be cut into whole groups: pinned.
     """
     t = ctx.tracked(x)
-    xs = _shape(ctx.value(x))
+    xs = tensor_shape(ctx.value(x))
     if t is None or xs is None:
         return None
     if t.dim != 1:
@@ -1135,7 +1147,7 @@ def _untracked_spans(ctx: RuleContext, x: Any, d_out: int, n_out: int) -> bool:
     dim under output dim ``d_out`` has size > 1; a parameter there is sliced instead (``"norm"``)."""
     if not isinstance(x, fx.Node) or ctx.tracked(x) is not None:
         return False
-    s = _shape(ctx.value(x))
+    s = tensor_shape(ctx.value(x))
     if s is None:
         return False
     d = d_out - (n_out - len(s))
@@ -1146,7 +1158,7 @@ def _untracked_spans(ctx: RuleContext, x: Any, d_out: int, n_out: int) -> bool:
 
 
 def _claim_param_operand(ctx: RuleContext, x: Any, d_out: int, n_out: int, segs: Sequence[Seg]) -> None:
-    s = _shape(ctx.value(x)) if isinstance(x, fx.Node) else None
+    s = tensor_shape(ctx.value(x)) if isinstance(x, fx.Node) else None
     if s is None or ctx.tracked(x) is not None:
         return
     d = d_out - (n_out - len(s))
@@ -1174,7 +1186,7 @@ def _sdpa(ctx: RuleContext) -> Any:
     """
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
     mask = ctx.arg(3, "attn_mask", None)
-    so = _shape(ctx.out)
+    so = tensor_shape(ctx.out)
     if so is None:
         ctx.pin_inputs("scaled_dot_product_attention without a tensor output")
         return None
@@ -1186,7 +1198,7 @@ def _sdpa(ctx: RuleContext) -> Any:
         t = ctx.tracked(x)
         if t is None:
             continue
-        if len(_shape(ctx.value(x)) or ()) != n:
+        if len(tensor_shape(ctx.value(x)) or ()) != n:
             ctx.pin(t, f"scaled_dot_product_attention {name} of another rank than the output")
         elif t.dim < n - 2:
             batch.append(t)
@@ -1235,7 +1247,7 @@ def attention_units(gm: fx.GraphModule) -> dict[fx.Node, int]:
         if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
             operands = node.args[:3]
         elif node.target in (torch.einsum, torch.matmul, operator.matmul, "matmul"):
-            operands = tuple(a for a in _flat_args(node) if isinstance(a, fx.Node))
+            operands = tuple(a for a in flat_args(node) if isinstance(a, fx.Node))
         else:
             continue
         for x in operands:
@@ -1272,7 +1284,7 @@ def _linear_through_heads(gm: fx.GraphModule, x: Any) -> tuple[fx.Node, int] | N
         if not layout or not x.args:
             return None
         if x.target in ("view", "reshape", torch.reshape):
-            si, so = _shape(_arg_value(x.args[0])), _shape(x.meta.get(META_VALUE))
+            si, so = tensor_shape(_arg_value(x.args[0])), tensor_shape(x.meta.get(META_VALUE))
             if si is not None and so is not None and len(so) > len(si):
                 unit = so[-1]
         x = x.args[0]
@@ -1320,7 +1332,7 @@ def _contraction(ctx: RuleContext, terms: Sequence[str], out: str, ops: Sequence
     others = [i for i in range(len(ops)) if ctx.tracked(ops[i]) is None and L in terms[i]]
     if L in out:
         for i in others:
-            s = _shape(ctx.value(ops[i])) or ()
+            s = tensor_shape(ctx.value(ops[i])) or ()
             d = terms[i].index(L)
             pd = param_dim(ctx.info(ops[i]), d)
             if s and s[d] != 1 and pd is None:
@@ -1341,7 +1353,7 @@ def _contraction(ctx: RuleContext, terms: Sequence[str], out: str, ops: Sequence
     if len(free) != 1:
         ctx.cost(ref)
         return None
-    w_shape = _shape(ctx.value(ops[j])) or ()
+    w_shape = tensor_shape(ctx.value(ops[j])) or ()
     new = ctx.new_space(w_shape[terms[j].index(free[0])])
     ctx.claim(w.name, terms[j].index(free[0]), new, "out")
     ctx.cost(ref, new)
@@ -1369,7 +1381,7 @@ def _einsum(ctx: RuleContext) -> Any:
 def _matmul(ctx: RuleContext) -> Any:
     """``a @ b`` as ``...ij,...jk->...ik`` (batch dims aligned from the right); 1-d operands pin."""
     a, b = ctx.arg(0, "input"), ctx.arg(1, "other" if ctx.node.target not in (torch.bmm, "bmm") else "mat2")
-    sa, sb, so = _shape(ctx.value(a)), _shape(ctx.value(b)), _shape(ctx.out)
+    sa, sb, so = tensor_shape(ctx.value(a)), tensor_shape(ctx.value(b)), tensor_shape(ctx.out)
     if sa is None or sb is None or so is None or len(sa) < 2 or len(sb) < 2:
         ctx.pin_inputs("matmul of a vector or a non-tensor")
         return None

@@ -17,18 +17,20 @@ make two kinds of groups:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from fxprune.passes import swin_ops
-from fxprune.passes.dependency import ParamRef, RuleContext, Tracked
-from fxprune.passes.op_rules import _linear, _norm_dim, _self_arg, _shape, register
+from fxprune.passes.op_rules import linear_rule, norm_dim, register, self_arg, tensor_shape
+from fxprune.passes.rule_context import ParamRef, RuleContext, Tracked
 from fxprune.passes.spaces import Seg
 
-from fxprune.trace import EXPANSIONS
+from fxprune.trace import Expansion
 
-__all__: list[str] = []
+__all__ = ["EXPANSIONS"]
 
 
 # ----------------------------------------------------------------------------- channel-agnostic moves
@@ -36,12 +38,12 @@ __all__: list[str] = []
 def _roll(ctx: RuleContext) -> Any:
     """``torch.roll`` moves elements along ``dims``: a channel-wise op unless it rolls the channel dim
     (or the flattened tensor, ``dims=None``), which moves channels to other positions."""
-    x = _self_arg(ctx)
+    x = self_arg(ctx)
     t = ctx.tracked(x)
     if t is None:
         return None
     dims = ctx.arg(2, "dims", None)
-    ndim = len(_shape(ctx.value(x)) or ())
+    ndim = len(tensor_shape(ctx.value(x)) or ())
     if dims is None or (isinstance(dims, (list, tuple)) and not dims):
         ctx.pin(t, "torch.roll of the flattened tensor")
         return None
@@ -49,7 +51,7 @@ def _roll(ctx: RuleContext) -> Any:
     if not all(isinstance(d, int) for d in dims):
         ctx.pin(t, "torch.roll with computed dims")
         return None
-    if t.dim in {_norm_dim(d, ndim) for d in dims}:
+    if t.dim in {norm_dim(d, ndim) for d in dims}:
         ctx.pin(t, "torch.roll along the channel dim")
         return None
     return t
@@ -59,12 +61,12 @@ def _roll(ctx: RuleContext) -> Any:
 def _pad(ctx: RuleContext) -> Any:
     """``F.pad(x, pad)`` pads the last ``len(pad) // 2`` dims, last dim first. A channel-wise op when the
     channel dim's two entries are literal zeros; padding channels adds channels no rule tracks (pins)."""
-    x = _self_arg(ctx)
+    x = self_arg(ctx)
     t = ctx.tracked(x)
     if t is None:
         return None
     pad = ctx.arg(1, "pad")
-    ndim = len(_shape(ctx.value(x)) or ())
+    ndim = len(tensor_shape(ctx.value(x)) or ())
     if not isinstance(pad, (list, tuple)):
         ctx.pin(t, "F.pad with computed padding")
         return None
@@ -83,7 +85,14 @@ def _register_torchvision() -> None:
         return
     register(tv._patch_merging_pad)(_patch_merging_pad)
     register(tv._get_relative_position_bias)(_relative_position_bias)
-    EXPANSIONS[tv.shifted_window_attention] = swin_ops.expand_shifted_window_attention
+
+
+def _torchvision_expansions() -> dict[Any, Expansion]:
+    try:
+        from torchvision.models import swin_transformer as tv
+    except ImportError:  # pragma: no cover - torchvision is optional
+        return {}
+    return {tv.shifted_window_attention: swin_ops.expand_shifted_window_attention}
 
 
 def _patch_merging_pad(ctx: RuleContext) -> Any:
@@ -95,7 +104,7 @@ def _patch_merging_pad(ctx: RuleContext) -> Any:
     t = ctx.tracked(x)
     if t is None:
         return None
-    ndim = len(_shape(ctx.value(x)) or ())
+    ndim = len(tensor_shape(ctx.value(x)) or ())
     if t.dim != ndim - 1:
         ctx.pin(t, "patch merging samples the channel dim")
         return None
@@ -110,7 +119,7 @@ def _relative_position_bias(ctx: RuleContext) -> Any:
     V2: ``cpb_mlp(coords).view(-1, heads)``) brings its channels along."""
     table = ctx.arg(0, "relative_position_bias_table")
     info = ctx.info(table)
-    shape = _shape(ctx.value(table))
+    shape = tensor_shape(ctx.value(table))
     if isinstance(info, ParamRef) and shape is not None and len(shape) == 2:
         heads = ctx.new_space(shape[1])
         ctx.claim(info.name, 1, heads, "norm")
@@ -146,7 +155,7 @@ def _window_qkv(ctx: RuleContext) -> Any:
     x = ctx.arg(0, "input")
     names = _params(ctx, (1, "qkv_weight"), (5, "qkv_bias"))
     heads = ctx.arg(3, "num_heads")
-    w_shape = _shape(ctx.value(ctx.arg(1, "qkv_weight")))
+    w_shape = tensor_shape(ctx.value(ctx.arg(1, "qkv_weight")))
     if names is None or names[0] is None or not isinstance(heads, int) or w_shape is None:
         ctx.pin_inputs("window attention with a computed weight, bias or num_heads")
         return None
@@ -154,7 +163,7 @@ def _window_qkv(ctx: RuleContext) -> Any:
         ctx.pin_inputs(f"window attention qkv rows {w_shape[0]} are not 3 x {heads} heads")
         return None
     t = ctx.tracked(x)
-    if t is not None and t.dim != len(_shape(ctx.value(x)) or ()) - 1:
+    if t is not None and t.dim != len(tensor_shape(ctx.value(x)) or ()) - 1:
         ctx.pin(t, "window attention input carries channels on a non-channel dim")
         t = None
     (head,) = ctx.new_space(heads)
@@ -212,7 +221,7 @@ def _window_attention(ctx: RuleContext) -> Any:
 def _tie_bias(ctx: RuleContext, heads: tuple[Seg, ...]) -> bool:
     """The bias ``[.., heads, N, N]`` (broadcast to the attention) is tied to the heads."""
     b = ctx.arg(1, "relative_position_bias")
-    info, shape = ctx.info(b), _shape(ctx.value(b))
+    info, shape = ctx.info(b), tensor_shape(ctx.value(b))
     if shape is None or len(shape) < 3 or shape[-3] == 1:
         return True  # no per-head bias
     dim = len(shape) - 3
@@ -229,7 +238,7 @@ def _tie_bias(ctx: RuleContext, heads: tuple[Seg, ...]) -> bool:
 def _tie_logit_scale(ctx: RuleContext, heads: tuple[Seg, ...]) -> bool:
     """Swin V2's ``logit_scale [heads, 1, 1]`` is sliced with the heads."""
     s = ctx.arg(7, "logit_scale", None)
-    shape = _shape(ctx.value(s))
+    shape = tensor_shape(ctx.value(s))
     if s is None or shape is None or len(shape) < 3 or shape[-3] == 1:
         return True
     info = ctx.info(s)
@@ -249,12 +258,17 @@ def _window_merge(ctx: RuleContext) -> Any:
     the proj columns; the output is a new space of ``C_out`` rows (the residual add unifies it)."""
     x = ctx.arg(0, "x")
     names = _params(ctx, (1, "proj_weight"), (6, "proj_bias"))
-    w_shape = _shape(ctx.value(ctx.arg(1, "proj_weight")))
+    w_shape = tensor_shape(ctx.value(ctx.arg(1, "proj_weight")))
     if names is None or names[0] is None or w_shape is None:
         ctx.pin_inputs("window attention with a computed proj weight or bias")
         return None
     weight, bias = names
-    return _linear(ctx, x, weight, bias, w_shape, out_dim=3)  # x: [B * windows, N, heads * d]
+    return linear_rule(ctx, x, weight, bias, w_shape, out_dim=3)  # x: [B * windows, N, heads * d]
 
 
 _register_torchvision()
+
+
+#: The calls ``fxprune.trace.trace(..., expansions=EXPANSIONS)`` replaces by finer calls with rules here:
+#: torchvision's ``shifted_window_attention`` by the three calls of ``swin_ops`` (the pipeline passes it).
+EXPANSIONS: Mapping[Any, Expansion] = MappingProxyType(_torchvision_expansions())

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_masked_equivalent
 from fxprune.passes import swin_ops
+from fxprune.passes.rules_swin import EXPANSIONS
 from torchvision.models import swin_transformer as tv
 
 import fxprune
@@ -188,12 +189,18 @@ XS = torch.randn(2, 10, 10, 3, generator=torch.Generator().manual_seed(1))
 def test_expansion_is_bit_identical(v2: bool, shift: int) -> None:
     attn = _attention(v2, shift=shift).eval()
     x = torch.randn(2, 10, 10, 16)
-    gm = trace(attn)
+    gm = trace(attn, expansions=EXPANSIONS)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert tv.shifted_window_attention not in targets
     assert swin_ops.swin_window_attention in targets
     with torch.no_grad():
         assert torch.equal(gm(x), attn(x))
+
+
+def test_trace_without_expansions_keeps_the_opaque_call() -> None:
+    targets = [n.target for n in trace(_attention(False, shift=0).eval()).graph.nodes]
+    assert tv.shifted_window_attention in targets
+    assert swin_ops.swin_window_attention not in targets
 
 
 @pytest.mark.parametrize("v2", [False, True])
