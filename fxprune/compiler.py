@@ -25,7 +25,8 @@ from fxprune.passes.compensate import compensate as run_compensation
 from fxprune.passes.cost import CostModel, CostPass
 from fxprune.passes.dependency import DependencyPass, DependencyResult
 from fxprune.passes.masking import default_device
-from fxprune.passes.rewrite import RewritePass, build_plan, param_indices
+from fxprune.passes.plan import build_plan, param_indices
+from fxprune.passes.rewrite import RewritePass
 from fxprune.passes.rules_swin import EXPANSIONS
 from fxprune.passes.score import AUTO, GroupScore, ScoreContext, auto_score, get_score
 from fxprune.select import resolve_target, select

@@ -29,7 +29,8 @@ import torch.fx as fx
 
 from fxprune.data import META_OUTPUT, META_VALUE, PrunePlan, output_differences, output_signature
 from fxprune.errors import InputError, VerificationError
-from fxprune.passes.rewrite import RewritePass, build_plan
+from fxprune.passes.plan import build_plan
+from fxprune.passes.rewrite import RewritePass
 
 __all__ = ["PLAN_FORMAT", "apply_plan", "load", "load_plan", "plan_from_dict", "plan_to_dict", "save"]
 
