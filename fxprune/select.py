@@ -1,4 +1,5 @@
-"""Stage 4: global channel selection under a FLOPs budget. A pure function of groups, scores and costs."""
+"""Stage 4: global channel selection under a cost budget (FLOPs by default). A pure function of groups,
+scores and a cost model; the cost model is seen only through the ``Cost`` protocol of ``passes/cost.py``."""
 
 from __future__ import annotations
 
@@ -11,13 +12,16 @@ import numpy as np
 
 from fxprune.data import ChannelGroup
 from fxprune.errors import TargetError
-from fxprune.passes.cost import CostModel
+from fxprune.passes.cost import Cost
 
 __all__ = ["Selection", "allowed_sizes", "resolve_target", "select"]
 
 
 @dataclass(frozen=True)
 class Selection:
+    """The kept channels per pruned group, the cost they leave and the least cost reachable, in the cost
+    model's unit (FLOPs for the default model, hence the field names)."""
+
     kept: dict[int, tuple[int, ...]]
     predicted_flops: float
     min_flops: float
@@ -60,24 +64,25 @@ def resolve_target(target_flops: float, total: int | None) -> float:
 def select(
     groups: Sequence[ChannelGroup],
     scores: Mapping[int, np.ndarray],
-    cost: CostModel,
+    cost: Cost,
     target: float,
     *,
     min_channels: int = 1,
     round_to: int = 1,
     cost_exponent: float = 1.0,
 ) -> Selection:
-    """Remove the channels of least score per FLOP saved until ``cost.flops() <= target``.
+    """Remove the channels of least score per unit of cost saved until ``cost.at(sizes) <= target``.
 
     Each group removes channels in ascending score order, in steps that respect ``allowed_sizes``. A step's
-    priority is ``sum(scores of its channels) / (FLOPs it saves) ** cost_exponent``; priorities are made
+    priority is ``sum(scores of its channels) / (cost it saves) ** cost_exponent``; priorities are made
     non-decreasing along each group so the global order respects every group's order. In each round all
-    steps are ranked with the FLOPs savings linearised at the current sizes and the cheapest steps covering
-    half of the remaining excess are taken; the exact cost is then recomputed, so the last rounds take one
-    step at a time and the result lands just under the target.
+    steps are ranked by ``cost.step_savings`` at the current sizes (FLOPs: linearised) and the cheapest steps
+    covering half of the remaining excess are taken; the exact cost is then recomputed, so the last rounds
+    take one step at a time and the result lands just under the target. A group whose steps save nothing
+    at the current sizes waits for a later round.
 
     Raises:
-        TargetError: the target is below the FLOPs left with every prunable group at its minimum.
+        TargetError: the target is below the cost left with every prunable group at its minimum.
     """
     sizes = dict(cost.group_sizes)
     prunable = [g for g in groups if g.prunable and g.id in scores]
@@ -87,29 +92,27 @@ def select(
 
     min_sizes = dict(sizes)
     min_sizes.update({gid: lad[-1] for gid, lad in ladders.items()})
-    min_flops = cost.flops(min_sizes)
+    min_flops = cost.at(min_sizes)
     if min_flops > target * (1 + 1e-12):
+        unit = cost.unit
         raise TargetError(
-            f"target of {target:.4g} FLOPs is unreachable: the smallest model fxprune can make has "
-            f"{min_flops:.4g} FLOPs ({min_flops / cost.total:.3f} of {cost.total}); pinned groups and "
+            f"target of {target:.4g} {unit} is unreachable: the smallest model fxprune can make has "
+            f"{min_flops:.4g} {unit} ({min_flops / cost.total:.3f} of {cost.total}); pinned groups and "
             f"min_channels={min_channels} set that floor — pass a target >= {math.ceil(min_flops)}",
             min_flops=int(math.ceil(min_flops)),
-            total_flops=cost.total,
+            total_flops=int(math.ceil(cost.total)),
         )
-    touching = cost.touching()
-    # A group's marginal saving depends only on the sizes of the groups sharing its nodes: it is
+    interactions = cost.interactions()
+    # A group's step savings depend only on the sizes of the groups it interacts with: they are
     # recomputed when one of those changed in the last round (the same numbers, computed once).
-    depends = {
-        gid: {g for i in touching.get(gid, []) for segs in cost.nodes[i].dims for g, _ in segs} | {gid}
-        for gid in ladders
-    }
+    depends = {gid: interactions.get(gid, frozenset()) | {gid} for gid in ladders}
     cumulative = {
         gid: np.concatenate([[0.0], np.cumsum(np.asarray(scores[gid], dtype=np.float64)[order[gid]])])
         for gid in ladders
     }
-    marginal: dict[int, float] = {}
+    savings: dict[int, np.ndarray] = {}  # gid -> the savings of its remaining steps, at the current sizes
     ladder_arrays = {gid: np.asarray(lad) for gid, lad in ladders.items()}
-    flops = cost.flops(sizes)
+    flops = cost.at(sizes)
     while flops > target:
         # every group's remaining steps, as arrays joined once per round (the same values and order as
         # extending Python lists step by step, so the stable sort below ranks them the same way)
@@ -119,16 +122,15 @@ def select(
         for gid, lad in ladders.items():
             if step[gid] + 1 >= len(lad):
                 continue
-            if gid not in marginal:
-                marginal[gid] = _marginal(cost, touching.get(gid, []), sizes, gid)
-            per_channel = marginal[gid]
-            if per_channel <= 0:
+            ladder = ladder_arrays[gid][step[gid] :]
+            if gid not in savings:
+                savings[gid] = cost.step_savings(gid, ladder, sizes)
+            saved = savings[gid]
+            if not (saved > 0).any():
                 continue
             n = lad[0]
-            ladder = ladder_arrays[gid][step[gid] :]
             hi, lo = ladder[:-1], ladder[1:]
             cs = cumulative[gid]
-            saved = per_channel * (hi - lo)
             pri = np.maximum.accumulate((cs[n - lo] - cs[n - hi]) / saved**cost_exponent)
             cand_gid.append(np.full(len(pri), gid))
             cand_pri.append(pri)
@@ -148,20 +150,11 @@ def select(
             taken += float(saves[i])
             if taken >= budget:
                 break
-        marginal = {gid: m for gid, m in marginal.items() if not depends[gid] & changed}
-        flops = cost.flops(sizes)
+        savings = {gid: m for gid, m in savings.items() if not depends[gid] & changed}
+        flops = cost.at(sizes)
     kept = {}
     for gid, lad in ladders.items():
         k = lad[step[gid]]
         if k < lad[0]:
             kept[gid] = tuple(sorted(int(i) for i in order[gid][lad[0] - k :]))
     return Selection(kept, flops, min_flops)
-
-
-def _marginal(cost: CostModel, node_ids: list[int], sizes: dict[int, int], gid: int) -> float:
-    """FLOPs saved by removing one channel of group ``gid`` at the current sizes."""
-    before = math.fsum(cost.nodes[i].at(sizes) for i in node_ids)
-    sizes[gid] -= 1
-    after = math.fsum(cost.nodes[i].at(sizes) for i in node_ids)
-    sizes[gid] += 1
-    return before - after

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
-from fxprune.passes.cost import CostModel, NodeCost
+from fxprune.passes.cost import Cost, CostModel, NodeCost
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -103,3 +107,88 @@ def test_allowed_sizes() -> None:
     assert allowed_sizes(10, 5, 4) == [10, 8]
     assert allowed_sizes(5, 2, 1) == [5, 4, 3, 2]
     assert allowed_sizes(1, 1, 1) == [1]
+
+
+@dataclass(frozen=True)
+class StepLatency:
+    """A second, independent ``Cost``: a toy latency, step-shaped in the channel counts as a measured table
+    is (vector width 8). Op ``(a, b, ms)`` costs ``ms * ceil(size_a / 8) * ceil(size_b / 8)``; ``fixed`` is
+    the overhead no channel count changes. Its step savings are exact differences, not linearised."""
+
+    ops: tuple[tuple[int, int, float], ...]
+    group_sizes: Mapping[int, int]
+    fixed: float = 0.5
+    unit = "ms"
+
+    @property
+    def total(self) -> float:
+        return self.at(self.group_sizes)
+
+    def at(self, sizes: Mapping[int, int]) -> float:
+        return self.fixed + sum(
+            ms * math.ceil(sizes[a] / 8) * math.ceil(sizes[b] / 8) for a, b, ms in self.ops
+        )
+
+    def step_savings(self, group: int, ladder: np.ndarray, sizes: Mapping[int, int]) -> np.ndarray:
+        costs = [self.at({**sizes, group: int(k)}) for k in ladder]
+        return np.asarray(costs[:-1]) - np.asarray(costs[1:])
+
+    def interactions(self) -> dict[int, frozenset[int]]:
+        out: dict[int, set[int]] = {}
+        for a, b, _ in self.ops:
+            out.setdefault(a, {a}).update((a, b))
+            out.setdefault(b, {b}).update((a, b))
+        return {g: frozenset(v) for g, v in out.items()}
+
+
+def test_flops_cost_model_is_a_cost() -> None:
+    cost = CostModel((NodeCost("a", 1000, (((0, 1),),), (10,)),), {0: 10})
+    assert isinstance(cost, Cost) and cost.unit == "FLOPs"
+    assert cost.at({0: 5}) == cost.flops({0: 5}) == 500.0
+    assert cost.step_savings(0, np.asarray([10, 8, 4]), {0: 10}).tolist() == [200.0, 400.0]
+    assert cost.interactions() == {0: frozenset({0})}
+    assert isinstance(StepLatency((), {}), Cost)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=2, max_size=5),
+    data=st.data(),
+    frac=st.floats(0.05, 1.0),
+)
+def test_selection_with_a_step_shaped_latency_cost(
+    sizes: list[int], data: st.DataObject, frac: float
+) -> None:
+    """select knows the cost only through the protocol: a latency model lands under its budget too."""
+    n = len(sizes)
+    groups = [_group(i, k) for i, k in enumerate(sizes)]
+    scores = {
+        i: np.asarray(data.draw(st.lists(st.floats(0, 10), min_size=k, max_size=k)))
+        for i, k in enumerate(sizes)
+    }
+    ops = tuple(
+        (data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, n - 1)), data.draw(st.floats(0.01, 2.0)))
+        for _ in range(data.draw(st.integers(1, 5)))
+    )
+    cost = StepLatency(ops, dict(enumerate(sizes)))
+    target = frac * cost.total
+    try:
+        sel = select(groups, scores, cost, target, round_to=8)
+    except TargetError as e:
+        assert "ms is unreachable" in str(e) and e.min_flops is not None and e.min_flops >= target
+        return
+    kept = {g: len(sel.kept.get(g, range(k))) for g, k in enumerate(sizes)}
+    for g, k in kept.items():
+        assert k in allowed_sizes(sizes[g], 1, 8)
+    assert cost.at(kept) == sel.predicted_flops <= target
+
+
+def test_step_shaped_cost_prunes_to_whole_steps() -> None:
+    """24 channels, 8 per step: a budget of 2/3 of the op's latency is met by one step of 8 channels of one
+    of the two groups (the one of lower scores), landing exactly on the budget."""
+    groups = [_group(0, 24), _group(1, 24)]
+    scores = {0: np.arange(24.0), 1: np.arange(24.0) + 100}
+    cost = StepLatency(((0, 1, 1.0),), {0: 24, 1: 24}, fixed=0.0)
+    sel = select(groups, scores, cost, 6.0, round_to=8)
+    assert {g: len(k) for g, k in sel.kept.items()} == {0: 16}
+    assert sel.predicted_flops == 6.0
