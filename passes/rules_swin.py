@@ -78,20 +78,15 @@ def _pad(ctx: RuleContext) -> Any:
 
 
 # --------------------------------------------------------------------------------------- patch merging
-def _register_torchvision() -> None:
-    try:
-        from torchvision.models import swin_transformer as tv
-    except ImportError:  # pragma: no cover - torchvision is optional
-        return
-    register(tv._patch_merging_pad)(_patch_merging_pad)
-    register(tv._get_relative_position_bias)(_relative_position_bias)
-
-
-def _torchvision_expansions() -> dict[Any, Expansion]:
+def _register_torchvision() -> dict[Any, Expansion]:
+    """Register the rules of torchvision's Swin helpers; return the expansions of its opaque calls
+    (nothing when torchvision is missing)."""
     try:
         from torchvision.models import swin_transformer as tv
     except ImportError:  # pragma: no cover - torchvision is optional
         return {}
+    register(tv._patch_merging_pad)(_patch_merging_pad)
+    register(tv._get_relative_position_bias)(_relative_position_bias)
     return {tv.shifted_window_attention: swin_ops.expand_shifted_window_attention}
 
 
@@ -266,9 +261,9 @@ def _window_merge(ctx: RuleContext) -> Any:
     return linear_rule(ctx, x, weight, bias, w_shape, out_dim=3)  # x: [B * windows, N, heads * d]
 
 
-_register_torchvision()
+_TORCHVISION_EXPANSIONS = _register_torchvision()
 
 
 #: The calls ``fxprune.trace.trace(..., expansions=EXPANSIONS)`` replaces by finer calls with rules here:
 #: torchvision's ``shifted_window_attention`` by the three calls of ``swin_ops`` (the pipeline passes it).
-EXPANSIONS: Mapping[Any, Expansion] = MappingProxyType(_torchvision_expansions())
+EXPANSIONS: Mapping[Any, Expansion] = MappingProxyType(_TORCHVISION_EXPANSIONS)
