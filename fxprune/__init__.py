@@ -2,7 +2,8 @@
 
 ``fxprune.compile(model, example_input, target_flops)`` returns a physically smaller model with about
 ``target_flops`` of the original FLOPs; ``fxprune.inspect`` shows which channels are coupled and why; ``fxprune.save``/``load``/``apply_plan``
-turn a result into deployable artefacts.
+turn a result into deployable artefacts. Each is a configuration of one stage pipeline
+(``fxprune.COMPILE``, ``fxprune.pipeline.Pipeline``): replace a stage or stop after one to change what runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from fxprune.deploy import apply_plan, load, save
 from fxprune.errors import (
     FxpruneError,
     InputError,
+    PipelineError,
     TargetError,
     TraceError,
     UnsupportedOpError,
@@ -20,19 +22,28 @@ from fxprune.errors import (
 )
 from fxprune.inspection import Inspection, inspect
 from fxprune.passes.dependency import DependencyResult
+from fxprune.pipeline import Pipeline, Stage
+from fxprune.stages import ANALYSE, COMPILE, CompileOptions, CompileState
 from fxprune.verify import Verification, masked_model
 
 __all__ = [
+    "ANALYSE",
+    "COMPILE",
     "STAGES",
     "ChannelDim",
     "ChannelGroup",
+    "CompileOptions",
     "CompileResult",
+    "CompileState",
     "DependencyResult",
     "FxpruneError",
     "InputError",
     "Inspection",
+    "Pipeline",
+    "PipelineError",
     "PrunePlan",
     "Site",
+    "Stage",
     "TargetError",
     "TraceError",
     "UnsupportedOpError",

@@ -337,9 +337,9 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
 
 
 def _runs(model: torch.nn.Module, example: tuple[torch.Tensor, ...]) -> bool:
-    from fxprune.compiler import _check_runs
+    from fxprune.inputs import check_runs
 
-    _check_runs(model.eval(), example)  # raises InputError naming the shapes
+    check_runs(model.eval(), example)  # raises InputError naming the shapes
     return True
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "META_FLOPS",
     "META_LITERALS",
     "META_OUTPUT",
+    "META_PREFIX",
     "META_VALUE",
     "ChannelDim",
     "ChannelGroup",
@@ -23,6 +24,7 @@ __all__ = [
     "PrunePlan",
     "Site",
     "TensorValue",
+    "drop_metadata",
     "flatten_structure",
     "output_differences",
     "output_signature",
@@ -40,6 +42,24 @@ META_COST_DIMS = "fxprune.cost_dims"
 META_LITERALS = "fxprune.literals"
 #: In ``GraphModule.meta``: the ``output_signature`` of the traced model's output on the example input.
 META_OUTPUT = "fxprune.output"
+#: every metadata key fxprune writes starts with this (node.meta and GraphModule.meta)
+META_PREFIX = "fxprune."
+
+
+def drop_metadata(gm: Any) -> None:
+    """Remove every ``fxprune.*`` key from ``gm.meta`` and from each node's ``meta`` (in place).
+
+    Analysis metadata describes the graph it was computed on: after the rewrite the channel groups,
+    literals, costs and scores of the original no longer hold, and shapes and FLOPs changed. The rewrite
+    drops them all from the graph it returns; a later ``shape_propagate`` writes fresh shapes and FLOPs.
+    ``torch.save`` of the result then pickles no analysis metadata either.
+    """
+    for key in [k for k in gm.meta if k.startswith(META_PREFIX)]:
+        del gm.meta[key]
+    for node in gm.graph.nodes:
+        for key in [k for k in node.meta if k.startswith(META_PREFIX)]:
+            del node.meta[key]
+
 
 #: A channel dimension's layout: consecutive segments ``(group_id, repeat)``; group channel ``i`` of a
 #: segment occupies ``repeat`` consecutive positions ``[offset + i*repeat, offset + (i+1)*repeat)``.

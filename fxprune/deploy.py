@@ -27,12 +27,24 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxprune.data import META_OUTPUT, META_VALUE, PrunePlan, output_differences, output_signature
+from fxprune.data import META_VALUE, PrunePlan
 from fxprune.errors import InputError, VerificationError
-from fxprune.passes.plan import build_plan
-from fxprune.passes.rewrite import RewritePass
+from fxprune.passes.plan import build_plan, param_indices
+from fxprune.pipeline import Pipeline, Stage
+from fxprune.stages import ANALYSE, CompileOptions, CompileResult, CompileState, Measure, Rewrite
 
-__all__ = ["PLAN_FORMAT", "apply_plan", "load", "load_plan", "plan_from_dict", "plan_to_dict", "save"]
+__all__ = [
+    "APPLY_PLAN",
+    "PLAN_FORMAT",
+    "CheckOutputs",
+    "UsePlan",
+    "apply_plan",
+    "load",
+    "load_plan",
+    "plan_from_dict",
+    "plan_to_dict",
+    "save",
+]
 
 PLAN_FORMAT = "fxprune.plan/1"
 
@@ -117,7 +129,6 @@ def _example_from_specs(specs: Sequence[Mapping[str, Any]]) -> tuple[torch.Tenso
 
 def save(result: Any, directory: _PathLike, *, onnx: bool = True, opset: int = 18) -> Path:
     """Write a ``CompileResult`` to ``directory`` (created if needed); returns its path. See module doc."""
-    from fxprune.compiler import CompileResult
     from fxprune.verify import export_onnx
 
     if not isinstance(result, CompileResult):
@@ -168,8 +179,6 @@ def apply_plan(
     The weights of ``model`` are sliced (not re-selected), so ``load_state_dict`` of a pruned model's
     state_dict (e.g. after fine-tuning) then restores it. ``model`` itself is not changed.
     """
-    from fxprune.compiler import _analyse, _prepare
-
     specs: list[dict[str, Any]] = []
     if not isinstance(plan, PrunePlan):
         plan, specs = load_plan(plan)
@@ -179,53 +188,82 @@ def apply_plan(
                 "apply_plan needs example_input (a tensor the model accepts) when the plan has no saved shapes"
             )
         example_input = _example_from_specs(specs)
+    options = CompileOptions(leaf_modules=leaf_modules, concrete_args=concrete_args)
+    state = CompileState(model=model, example_input=example_input, options=options)
     with warnings.catch_warnings():  # a fresh instance is usually in training mode; that is expected here
         warnings.filterwarnings("ignore", message="model is in training mode")
-        work, example = _prepare(model, example_input)
-    gm, dep = _analyse(work, example, {}, leaf_modules, concrete_args, False)
-    here = {g.id: g.size for g in dep.groups}
-    if dict(plan.group_sizes) != here:
-        diff = [
-            f"group {g}: {here.get(g)} channels here, {plan.group_sizes.get(g)} in the plan"
-            for g in sorted(set(here) | set(plan.group_sizes))
-            if here.get(g) != plan.group_sizes.get(g)
-        ]
-        raise InputError(
-            f"plan does not match this model's channel groups ({len(here)} here, {len(plan.group_sizes)} in "
-            f"the plan): {'; '.join(diff[:3])}; pass a fresh instance of the architecture that was compiled"
-        )
-    pinned = {g.id: g.pinned for g in dep.groups if not g.prunable}
-    for gid, kept in plan.kept.items():
-        if any(not 0 <= i < here[gid] for i in kept) or list(kept) != sorted(set(kept)):
-            raise InputError(f"plan keeps invalid channel indices for group {gid} (size {here[gid]})")
-        if gid in pinned and len(kept) < here[gid]:
+        return APPLY_PLAN.replace("plan", UsePlan(plan)).run(state).pruned
+
+
+class UsePlan(Stage[CompileState]):
+    """The selection stage of ``apply_plan``: a given plan instead of scores and a budget, checked against
+    this model's groups (ids, sizes, pinned groups and every parameter slice; ``InputError`` says where
+    they differ)."""
+
+    name = "plan"
+    requires = ("gm", "dep")
+    provides = ("kept", "indices", "plan", "source")
+
+    def __init__(self, plan: PrunePlan | None = None) -> None:
+        self.given = plan
+
+    def run(self, state: CompileState) -> None:
+        plan, dep = self.given, state.dep
+        if plan is None:
+            raise InputError("UsePlan needs a plan: UsePlan(plan)")
+        here = {g.id: g.size for g in dep.groups}
+        if dict(plan.group_sizes) != here:
+            diff = [
+                f"group {g}: {here.get(g)} channels here, {plan.group_sizes.get(g)} in the plan"
+                for g in sorted(set(here) | set(plan.group_sizes))
+                if here.get(g) != plan.group_sizes.get(g)
+            ]
             raise InputError(
-                f"plan prunes group {gid}, which is pinned in this model ({'; '.join(pinned[gid][:2])}); "
-                "pass the plan of a compile of this architecture, unedited"
+                f"plan does not match this model's channel groups ({len(here)} here, {len(plan.group_sizes)} "
+                f"in the plan): {'; '.join(diff[:3])}; pass a fresh instance of the architecture that was compiled"
             )
-    rebuilt = build_plan(dep.groups, plan.kept)
-    if {p: dict(d) for p, d in rebuilt.params.items()} != {p: dict(d) for p, d in plan.params.items()}:
-        bad = sorted(set(rebuilt.params) ^ set(plan.params)) or sorted(
-            p for p in rebuilt.params if dict(rebuilt.params[p]) != dict(plan.params[p])
-        )
-        raise InputError(
-            f"plan slices parameters differently from this model (first: {bad[:3]}); "
-            "pass a fresh instance of the architecture that was compiled"
-        )
-    if not plan.kept:
-        new = fx.GraphModule(gm, gm.graph)
-        new.recompile()
-        return new
-    new = RewritePass(dep.groups, plan.kept)(gm)
-    with torch.no_grad():
-        changed = output_differences(
-            gm.meta[META_OUTPUT], output_signature(new(*(t.clone() for t in example)))
-        )
-    if changed:
-        raise VerificationError(
-            "the planned model does not return what the original returns: " + "; ".join(changed[:8])
-        )
-    return new
+        pinned = {g.id: g.pinned for g in dep.groups if not g.prunable}
+        for gid, channels in plan.kept.items():
+            if any(not 0 <= i < here[gid] for i in channels) or list(channels) != sorted(set(channels)):
+                raise InputError(f"plan keeps invalid channel indices for group {gid} (size {here[gid]})")
+            if gid in pinned and len(channels) < here[gid]:
+                raise InputError(
+                    f"plan prunes group {gid}, which is pinned in this model ({'; '.join(pinned[gid][:2])}); "
+                    "pass the plan of a compile of this architecture, unedited"
+                )
+        kept = dict(plan.kept)
+        indices = param_indices(dep.groups, kept)
+        rebuilt = build_plan(dep.groups, kept, indices)
+        if {p: dict(d) for p, d in rebuilt.params.items()} != {p: dict(d) for p, d in plan.params.items()}:
+            bad = sorted(set(rebuilt.params) ^ set(plan.params)) or sorted(
+                p for p in rebuilt.params if dict(rebuilt.params[p]) != dict(plan.params[p])
+            )
+            raise InputError(
+                f"plan slices parameters differently from this model (first: {bad[:3]}); "
+                "pass a fresh instance of the architecture that was compiled"
+            )
+        state.kept, state.indices, state.plan, state.source = kept, indices, plan, state.gm
+
+
+class CheckOutputs(Stage[CompileState]):
+    """The planned model must return what the original returns (structure, shapes, dtypes)."""
+
+    name = "check_outputs"
+    requires = ("changed",)
+    provides = ()
+
+    def run(self, state: CompileState) -> None:
+        if state.changed:
+            raise VerificationError(
+                "the planned model does not return what the original returns: " + "; ".join(state.changed[:8])
+            )
+
+
+#: ``apply_plan``: analyse the fresh model, take the plan (its ``UsePlan`` stage holds the plan), rewrite,
+#: check the outputs
+APPLY_PLAN: Pipeline[CompileState] = Pipeline(
+    (*ANALYSE.stages, UsePlan(), Rewrite(), Measure(), CheckOutputs()), ANALYSE.inputs
+)
 
 
 def _add_missing_biases(gm: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:

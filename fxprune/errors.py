@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+from pathlib import Path
+
 __all__ = [
     "FxpruneError",
     "InputError",
     "PassContractError",
+    "PipelineError",
     "TargetError",
     "TraceError",
     "UnsupportedOpError",
     "VerificationError",
+    "warn",
 ]
 
 
@@ -59,3 +66,25 @@ class PassContractError(FxpruneError, RuntimeError):
     """A pass touched what it declared it would not (``fxprune.passes.base``): a bug in fxprune, never the
     user's fault. Not an ``AssertionError``, so ``python -O`` cannot hide it and a test's bare ``assert``
     failures stay distinct from it."""
+
+
+class PipelineError(FxpruneError, RuntimeError):
+    """A pipeline (``fxprune.pipeline``) is mis-assembled: a stage requires a field no earlier stage
+    provides, does not provide what it declares, or reads a field it does not declare. Raised when the
+    pipeline is built or run; the message names the stage and the stages before it."""
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn`` attributed to the first caller outside fxprune (the line of the user's code that
+    called into fxprune), however deep in the pipeline the warning is raised."""
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIRS):
+        frame, level = frame.f_back, level + 1  # type: ignore[assignment]
+    warnings.warn(message, category, stacklevel=level)
+
+
+#: the source folders of fxprune (fxprune/ and passes/, installed as fxprune.passes; the same folder when
+#: fxprune is installed as a wheel): frames there are fxprune's, not the user's
+_PACKAGE_DIRS = tuple(
+    str(p) + os.sep for p in dict.fromkeys((Path(__file__).parent, Path(__file__).parent.parent / "passes"))
+)

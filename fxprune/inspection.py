@@ -28,10 +28,10 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
-from fxprune.compiler import _analyse, _prepare
 from fxprune.data import META_CHANNELS, META_COST_DIMS, META_FLOPS, META_VALUE, ChannelDim, ChannelGroup
 from fxprune.errors import InputError
 from fxprune.passes.dependency import DependencyResult
+from fxprune.stages import ANALYSE, CompileOptions, CompileState
 
 __all__ = ["Inspection", "NodeInfo", "inspect"]
 
@@ -565,6 +565,6 @@ def inspect(
     Raises:
         InputError, TraceError: as ``fxprune.compile``.
     """
-    work, example = _prepare(model, example_input)
-    gm, dep = _analyse(work, example, {}, leaf_modules, concrete_args, False)
-    return Inspection(gm, dep, model)
+    options = CompileOptions(leaf_modules=leaf_modules, concrete_args=concrete_args)
+    state = ANALYSE.run(CompileState(model=model, example_input=example_input, options=options))
+    return Inspection(state.gm, state.dep, model)

@@ -18,7 +18,7 @@ import torch.nn as nn
 from fxprune.passes.base import TransformPass
 from fxprune.passes.plan import Indices, build_plan, param_indices
 
-from fxprune.data import META_LITERALS, ChannelGroup
+from fxprune.data import META_LITERALS, ChannelGroup, drop_metadata
 from fxprune.trace import copy_graph_module
 
 # build_plan and param_indices live in fxprune.passes.plan; re-exported here for earlier imports
@@ -133,6 +133,7 @@ class RewritePass(TransformPass):
                     args = list(node.args)
                     args[fix.index] = _put(args[fix.index], fix.item, value)
                     node.args = tuple(args)
+        drop_metadata(new)  # the analysis of the original does not describe the pruned graph
         new.graph.lint()
         new.recompile()
         return new

@@ -15,7 +15,6 @@ from fxprune.passes.dependency import RuleContext, Tracked
 from fxprune.passes.rewrite import RewritePass, build_plan
 
 import fxprune
-from fxprune.compiler import _analyse, _prepare
 
 E, H = 32, 4
 
@@ -173,8 +172,10 @@ def test_oracle_catches_slicing_q_without_k(broken: bool, monkeypatch: pytest.Mo
     if broken:
         monkeypatch.setitem(op_rules.FUNCTION_RULES, F.scaled_dot_product_attention, _sdpa_without_key)
     model, x = SdpaBlock().eval(), torch.randn(2, 7, 6)
-    work, example = _prepare(model, x)
-    gm, dep = _analyse(work, example, {}, (), None, False)
+    state = fxprune.ANALYSE.run(
+        fxprune.CompileState(model=model, example_input=x, options=fxprune.CompileOptions())
+    )
+    gm, dep = state.gm, state.dep
     kept = {_group_with(dep, "q.weight", "out").id: (1, 2)}
     k_group = _group_with(dep, "k.weight", "out").id
     kept.setdefault(k_group, (0, 3))

@@ -39,14 +39,21 @@ X = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 FAST: dict[str, Any] = {"score": "magnitude", "latency_runs": 0, "progress": False}
 
 
-@pytest.fixture
-def no_tracing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Errors about arguments must come before any tracing: make tracing itself fail the test."""
+class MustNotTrace(fxprune.Stage[fxprune.CompileState]):
+    """A trace stage that fails the test: argument errors must come before any tracing."""
 
-    def traced(*args: Any, **kwargs: Any) -> Any:
+    name = "trace"
+    requires = ("work", "example", "options")
+    provides = ("gm",)
+
+    def run(self, state: fxprune.CompileState) -> None:
         raise AssertionError("compile traced the model before rejecting the argument")
 
-    monkeypatch.setattr(fxprune.compiler, "_analyse", traced)
+
+@pytest.fixture
+def no_tracing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``expect_error`` compiles with a pipeline whose trace stage fails the test."""
+    monkeypatch.setitem(FAST, "pipeline", fxprune.COMPILE.replace("trace", MustNotTrace()))
     yield
 
 
@@ -156,15 +163,24 @@ def test_example_that_does_not_run_is_input_error(example: Any, match: str) -> N
     assert "traced graph" not in msg
 
 
-def test_graph_that_fails_where_the_model_runs_stays_a_trace_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_graph_that_fails_where_the_model_runs_stays_a_trace_error() -> None:
     """The example runs through the model, so a failing traced graph is a TraceError (not blamed on the
-    example)."""
+    example); the pipeline names the stage it was raised in."""
 
-    def broken(gm: Any, example: Any, count_flops: bool = True) -> Any:
-        raise fxprune.TraceError("the traced graph fails at node x")
+    class BrokenGraph(fxprune.Stage[fxprune.CompileState]):
+        name = "trace"
+        requires = ("work", "example", "options")
+        provides = ("gm",)
 
-    monkeypatch.setattr(fxprune.compiler, "shape_propagate", broken)
-    expect_error(fxprune.TraceError, residual(), X, match="the traced graph fails at node x")
+        def run(self, state: fxprune.CompileState) -> None:
+            raise fxprune.TraceError("the traced graph fails at node x")
+
+    pipeline = fxprune.COMPILE.replace("trace", BrokenGraph())
+    with pytest.raises(fxprune.TraceError, match="the traced graph fails at node x") as info:
+        fxprune.compile(residual(), X, 0.5, pipeline=pipeline, **FAST)
+    assert info.value.__notes__ == [
+        "fxprune pipeline: raised in stage 'trace' (after prepare, options, calibrate)"
+    ]
 
 
 def test_model_on_meta_device_is_input_error(no_tracing: None) -> None:

@@ -198,22 +198,25 @@ def test_torchvision_segmentation_keeps_its_classes(name: str) -> None:
 # ----------------------------------------------------------------------------- inputs and model copies
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("verify", [False, True])
-def test_non_finite_example_is_an_input_error_before_any_work(
-    bad: float, verify: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def traced(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("compile traced the model before rejecting the example")
+def test_non_finite_example_is_an_input_error_before_any_work(bad: float, verify: bool) -> None:
+    class MustNotRun(fxprune.Stage[fxprune.CompileState]):
+        name = "options"
+        requires = ("options",)
+        provides = ("method", "device")
 
-    monkeypatch.setattr(fxprune.compiler, "_analyse", traced)
+        def run(self, state: fxprune.CompileState) -> None:
+            raise AssertionError("compile went past the input checks before rejecting the example")
+
+    pipeline = fxprune.COMPILE.replace("options", MustNotRun())
     x = X.clone()
     x[1, 2, 3, 4] = bad
     model = Net("dict").eval()
     with pytest.raises(
         fxprune.InputError, match=r"example_input\[1\] \(\(2, 3, 12, 12\) torch.float32\) contains"
     ):
-        fxprune.compile(model, (X, x), 0.5, **{**FAST, "verify": verify})
+        fxprune.compile(model, (X, x), 0.5, **{**FAST, "verify": verify}, pipeline=pipeline)
     with pytest.raises(fxprune.InputError, match=r"example_input\[0\] .* contains [01] NaN and [01] Inf"):
-        fxprune.compile(model, x, 0.5, **{**FAST, "verify": verify})
+        fxprune.compile(model, x, 0.5, **{**FAST, "verify": verify}, pipeline=pipeline)
 
 
 class CachingAttention(nn.Module):

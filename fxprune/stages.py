@@ -1,0 +1,652 @@
+"""The compiler's stages over one typed state, and the pipelines the API runs (``fxprune.pipeline``).
+
+``CompileState`` holds everything a compile makes, one field per artefact; each stage below declares the
+fields it reads (``requires``) and writes (``provides``):
+
+==========  ==================================================  =========================================
+stage       requires                                            provides
+==========  ==================================================  =========================================
+prepare     model, example_input                                work, example
+options     options                                             method, device
+calibrate   work, example, options, method                      calib, score_name
+trace       work, example, options                              gm
+dependency  gm, options                                         dep
+cost        gm, dep, options                                    flops_before, cost, target
+score       gm, dep, calib, score_name, device, options         scores
+select      dep, scores, cost, target, flops_before, ...        kept, indices, plan
+compensate  gm, dep, plan, kept, calib, method, device, ...     source, compensation
+rewrite     gm, source, dep, kept, indices                      pruned
+measure     gm, pruned, example                                 eager, flops_after, changed
+verify      gm, pruned, work, example, eager, changed, options  changed, verification
+result      (every field above)                                 result
+==========  ==================================================  =========================================
+
+``COMPILE`` is ``fxprune.compile``; ``ANALYSE`` (prepare, trace, dependency) is ``dependency_graph`` and
+``inspect``; ``fxprune.deploy.apply_plan`` runs ``ANALYSE`` then its own plan stage and the rewrite. A
+different capture front end is a stage that provides ``gm`` (a GraphModule with shapes propagated and
+``gm.meta[META_OUTPUT]``) in place of ``trace``; a different selection (a latency cost, a saved plan) is
+a stage that provides ``kept``, ``indices`` and ``plan``; ``compile(..., pipeline=COMPILE.replace(...))``
+runs it.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxprune.calib import Calibration, LossFn, make_calibration
+from fxprune.data import (
+    META_FLOPS,
+    META_OUTPUT,
+    PrunePlan,
+    drop_metadata,
+    output_differences,
+    output_signature,
+)
+from fxprune.errors import InputError, TargetError, TraceError, VerificationError, warn
+from fxprune.inputs import check_runs, clones, count_params, prepare
+from fxprune.passes.canonical import CanonicalizePass
+from fxprune.passes.compensate import COMPENSATIONS, Compensation, compensate
+from fxprune.passes.cost import CostModel, CostPass
+from fxprune.passes.dependency import DependencyPass, DependencyResult
+from fxprune.passes.masking import default_device
+from fxprune.passes.plan import Indices, build_plan, param_indices
+from fxprune.passes.rewrite import RewritePass
+from fxprune.passes.rules_swin import EXPANSIONS
+from fxprune.passes.score import AUTO, GroupScore, ScoreContext, auto_score, get_score
+from fxprune.pipeline import UNSET, Pipeline, PipelineState, Stage
+from fxprune.select import resolve_target, select
+from fxprune.trace import copy_graph_module, shape_propagate, trace
+from fxprune.verify import Verification, verify_onnx
+
+__all__ = [
+    "ANALYSE",
+    "COMPILE",
+    "FEW_CHANNELS",
+    "INPUTS",
+    "CompileOptions",
+    "CompileResult",
+    "CompileState",
+    "Calibrate",
+    "Compensate",
+    "Cost",
+    "Dependency",
+    "Measure",
+    "Options",
+    "Prepare",
+    "Result",
+    "Rewrite",
+    "Score",
+    "Select",
+    "Trace",
+    "Verify",
+    "graph_flops",
+    "inplace_nodes",
+]
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    """``fxprune.compile``'s keyword arguments (documented there), as one frozen value."""
+
+    target_flops: float = 1.0
+    score: str = AUTO
+    data: Any = None
+    loss_fn: LossFn | None = None
+    compensate: str | None = None
+    device: str | torch.device | None = None
+    seed: int = 0
+    progress: bool = True
+    max_batches: int | None = None
+    scores: Mapping[int, GroupScore] | None = None
+    min_channels: int = 1
+    round_to: int = 1
+    cost_exponent: float | None = None
+    leaf_modules: Sequence[type | str] = ()
+    concrete_args: dict[str, Any] | None = None
+    strict: bool = False
+    verify: bool = True
+    rtol: float = 1e-4
+    latency_runs: int = 10
+    score_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class CompileState(PipelineState):
+    """Everything a compile makes; a field is ``UNSET`` until the stage that provides it has run."""
+
+    # inputs
+    model: Any = UNSET
+    example_input: Any = UNSET
+    options: CompileOptions = UNSET
+    # prepare, options, calibrate
+    work: torch.nn.Module = UNSET
+    example: tuple[torch.Tensor, ...] = UNSET
+    method: str = UNSET
+    device: torch.device = UNSET
+    calib: Calibration | None = UNSET
+    score_name: str = UNSET
+    # trace, dependency, cost
+    gm: fx.GraphModule = UNSET
+    dep: DependencyResult = UNSET
+    flops_before: int = UNSET
+    cost: CostModel = UNSET
+    target: float = UNSET
+    # score, select
+    scores: dict[int, GroupScore] = UNSET
+    kept: dict[int, tuple[int, ...]] = UNSET
+    indices: Indices = UNSET
+    plan: PrunePlan = UNSET
+    # compensate, rewrite
+    source: fx.GraphModule = UNSET
+    compensation: Compensation | None = UNSET
+    pruned: fx.GraphModule = UNSET
+    # measure, verify
+    eager: Any = UNSET
+    flops_after: int = UNSET
+    changed: list[str] = UNSET
+    verification: Verification | None = UNSET
+    result: CompileResult = UNSET
+
+
+#: the fields a compile pipeline starts from
+INPUTS = ("model", "example_input", "options")
+
+
+def graph_flops(gm: fx.GraphModule) -> int:
+    """The FLOPs of ``gm`` as its last ``shape_propagate`` counted them (torch's ``FlopCounterMode``)."""
+    return sum(int(n.meta.get(META_FLOPS, 0)) for n in gm.graph.nodes)
+
+
+class Prepare(Stage[CompileState]):
+    """Check the model and example and take private copies (``fxprune.inputs.prepare``)."""
+
+    name = "prepare"
+    requires = ("model", "example_input")
+    provides = ("work", "example")
+
+    def run(self, state: CompileState) -> None:
+        state.work, state.example = prepare(state.model, state.example_input)
+
+
+class Options(Stage[CompileState]):
+    """Argument errors before any heavy work: counts, the score's own options, the compensation method,
+    the target's form, the device. Provides the compensation method (default ``lsq`` with data) and the
+    device scoring runs on."""
+
+    name = "options"
+    requires = ("options",)
+    provides = ("method", "device")
+
+    def run(self, state: CompileState) -> None:
+        o = state.options
+        if o.min_channels < 1 or o.round_to < 1:
+            raise InputError(f"min_channels and round_to must be >= 1, got {o.min_channels} and {o.round_to}")
+        if o.score != AUTO:
+            get_score(o.score).check_options(dict(o.score_options))
+        method = o.compensate if o.compensate is not None else ("lsq" if o.data is not None else "none")
+        if method not in COMPENSATIONS:
+            raise InputError(
+                f"compensate={method!r} is not a method; choose one of {', '.join(COMPENSATIONS)}"
+            )
+        resolve_target(o.target_flops, None)
+        state.method, state.device = method, default_device(o.device)
+
+
+class Calibrate(Stage[CompileState]):
+    """Validate the calibration data (when the score or the compensation reads it) and resolve
+    ``score="auto"``."""
+
+    name = "calibrate"
+    requires = ("work", "example", "options", "method")
+    provides = ("calib", "score_name")
+
+    def run(self, state: CompileState) -> None:
+        o = state.options
+        wants_data = o.data is not None if o.score == AUTO else get_score(o.score).uses_data
+        calib = None
+        if wants_data or state.method != "none":
+            check_runs(state.work, state.example)  # an example error before any data error
+            calib = make_calibration(state.work, state.example, o.data, o.loss_fn, max_batches=o.max_batches)
+        score = o.score
+        if score == AUTO:
+            score = auto_score(calib is not None and o.data is not None and calib.labelled)
+            get_score(score).check_options(dict(o.score_options))
+        state.calib, state.score_name = calib, score
+
+
+class Trace(Stage[CompileState]):
+    """torch.fx capture (``fxprune.trace.trace``), attention canonicalisation, and one counted run that
+    records shapes, FLOPs and the output structure. A graph that fails on an example the model itself
+    rejects is an ``InputError`` about the example, not a ``TraceError``."""
+
+    name = "trace"
+    requires = ("work", "example", "options")
+    provides = ("gm",)
+
+    def run(self, state: CompileState) -> None:
+        o, example = state.options, state.example
+        gm = trace(state.work, o.leaf_modules, o.concrete_args, EXPANSIONS)
+        try:
+            if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
+                shape_propagate(gm, example, count_flops=False)  # the decomposition needs the input ranks
+                gm = CanonicalizePass()(gm)
+            gm.meta[META_OUTPUT] = output_signature(shape_propagate(gm, example))
+        except TraceError:
+            check_runs(state.work, example)
+            raise
+        state.gm = gm
+
+
+class Dependency(Stage[CompileState]):
+    """Channel groups (``fxprune.passes.dependency``)."""
+
+    name = "dependency"
+    requires = ("gm", "options")
+    provides = ("dep",)
+
+    def run(self, state: CompileState) -> None:
+        state.dep = DependencyPass(strict=state.options.strict)(state.gm)
+
+
+class Cost(Stage[CompileState]):
+    """The FLOPs cost model (the traced graph's counted run gives the model's FLOPs) and the target."""
+
+    name = "cost"
+    requires = ("gm", "dep", "options")
+    provides = ("flops_before", "cost", "target")
+
+    def run(self, state: CompileState) -> None:
+        state.flops_before = graph_flops(state.gm)
+        state.cost = CostPass({g.id: g.size for g in state.dep.groups})(state.gm)
+        state.target = resolve_target(state.options.target_flops, state.flops_before)
+
+
+class Score(Stage[CompileState]):
+    """Per-channel scores of every prunable group, or ``options.scores`` checked against the groups."""
+
+    name = "score"
+    requires = ("gm", "dep", "calib", "score_name", "device", "options")
+    provides = ("scores",)
+
+    def run(self, state: CompileState) -> None:
+        o = state.options
+        if o.scores is not None:
+            state.scores = _check_scores(o.scores, state.dep)
+            return
+        context = ScoreContext(state.calib, state.device, o.progress, o.seed)
+        with _autograd_errors(state.gm, f"score={state.score_name!r}"):
+            score = get_score(state.score_name)(state.dep.groups, context, **o.score_options)
+            state.scores = score(state.gm)
+
+
+class Select(Stage[CompileState]):
+    """Global selection under the target (``fxprune.select``), the parameter indices and the plan; warns
+    when a group is left with fewer than ``FEW_CHANNELS`` channels."""
+
+    name = "select"
+    requires = ("dep", "scores", "cost", "target", "flops_before", "score_name", "options")
+    provides = ("kept", "indices", "plan")
+
+    def run(self, state: CompileState) -> None:
+        o, groups = state.options, state.dep.groups
+        exponent = get_score(state.score_name).cost_exponent if o.cost_exponent is None else o.cost_exponent
+        with _absolute_target_hint(o.target_flops, state.flops_before):
+            chosen = select(groups, {g: s.mean for g, s in state.scores.items()}, state.cost, state.target,
+                            min_channels=o.min_channels, round_to=o.round_to, cost_exponent=exponent)  # fmt: skip
+        state.kept = chosen.kept
+        state.indices = param_indices(groups, chosen.kept)  # the plan's and the rewrite's, computed once
+        state.plan = build_plan(groups, chosen.kept, state.indices)
+        _warn_few_channels(state.dep, chosen.kept)
+
+
+class Compensate(Stage[CompileState]):
+    """Fold what the removed channels carried into the kept weights (``fxprune.passes.compensate``);
+    ``source`` is the graph the rewrite slices (``gm`` itself when nothing is compensated)."""
+
+    name = "compensate"
+    requires = ("gm", "dep", "plan", "kept", "calib", "method", "device", "options")
+    provides = ("source", "compensation")
+
+    def run(self, state: CompileState) -> None:
+        state.source, state.compensation = state.gm, None
+        if state.method == "none" or not state.kept:
+            return
+        assert state.calib is not None
+        o = state.options
+        with _autograd_errors(state.gm, f"compensate={state.method!r}"):
+            state.source, state.compensation = compensate(
+                state.gm, state.dep.groups, state.plan, state.calib, state.method, device=state.device,
+                newton_options=dict(o.score_options), progress=o.progress,
+            )  # fmt: skip
+
+
+class Rewrite(Stage[CompileState]):
+    """The new, smaller GraphModule (``fxprune.passes.rewrite``); a copy when nothing is pruned."""
+
+    name = "rewrite"
+    requires = ("gm", "source", "dep", "kept", "indices")
+    provides = ("pruned",)
+
+    def run(self, state: CompileState) -> None:
+        if not state.kept:
+            state.pruned = copy_graph_module(state.gm)
+            drop_metadata(state.pruned)  # as the rewrite does: measure writes fresh shapes and FLOPs
+            return
+        state.pruned = RewritePass(state.dep.groups, state.kept, state.indices)(state.source)
+
+
+class Measure(Stage[CompileState]):
+    """One counted run of the pruned graph: its FLOPs, the shapes for the ONNX writer, the eager outputs
+    verify compares with, and the output structure checked against the original's (``changed``)."""
+
+    name = "measure"
+    requires = ("gm", "pruned", "example")
+    provides = ("eager", "flops_after", "changed")
+
+    def run(self, state: CompileState) -> None:
+        state.eager = shape_propagate(state.pruned, state.example)
+        state.flops_after = graph_flops(state.pruned)
+        state.changed = output_differences(state.gm.meta[META_OUTPUT], output_signature(state.eager))
+
+
+class Verify(Stage[CompileState]):
+    """With ``options.verify``: the output structure against the user's model itself (not only its trace),
+    then ONNX Runtime against eager (``fxprune.verify.verify_onnx``)."""
+
+    name = "verify"
+    requires = ("gm", "pruned", "work", "example", "eager", "changed", "options")
+    provides = ("changed", "verification")
+
+    def run(self, state: CompileState) -> None:
+        o, example, changed = state.options, state.example, state.changed
+        state.verification = None
+        if o.verify and not changed:
+            with torch.no_grad():
+                changed = output_differences(
+                    output_signature(state.work(*clones(example))), output_signature(state.eager)
+                )
+            state.changed = changed
+        if o.verify and not changed:
+            on_cpu = all(t.device.type == "cpu" for t in example)
+            state.verification = verify_onnx(
+                state.pruned, example, state.gm, rtol=o.rtol, latency_runs=o.latency_runs,
+                eager_outputs=state.eager if on_cpu else None, shapes_propagated=True,
+            )  # fmt: skip
+
+
+class Result(Stage[CompileState]):
+    """The ``CompileResult``; a changed output structure or a failed ONNX check is a ``VerificationError``
+    carrying it."""
+
+    name = "result"
+    requires = (
+        "work", "example", "gm", "pruned", "plan", "dep", "cost", "scores", "flops_before", "flops_after",
+        "target", "verification", "changed", "score_name", "compensation", "calib", "options",
+    )  # fmt: skip
+    provides = ("result",)
+
+    def run(self, state: CompileState) -> None:
+        result = CompileResult(
+            graph_module=state.pruned,
+            plan=state.plan,
+            dependency=state.dep,
+            cost=state.cost,
+            scores=state.scores,
+            flops_before=state.flops_before,
+            flops_after=state.flops_after,
+            params_before=count_params(state.work),
+            params_after=count_params(state.pruned),
+            target_flops=state.target,
+            verification=state.verification,
+            timings=state.timings,
+            cpu_timings=state.cpu_timings,
+            score=state.score_name,
+            compensation=state.compensation,
+            calibration=state.calib,
+        )
+        state.result = result
+        changed = state.changed
+        if changed:
+            raise VerificationError(
+                "the compiled model does not return what the original returns: " + "; ".join(changed[:8])
+                + (f" (and {len(changed) - 8} more)" if len(changed) > 8 else "")
+                + ". This is a bug in fxprune (the rewrite changed an output); please report it with the "
+                "model. err.result holds the result for inspection",
+                result=result,
+            )  # fmt: skip
+        v = state.verification
+        if v is not None and not v.passed:
+            message = _verification_message(result, state.gm, state.example, state.options.rtol)
+            raise VerificationError(message, result=result)
+
+
+#: ``fxprune.compile``
+COMPILE: Pipeline[CompileState] = Pipeline(
+    (Prepare(), Options(), Calibrate(), Trace(), Dependency(), Cost(), Score(), Select(), Compensate(),
+     Rewrite(), Measure(), Verify(), Result()),
+    INPUTS,
+)  # fmt: skip
+
+#: ``dependency_graph`` and ``inspect``: the channel groups of a model, nothing pruned
+ANALYSE: Pipeline[CompileState] = Pipeline((Prepare(), Trace(), Dependency()), INPUTS)
+
+
+@dataclass
+class CompileResult:
+    """What ``compile`` returns. ``graph_module`` is new; the user's model is untouched."""
+
+    graph_module: fx.GraphModule
+    plan: PrunePlan
+    dependency: DependencyResult
+    cost: CostModel
+    scores: dict[int, GroupScore]
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    target_flops: float
+    verification: Verification | None
+    timings: dict[str, float] = field(default_factory=dict)
+    score: str = "magnitude"
+    compensation: Compensation | None = None
+    calibration: Calibration | None = None
+    #: CPU seconds of the process per stage (``timings`` is wall time)
+    cpu_timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.flops_after / self.flops_before if self.flops_before else 1.0
+
+    @property
+    def params_ratio(self) -> float:
+        return self.params_after / self.params_before if self.params_before else 1.0
+
+    @property
+    def groups(self) -> tuple[Any, ...]:
+        return self.dependency.groups
+
+    @property
+    def report(self) -> str:
+        return _report(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"CompileResult(flops {self.flops_before:,} -> {self.flops_after:,} ({self.flops_ratio:.3f}), "
+            f"params {self.params_before:,} -> {self.params_after:,} ({self.params_ratio:.3f}))"
+        )
+
+
+#: a group left with fewer than this many channels (having had more) gets a warning
+FEW_CHANNELS = 4
+
+
+@contextmanager
+def _absolute_target_hint(target_flops: float, total: int) -> Iterator[None]:
+    """An unreachable target above 1 was given as an absolute FLOPs count: say so, a fraction was likely
+    meant (``target_flops=1.5`` is 1.5 FLOPs, not 150% or 1.5x smaller)."""
+    try:
+        yield
+    except TargetError as exc:
+        if float(target_flops) <= 1.0:
+            raise
+        raise TargetError(
+            f"{exc}. Note: target_flops={target_flops!r} is above 1, so it is read as an absolute count of "
+            f"FLOPs, not a fraction; this model has {total:,} FLOPs. A fraction in (0, 1] of the original "
+            "was probably meant, e.g. target_flops=0.5 for half the FLOPs",
+            min_flops=exc.min_flops,
+            total_flops=exc.total_flops,
+        ) from exc
+
+
+def _warn_few_channels(dep: DependencyResult, kept: Mapping[int, tuple[int, ...]]) -> None:
+    """Warn when the selection leaves a group with fewer than ``FEW_CHANNELS`` channels (from more): such
+    layers are near-bottlenecks, usually a sign of a too aggressive target."""
+    few = [g for g in dep.groups if g.id in kept and len(kept[g.id]) < min(FEW_CHANNELS, g.size)]
+    if not few:
+        return
+
+    def name(g: Any) -> str:
+        mods = list(dict.fromkeys(s.param.rpartition(".")[0] for s in g.sites if s.role == "out")) or list(
+            g.nodes
+        )
+        where = ", ".join(mods[:2]) + (", ..." if len(mods) > 2 else "")
+        return f"group {g.id} ({where}: {g.size} -> {len(kept[g.id])})"
+
+    warn(
+        f"the target leaves {len(few)} channel group(s) with fewer than {FEW_CHANNELS} channels: "
+        + "; ".join(name(g) for g in few[:6]) + (f"; and {len(few) - 6} more" if len(few) > 6 else "")
+        + ". Such layers lose most of what they carry; raise target_flops or pass "
+        f"min_channels={FEW_CHANNELS} to keep at least that many"
+    )  # fmt: skip
+
+
+def _verification_message(
+    r: CompileResult, original: fx.GraphModule, example: tuple[torch.Tensor, ...], rtol: float
+) -> str:
+    v = r.verification
+    assert v is not None
+    what = (
+        f"the compiled model does not run in ONNX Runtime: {v.error}"
+        if v.error
+        else f"ONNX Runtime disagrees with the compiled model in eager mode: max abs error "
+        f"{v.max_abs_error:.3g} = {v.max_rel_error:.3g} x max |output| > rtol={rtol:g}"
+    )
+    ref = verify_onnx(original, example, rtol=rtol, latency_runs=0)
+    blame = (
+        "the original model fails the same check, so the ONNX exporter mis-translates the model itself, not "
+        "the pruning"
+        if not ref.passed
+        else "the original model passes it"
+    )
+    nodes = inplace_nodes(original)
+    cause = (
+        f"; in-place ops on tensors that are also read elsewhere are a known cause: {', '.join(nodes[:4])}"
+        if nodes
+        else ""
+    )
+    return (
+        f"{what}; {blame}{cause}. Fix: make in-place ops out-of-place, raise rtol= if the error is float "
+        "noise, or pass verify=False to skip the check (err.result holds the result for inspection)"
+    )
+
+
+_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ipow}
+
+
+def inplace_nodes(gm: fx.GraphModule) -> list[str]:
+    """Nodes that overwrite a tensor: ``inplace=True`` modules/functions, ``Tensor.op_`` methods, ``x += y``."""
+    modules = dict(gm.named_modules())
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            hit = bool(getattr(modules.get(str(n.target)), "inplace", False))
+        elif n.op == "call_method":
+            hit = str(n.target).endswith("_") and not str(n.target).startswith("_")
+        elif n.op == "call_function":
+            hit = (
+                n.target in _INPLACE_OPERATORS
+                or n.kwargs.get("inplace") is True
+                or (getattr(n.target, "__name__", "").endswith("_") and not n.target.__name__.startswith("_"))
+            )
+        else:
+            hit = False
+        if hit:
+            out.append(n.format_node())
+    return out
+
+
+@contextmanager
+def _autograd_errors(gm: fx.GraphModule, what: str) -> Iterator[None]:
+    """Turn autograd's in-place error (the model cannot be differentiated as written) into an InputError."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not any(m in str(exc) for m in ("modified by an inplace operation", "is being modified inplace")):
+            raise
+        nodes = inplace_nodes(gm)
+        where = ("; in-place nodes: " + ", ".join(nodes[:4])) if nodes else ""
+        raise InputError(
+            f"{what} needs gradients of the model, but an in-place op overwrites a tensor that autograd saved "
+            f"for the backward pass{where}. Fix: make that op out-of-place "
+            "(nn.ReLU(inplace=False), y = x + z instead of x += z), or use score='magnitude' and "
+            f"compensate='none'. ({exc})"
+        ) from exc
+
+
+def _check_scores(scores: Mapping[int, GroupScore], dep: DependencyResult) -> dict[int, GroupScore]:
+    expected = {g.id: g.size for g in dep.prunable}
+    got = {g: len(s.mean) for g, s in scores.items()}
+    if got != expected:
+        raise InputError(
+            "scores= does not match this model's prunable groups (ids/sizes differ); pass the .scores of a "
+            "compile of the same model with the same example input, or drop scores="
+        )
+    return dict(scores)
+
+
+def _report(r: CompileResult) -> str:
+    lines = [
+        "# fxprune report",
+        f"FLOPs   {r.flops_before:>16,} -> {r.flops_after:>16,}  ({r.flops_ratio:.4f}; requested {r.target_flops / max(r.flops_before, 1):.4f})",
+        f"params  {r.params_before:>16,} -> {r.params_after:>16,}  ({r.params_ratio:.4f})",
+    ]
+    groups = r.dependency.groups
+    pruned = [g for g in groups if g.id in r.plan.kept]
+    lines.append(
+        f"groups  {len(groups)} total, {len(r.dependency.prunable)} prunable, {len(pruned)} pruned, "
+        f"{r.plan.removed_channels} channels removed"
+    )
+    if r.verification is not None:
+        v = r.verification
+        lines.append(
+            f"verify  ONNX Runtime ({v.exporter}, opset {v.opset}) max abs err {v.max_abs_error:.3g} "
+            f"(rel {v.max_rel_error:.3g}, tol {v.rtol:g}) -> {'PASS' if v.passed else 'FAIL'}"
+            + (f"; {v.error}" if v.error else "")
+        )
+        if v.ort_ms_before is not None and v.ort_ms_after is not None:
+            lines.append(f"latency ORT {v.ort_ms_before:.2f} ms -> {v.ort_ms_after:.2f} ms")
+    lines.append("timings " + ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items()))
+    lines.append("")
+    lines.append("## pruned modules (kept / original)")
+    for name, e in r.plan.modules.items():
+        parts = []
+        if "out" in e:
+            parts.append(f"out {len(e['out'])}")
+        if "in" in e:
+            parts.append(f"in {len(e['in'])}")
+        lines.append(f"- {name}: {', '.join(parts)}")
+    lines.append("")
+    lines.append("## pinned groups")
+    for g in groups:
+        if g.pinned:
+            lines.append(
+                f"- group {g.id} ({g.size} ch, nodes {', '.join(g.nodes[:3])}{'...' if len(g.nodes) > 3 else ''}): {'; '.join(g.pinned)}"
+            )
+    return "\n".join(lines)
