@@ -35,7 +35,6 @@ from fxprune.passes.score import auto_score
 from scipy import stats
 
 import fxprune
-from fxprune.calib import make_calibration
 
 RESULTS = Path(__file__).parent / "results"
 FX_SCORES = ["influence", "magnitude", "taylor", "fisher", "grad_norm", "sosp_h", "inf_cp", "ifso_code"]
@@ -289,19 +288,17 @@ def main() -> None:
         acc0, loss0 = evaluate(model, data.x_test, data.y_test)
         print(f"## {name}: test accuracy {acc0:.4f}, loss {loss0:.4f} (trained/loaded in "
               f"{time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
-        dep = fxprune.dependency_graph(model, x1)
+        # the compile pipeline up to the channel groups, with the calibration data validated
+        options = fxprune.CompileOptions(score="fisher", data=calib_batches, progress=False)
+        state = fxprune.COMPILE.until("dependency").run(
+            fxprune.CompileState(model=model, example_input=x1, options=options)
+        )
+        gm, dep, calib = state.gm, state.dep, state.calib
         prunable = [g for g in dep.groups if g.prunable]
         rng = np.random.default_rng(0)
         all_units = [(g.id, c) for g in prunable for c in range(g.size)]
         units = [all_units[i] for i in sorted(rng.choice(len(all_units), min(args.units, len(all_units)),
                                                           replace=False))]  # fmt: skip
-        from fxprune.passes.rules_swin import EXPANSIONS
-
-        from fxprune.trace import shape_propagate, trace
-
-        gm = trace(copy.deepcopy(model).eval(), (), None, EXPANSIONS)
-        shape_propagate(gm, (x1,))
-        calib = make_calibration(gm, (x1,), calib_batches, None)
         t = time.perf_counter()
         key = f"e{args.epochs}-measured-u{args.units}-r{args.retrain_steps}-c{args.calib_batches}"
         cache = RESULTS / "cache" / f"{name}-{key}.npz"

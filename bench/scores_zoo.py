@@ -15,7 +15,6 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from fxprune.passes.score import auto_score
@@ -30,13 +29,8 @@ def one(model_name: str, score: str, size: int, n_batches: int, batch_size: int)
     import numpy as np
     import torch
     import torchvision
-    from fxprune.passes.dependency import DependencyPass
-    from fxprune.passes.rules_swin import EXPANSIONS
-    from fxprune.passes.score import ScoreContext, get_score
 
     import fxprune
-    from fxprune.calib import make_calibration
-    from fxprune.trace import shape_propagate, trace
 
     torch.manual_seed(0)
     kwargs = {"aux_logits": False, "init_weights": True} if model_name == "googlenet" else {}
@@ -45,14 +39,13 @@ def one(model_name: str, score: str, size: int, n_batches: int, batch_size: int)
     data = [(torch.randn(batch_size, 3, size, size, generator=g), torch.randint(0, 1000, (batch_size,), generator=g))
             for _ in range(n_batches)]  # fmt: skip
     x = data[0][0][:1]
-    gm = trace(model, (), None, EXPANSIONS)
-    shape_propagate(gm, (x,))
-    dep = DependencyPass()(gm)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    t = time.perf_counter()
-    calib = make_calibration(gm, (x,), data, None)
-    scores = get_score(score)(dep.groups, ScoreContext(calib, torch.device("cpu")))(gm)
-    seconds = time.perf_counter() - t
+    # the compile pipeline up to the scores: seconds are its calibrate and score stages
+    options = fxprune.CompileOptions(score=score, data=data, compensate="none", device="cpu", progress=False)
+    state = fxprune.COMPILE.until("score").run(
+        fxprune.CompileState(model=model, example_input=x, options=options)
+    )
+    scores, seconds = state.scores, state.timings["calibrate"] + state.timings["score"]
     values = np.concatenate([s.mean for s in scores.values()]) if scores else np.zeros(0)
     return {"model": model_name, "score": score, "size": size, "batches": n_batches, "batch_size": batch_size,
             "seconds": seconds, "finite": bool(np.isfinite(values).all()), "channels": int(values.size),
