@@ -12,8 +12,11 @@ from fxprune.compiler import STAGES, CompileResult, compile, count_flops, count_
 from fxprune.data import ChannelDim, ChannelGroup, PrunePlan, Site
 from fxprune.deploy import apply_plan, load, save
 from fxprune.errors import (
+    ExportError,
     FxpruneError,
     InputError,
+    NumericalError,
+    PassContractError,
     PipelineError,
     TargetError,
     TraceError,
@@ -36,9 +39,12 @@ __all__ = [
     "CompileResult",
     "CompileState",
     "DependencyResult",
+    "ExportError",
     "FxpruneError",
     "InputError",
     "Inspection",
+    "NumericalError",
+    "PassContractError",
     "Pipeline",
     "PipelineError",
     "PrunePlan",

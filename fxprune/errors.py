@@ -8,8 +8,10 @@ import warnings
 from pathlib import Path
 
 __all__ = [
+    "ExportError",
     "FxpruneError",
     "InputError",
+    "NumericalError",
     "PassContractError",
     "PipelineError",
     "TargetError",
@@ -66,6 +68,16 @@ class PassContractError(FxpruneError, RuntimeError):
     """A pass touched what it declared it would not (``fxprune.passes.base``): a bug in fxprune, never the
     user's fault. Not an ``AssertionError``, so ``python -O`` cannot hide it and a test's bare ``assert``
     failures stay distinct from it."""
+
+
+class ExportError(FxpruneError, RuntimeError):
+    """No ONNX exporter could write the model (fxprune's writer, then torch's TorchScript and dynamo
+    exporters); the message gives each exporter's error."""
+
+
+class NumericalError(FxpruneError, FloatingPointError):
+    """A score or compensation produced non-finite values (NaN or Inf) on the calibration data; the message
+    names the score and what to change (damping, data, loss)."""
 
 
 class PipelineError(FxpruneError, RuntimeError):

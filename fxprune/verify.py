@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fxprune.data import PrunePlan, flatten_structure
+from fxprune.errors import ExportError, InputError
 from fxprune.onnx_writer import Unsupported, write_onnx
 from fxprune.trace import detached_caches, fold_parametrizations, is_container_call, mha_slow_path
 
@@ -62,7 +63,7 @@ def export_onnx(
     the same computation as plain ops.
     """
     if exporter not in ("auto", "fxprune", "torchscript", "dynamo"):
-        raise ValueError(f"exporter={exporter!r}: choose auto, fxprune, torchscript or dynamo")
+        raise InputError(f"exporter={exporter!r}: choose auto, fxprune, torchscript or dynamo")
     if exporter in ("auto", "fxprune") and isinstance(model, torch.fx.GraphModule) and opset == 18:
         try:
             return write_onnx(model, example)[0], "fxprune"
@@ -123,7 +124,7 @@ def _export_onnx(
                 return buf.getvalue(), "torchscript"
         except Exception as exc:  # noqa: PERF203 - try the next exporter, report both if neither works
             errors.append(f"{'dynamo' if dynamo else 'torchscript'}: {type(exc).__name__}: {exc}")
-    raise RuntimeError("ONNX export failed: " + " | ".join(errors))
+    raise ExportError("ONNX export failed: " + " | ".join(errors))
 
 
 #: ``ort_session(optimization=...)`` -> ONNX Runtime's graph optimisation level

@@ -28,7 +28,7 @@ from torch.func import functional_call
 
 from fxprune.calib import Batch, Calibration
 from fxprune.data import ChannelGroup
-from fxprune.errors import InputError
+from fxprune.errors import InputError, NumericalError
 from fxprune.trace import copy_graph_module
 
 __all__ = [
@@ -422,7 +422,7 @@ class MaskScorePass(ScorePass):
         mean_np = mean.detach().double().cpu().numpy()
         spread_np = None if spread is None else spread.detach().double().cpu().numpy()
         if not np.isfinite(mean_np).all():
-            raise FloatingPointError(
+            raise NumericalError(
                 f"score={self.name!r} produced non-finite values; raise damping= or check the data/loss"
             )
         return {

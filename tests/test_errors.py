@@ -111,3 +111,37 @@ def test_strict_mode_raises_on_missing_rule() -> None:
 def test_errors_share_a_base_class() -> None:
     for cls in (fxprune.TraceError, fxprune.TargetError, fxprune.InputError, fxprune.UnsupportedOpError):
         assert issubclass(cls, fxprune.FxpruneError)
+
+
+def test_one_error_hierarchy() -> None:
+    """Every error fxprune raises on purpose is defined in fxprune/errors.py (or subclasses one defined
+    there), subclasses FxpruneError, and is importable from the package root."""
+    import inspect as pyinspect
+
+    import fxprune.errors as errors
+    import fxprune.specs
+
+    defined = [
+        c for _, c in pyinspect.getmembers(errors, pyinspect.isclass) if c.__module__ == errors.__name__
+    ]
+    assert len(defined) >= 10
+    for cls in defined:
+        assert issubclass(cls, fxprune.FxpruneError), cls
+        assert getattr(fxprune, cls.__name__) is cls, f"fxprune.{cls.__name__} is not exported"
+    assert issubclass(fxprune.specs.SpecError, fxprune.InputError)
+    # an AssertionError subclass could be hidden by python -O and confused with a failing test
+    assert not any(issubclass(c, AssertionError) for c in defined)
+
+
+def test_non_finite_scores_are_a_numerical_error() -> None:
+    """A score that diverges is a typed error naming the score and the fix, not a bare FloatingPointError."""
+    model = ResidualNet().eval()
+    data = [(torch.randn(2, 3, 16, 16), torch.tensor([0, 1]))]
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt((out * 0).sum())  # finite (0), but its gradient is inf * 0 = NaN
+
+    with pytest.raises(fxprune.NumericalError, match=r"score='taylor' produced non-finite values.*damping="):
+        fxprune.compile(
+            model, X, 0.5, score="taylor", data=data, loss_fn=loss_fn, compensate="none", progress=False
+        )

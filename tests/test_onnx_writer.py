@@ -595,5 +595,5 @@ def test_export_onnx_exporter_choice() -> None:
     assert export_onnx(gm, example, exporter="auto")[1] == "fxprune"
     assert export_onnx(gm, example, exporter="fxprune")[1] == "fxprune"
     assert export_onnx(gm, example, exporter="torchscript")[1] == "torchscript"
-    with pytest.raises(ValueError, match="exporter='onnx'"):
+    with pytest.raises(fxprune.InputError, match="exporter='onnx'"):
         export_onnx(gm, example, exporter="onnx")
