@@ -15,12 +15,17 @@ new full tensor) so the masked-equivalence oracle can apply the same change to t
 
 A consumer without a bias folds its shift into the BatchNorm that follows it (``running_mean -= shift``);
 consumers where neither is possible (grouped convs, functional calls) are left as they are and listed.
+
+The data enters only through mergeable statistics (``fxprune.passes.stats``): per consumer a ``Sum`` of its
+input rows (and, for lsq, of their Gram matrix) over the batches (``consumer_statistics``), and for newton the
+curvature sums of ``MaskedLoss``. Statistics of two splits of the data, merged, give the compensation of all
+of it; ``reduce`` (e.g. ``torch.distributed.all_reduce``) makes them global in a distributed run.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,13 +33,14 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from fxprune.passes.masking import progress as show_progress
+from fxprune.passes.stats import Reduce, Sum
 
-from fxprune.calib import Calibration
+from fxprune.calib import Batch, Calibration
 from fxprune.data import ChannelGroup, PrunePlan
 from fxprune.errors import InputError
 from fxprune.trace import copy_graph_module
 
-__all__ = ["COMPENSATIONS", "Compensation", "compensate"]
+__all__ = ["COMPENSATIONS", "Compensation", "compensate", "consumer_statistics"]
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +63,6 @@ class _Consumer:
     module: nn.Module
     removed: torch.Tensor  # removed input positions along the channel dim
     kept: torch.Tensor
-    sum: torch.Tensor | None = None
-    count: int = 0
-    gram: torch.Tensor | None = None
 
 
 def _consumers(gm: fx.GraphModule, plan: PrunePlan, groups: Sequence[ChannelGroup]) -> tuple[
@@ -110,39 +113,43 @@ def _features(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError(type(mod).__name__)
 
 
-def _collect(gm: fx.GraphModule, consumers: Mapping[str, _Consumer], calib: Calibration, lsq: bool,
-             max_rows: int, show: bool = False) -> None:  # fmt: skip
-    """One pass over the calibration inputs: per-channel input means, and (for lsq) Gram matrices."""
+def consumer_statistics(gm: fx.GraphModule, consumers: Mapping[str, _Consumer], batches: Iterable[Batch],
+                        lsq: bool, max_rows: int) -> dict[str, Sum]:  # fmt: skip
+    """One pass of ``gm`` over ``batches``: per consumer, a ``Sum`` of its input rows (one per position: per
+    channel ``sum x``) and, for ``lsq``, of ``[X 1]^T [X 1]`` (float64, over at most ``max_rows`` rows of each
+    call, a fixed random subset); count: the rows. Means and second moments are these sums over the count.
+    A consumer never called has an empty sum."""
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    stats = {key: Sum() for key in consumers}
     hooks = []
 
-    def hook(c: _Consumer):  # type: ignore[no-untyped-def]
+    def hook(c: _Consumer, stat: Sum):  # type: ignore[no-untyped-def]
         def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach().float()
             chan = -1 if isinstance(c.module, nn.Linear) else 1
             flat = x.movedim(chan, -1).reshape(-1, x.shape[chan])
-            c.sum = flat.sum(0) if c.sum is None else c.sum + flat.sum(0)
-            c.count += flat.shape[0]
+            parts = [flat.sum(0)]
             if lsq:
                 rows = _features(c.module, x)
                 if rows.shape[0] > max_rows:
                     idx = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]
                     rows = rows[idx.to(rows.device)]
                 rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1).double()
-                gram = rows.T @ rows
-                c.gram = gram if c.gram is None else c.gram + gram
+                parts.append(rows.T @ rows)
+            stat.update(parts, count=flat.shape[0])
 
         return fn
 
     try:
-        for c in consumers.values():
-            hooks.append(c.module.register_forward_pre_hook(hook(c)))
+        for key, c in consumers.items():
+            hooks.append(c.module.register_forward_pre_hook(hook(c, stats[key])))
         with torch.no_grad():
-            for b in show_progress(calib.batches, show, f"compensate {'lsq' if lsq else 'bias'}: batch"):
+            for b in batches:
                 gm(*(t.to(device) for t in b.inputs))
     finally:
         for h in hooks:
             h.remove()
+    return stats
 
 
 def _bias_target(gm: fx.GraphModule, c: _Consumer) -> tuple[str, float] | None:
@@ -180,10 +187,14 @@ def compensate(
     max_rows: int = 65536,
     newton_options: Mapping[str, object] | None = None,
     progress: bool = False,
+    reduce: Reduce | None = None,
 ) -> tuple[fx.GraphModule, Compensation]:
     """A copy of ``gm`` with compensated weights, and the record of what changed (``gm`` is untouched).
 
     ``progress`` reports the calibration batches and the consumers refitted (``passes.masking.progress``).
+    ``reduce``: ``None`` in one process; in a distributed run (each process with its own ``calib``) the
+    summing all-reduce (``torch.distributed.all_reduce``) applied to every statistic, so every process
+    computes the compensation of all batches (each must call every consumer at least once).
     """
     if method not in COMPENSATIONS:
         raise InputError(f"compensate={method!r}: choose one of {', '.join(COMPENSATIONS)}")
@@ -192,26 +203,31 @@ def compensate(
     if method == "none" or not plan.kept:
         return new, result
     if method == "newton":
-        return _newton(new, groups, plan, calib, device or torch.device("cpu"), damping, newton_options or {})
+        return _newton(new, groups, plan, calib, device or torch.device("cpu"), damping, newton_options or {},
+                       reduce)  # fmt: skip
     consumers, result.skipped = _consumers(new, plan, groups)
-    _collect(new, consumers, calib, method == "lsq", max_rows, progress)
+    batches = show_progress(calib.batches, progress, f"compensate {method}: batch")
+    stats = consumer_statistics(new, consumers, batches, method == "lsq", max_rows)
+    if reduce is not None:
+        stats = {key: stat.reduce(reduce) for key, stat in stats.items()}
     state = dict(new.state_dict(keep_vars=True))
     for key, c in show_progress(list(consumers.items()), progress, f"compensate {method}: consumer"):
-        if c.count == 0 or c.sum is None:
+        stat = stats[key]
+        if stat.count == 0 or stat.empty:
             result.skipped[key] = "never called on the calibration data"
             continue
         target = _bias_target(new, c)
         if target is None:
             result.skipped[key] = "no bias and no BatchNorm right after it to fold a shift into"
             continue
-        mean = (c.sum / c.count).double()
+        mean = (stat.result()[0] / stat.count).double()
         w2 = _weight(c.module).detach().double()
         weight_in = w2 if isinstance(c.module, nn.Linear) else _shift_conv_weight(c.module)
         if method == "bias":
             shift = weight_in[:, c.removed] @ mean[c.removed.to(mean.device)]
             new_weight = None
         else:
-            shift, new_weight = _lsq(c, w2, damping)
+            shift, new_weight = _lsq(c, stat, w2, damping)
         name, sign = target
         t = state[name]
         value = (t.detach().double() + sign * shift.to(t.device)).to(t.dtype)
@@ -222,10 +238,11 @@ def compensate(
     return new, result
 
 
-def _lsq(c: _Consumer, w: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Re-fit kept columns + a bias shift: returns (output shift, new full weight)."""
-    assert c.gram is not None
-    gram = c.gram / c.count
+def _lsq(c: _Consumer, stat: Sum, w: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-fit kept columns + a bias shift from the consumer's statistics (``consumer_statistics`` with
+    ``lsq``): returns (output shift, new full weight)."""
+    _, gram_sum = stat.result()
+    gram = gram_sum / stat.count
     out_dim = w.shape[0]
     w_mat = w.reshape(out_dim, -1)
     per_chan = w_mat.shape[1] // w.shape[1]  # unfolded positions per input channel (k*k for a conv)
@@ -249,16 +266,17 @@ def _apply(gm: fx.GraphModule, overrides: Mapping[str, torch.Tensor]) -> None:
 
 
 def _newton(gm: fx.GraphModule, groups: Sequence[ChannelGroup], plan: PrunePlan, calib: Calibration,
-            device: torch.device, damping: float, options: Mapping[str, object]) -> tuple[
-    fx.GraphModule, Compensation
-]:  # fmt: skip
+            device: torch.device, damping: float, options: Mapping[str, object],
+            reduce: Reduce | None = None) -> tuple[fx.GraphModule, Compensation]:  # fmt: skip
+    """The influence update: ``H_wm 1_S`` and ``(H_ww + damping I)^-1`` (CG) as combined curvature sums over
+    the batches (``mask_products``, ``MaskedLoss.solve_ww``), then a line search on the summed loss."""
     from fxprune.passes.masking import MaskedLoss
     from fxprune.passes.score_hessian import mask_products
 
     curvature = str(options.get("curvature", "hessian"))
     damping = float(options.get("damping", damping))  # type: ignore[arg-type]
     iters = int(options.get("cg_iters", 20))  # type: ignore[call-overload]
-    loss = MaskedLoss(gm, groups, calib, device, float(options.get("weight_decay", 0.0)))  # type: ignore[arg-type]
+    loss = MaskedLoss(gm, groups, calib, device, float(options.get("weight_decay", 0.0)), reduce)  # type: ignore[arg-type]
     removed = torch.zeros(loss.size, device=device)
     for gid, kept in plan.kept.items():
         if gid in loss.slices:
@@ -273,10 +291,13 @@ def _newton(gm: fx.GraphModule, groups: Sequence[ChannelGroup], plan: PrunePlan,
     best, best_loss = 0.0, float("inf")
     for step in (0.0, 0.25, 0.5, 1.0):  # a line search on the calibration loss of the pruned model
         w = [p + step * d for p, d in zip(loss.w0, dw, strict=True)]
+        total = Sum.zeros_like([torch.zeros((), dtype=torch.float64)])
         with torch.no_grad():
-            value = sum(
-                float(calib.loss(loss.forward(w, m, bd), bd)) for bd in (b.to(device) for b in batches)
-            )
+            for bd in (b.to(device) for b in batches):
+                total.update(
+                    [torch.tensor(float(calib.loss(loss.forward(w, m, bd), bd)), dtype=torch.float64)]
+                )
+        value = float(loss.combine(total).result()[0])
         if value < best_loss:
             best, best_loss = step, value
     result = Compensation("newton", step=best)

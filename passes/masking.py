@@ -17,13 +17,15 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from itertools import islice
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.fx as fx
 from fxprune.passes.score import GroupScore, ScorePass
+from fxprune.passes.stats import Reduce, Stat, Sum
 from torch.func import functional_call
 
 from fxprune.calib import Batch, Calibration
@@ -33,6 +35,7 @@ from fxprune.trace import copy_graph_module
 
 __all__ = [
     "LINE_INTERVAL_S",
+    "FirstBatches",
     "MaskScorePass",
     "MaskedLoss",
     "StepLines",
@@ -44,6 +47,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=Stat)
 
 #: A vector in ``(w, m)`` space: one tensor per trainable parameter, and the flat mask part.
 Vec = tuple[list[torch.Tensor], torch.Tensor]
@@ -102,7 +107,7 @@ class StepLines:
             print(f"fxprune: {self.desc} {count}{note} ({now - self.t0:.1f} s)", file=sys.stderr, flush=True)
 
 
-def progress(iterable: Sequence[Any], enabled: bool, desc: str) -> Iterator[Any]:
+def progress(iterable: Iterable[Any], enabled: bool, desc: str) -> Iterator[Any]:
     """``iterable``, reporting progress on stderr when ``enabled``.
 
     Cases: (1) ``enabled`` is false: nothing is printed. (2) A person watches stderr (``interactive()``): a
@@ -116,7 +121,7 @@ def progress(iterable: Sequence[Any], enabled: bool, desc: str) -> Iterator[Any]
 
         yield from tqdm(iterable, desc=desc, leave=False)
     else:
-        lines = StepLines(desc, len(iterable) if hasattr(iterable, "__len__") else None)
+        lines = StepLines(desc, len(iterable) if isinstance(iterable, Sized) else None)
         for item in iterable:
             yield item
             lines.step()
@@ -130,6 +135,14 @@ class MaskedLoss:
         groups: channel groups; the prunable ones get mask entries (``slices[group id]``).
         calib: batches and loss.
         weight_decay: adds ``weight_decay/2 * ||w||^2`` to the loss (the training objective's L2 term).
+        reduce: ``None`` for one process; in a distributed run the summing all-reduce (``dist.all_reduce``)
+            that ``combine`` applies to every statistic, so each process scores its own ``calib`` and all
+            agree on the estimate over the union of their batches. The normalisers ``samples`` and
+            ``n_batches`` are then global too.
+
+    Every accumulation over batches is a mergeable statistic (``fxprune.passes.stats``): a method computes it
+    over an iterable of batches, ``combine`` makes it global, and the estimate is a function of it. Batches
+    are only iterated (never indexed); a method that needs several passes (CG) iterates them again.
     """
 
     def __init__(
@@ -139,8 +152,10 @@ class MaskedLoss:
         calib: Calibration,
         device: torch.device,
         weight_decay: float = 0.0,
+        reduce: Reduce | None = None,
     ) -> None:
         self.device = device
+        self.reduce = reduce
         # vmap'd double backward (is_grads_batched) is for accelerators: on CPU a loop over the vectors was
         # 2.2x faster (8 products on the digits ResNet-20, 12.8 s vs 29.0 s)
         self._batched = device.type != "cpu"
@@ -176,11 +191,28 @@ class MaskedLoss:
                 pos = torch.arange(sl.start, sl.stop).repeat_interleave(s.repeat)
                 index[key][s.offset : s.offset + len(pos)] = pos
         self.index = {key: v.to(device) for key, v in index.items()}
+        self.samples, self.n_batches = self.count(self.batches())
 
     # --- evaluation -----------------------------------------------------------------------------------------
 
-    def batches(self) -> tuple[Batch, ...]:
+    def batches(self) -> Iterable[Batch]:
+        """The calibration batches of this process, to iterate (each call is a new pass over them)."""
         return self.calib.batches
+
+    def count(self, batches: Iterable[Batch]) -> tuple[int, int]:
+        """``(samples, batches)`` in ``batches``, over all processes when ``reduce`` is set."""
+        samples = n = 0
+        for b in batches:
+            samples += b.size
+            n += 1
+        if self.reduce is None:
+            return samples, n
+        both = Sum([torch.tensor([float(samples), float(n)], dtype=torch.float64)]).reduce(self.reduce)
+        return int(both.result()[0][0]), int(both.result()[0][1])
+
+    def combine(self, stat: S) -> S:
+        """``stat`` over all processes (``stat.reduce(self.reduce)``); itself in a single process."""
+        return stat if self.reduce is None else stat.reduce(self.reduce)
 
     def effective(self, w: Sequence[torch.Tensor], m: torch.Tensor) -> dict[str, torch.Tensor]:
         """Parameters with every consumer column scaled by its channel's mask."""
@@ -213,6 +245,43 @@ class MaskedLoss:
             return float(self.objective(self.forward(self.w0, mm, batch.to(self.device)), self.w0, batch))
 
     # --- first and second order ---------------------------------------------------------------------------
+
+    def gradient_sum(self, batches: Iterable[Batch], weights: bool = True) -> Sum:
+        """``sum_b (n_b / N) * dL_b/d(w, m)`` over ``batches``, ``N = self.samples``: the sample-weighted mean
+        gradient once merged over all batches. Tensors: ``[*dL/dw, dL/dm]``, or ``[dL/dm]`` when ``weights`` is
+        false; count: the samples."""
+        stat = Sum.zeros_like([*(self.w0 if weights else []), torch.zeros(self.size, device=self.device)])
+        for b in batches:
+            gw, gm = self.grad(b)
+            stat.update([*gw, gm] if weights else [gm], count=b.size, scale=b.size / self.samples)
+        return stat
+
+    def curvature_sum(
+        self,
+        batches: Iterable[Batch],
+        vectors: Sequence[Vec],
+        curvature: str,
+        scale: float,
+        start: Sequence[torch.Tensor] | None = None,
+    ) -> Sum:
+        """``start + sum_b scale * C_b v`` for each vector ``v`` over ``batches``, ``C_b`` the curvature of
+        batch ``b`` (``curvature``: ``"hessian"`` or ``"gn"``; one shared backward graph per batch); with
+        ``scale = 1 / (number of batches)`` the mean product once merged. Tensors: each vector's ``w`` parts
+        then its mask part, vector after vector (``unpack`` gives the ``Vec`` list back); count: the batches.
+        ``start`` (zeros when ``None``) is a term added once, before the batches."""
+        product = self.curvature(curvature)
+        init = [x for _ in vectors for x in [*self.zeros_w(), torch.zeros(self.size, device=self.device)]]
+        stat = Sum(init if start is None else start)
+        for b in batches:
+            stat.update([x for hw, hm in product(b, vectors) for x in [*hw, hm]], scale=scale)
+        return stat
+
+    def unpack(self, tensors: Sequence[torch.Tensor]) -> list[Vec]:
+        """``curvature_sum``'s flat tensors as one ``(w parts, mask part)`` per vector."""
+        step = len(self.w0) + 1
+        return [
+            (list(tensors[i : i + step - 1]), tensors[i + step - 1]) for i in range(0, len(tensors), step)
+        ]
 
     def _grads(self, batch: Batch, create_graph: bool) -> tuple[list[torch.Tensor], torch.Tensor, Vec]:
         w, m = self.leaves()
@@ -316,7 +385,7 @@ class MaskedLoss:
     def solve_ww(
         self,
         rhs: Sequence[list[torch.Tensor]],
-        batches: Sequence[Batch],
+        batches: Iterable[Batch],
         curvature: str,
         damping: float,
         iters: int,
@@ -324,18 +393,23 @@ class MaskedLoss:
     ) -> list[list[torch.Tensor]]:
         """``(H_ww + damping I)^-1 b`` for each right-hand side by conjugate gradients, all in lockstep.
 
-        ``H_ww`` is averaged over ``batches``; each iteration costs one shared curvature product per batch.
+        ``H_ww`` is averaged over ``batches`` (iterated once per CG iteration, so a re-iterable source); each
+        iteration's product ``damping v + mean_b H_b v`` is a ``curvature_sum`` over the batches, combined
+        over processes. In one process the damping term starts the sum (the order of the float additions the
+        solver always had); with ``reduce`` it is added after the reduction, once.
         """
-        product = self.curvature(curvature)
         zero_m = torch.zeros(self.size, device=self.device)
+        scale = 1.0 / self.count(batches)[1]
 
         def apply(vs: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
-            acc = [[damping * x for x in v] for v in vs]
-            for b in batches:
-                for a, (hw, _) in zip(acc, product(b, [(v, zero_m) for v in vs]), strict=True):
-                    for x, y in zip(a, hw, strict=True):
-                        x.add_(y, alpha=1.0 / len(batches))
-            return acc
+            damped = [damping * x for v in vs for x in [*v, zero_m]]
+            vectors = [(v, zero_m) for v in vs]
+            if self.reduce is None:
+                prods = self.curvature_sum(batches, vectors, curvature, scale, start=damped).result()
+            else:
+                total = self.combine(self.curvature_sum(batches, vectors, curvature, scale)).result()
+                prods = [d + t for d, t in zip(damped, total, strict=True)]
+            return [hw for hw, _ in self.unpack(prods)]
 
         def dot(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
             return float(sum((x * y).sum() for x, y in zip(a, b, strict=True)))
@@ -411,7 +485,7 @@ class MaskScorePass(ScorePass):
         if ctx.calibration is None:
             raise InputError(f"score={self.name!r} needs calibration data; pass data= (or use compile())")
         loss = MaskedLoss(
-            gm, groups, ctx.calibration, ctx.device, float(self.options.get("weight_decay", 0.0))
+            gm, groups, ctx.calibration, ctx.device, float(self.options.get("weight_decay", 0.0)), ctx.reduce
         )
         if loss.size == 0:
             return {}
@@ -438,24 +512,26 @@ class MaskScorePass(ScorePass):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def bar(self, items: Sequence[Any], desc: str) -> Iterator[Any]:
+    def bar(self, items: Iterable[Any], desc: str) -> Iterator[Any]:
         return progress(items, self.context.progress, f"{self.name}: {desc}")
 
-    def mean_grad(self, loss: MaskedLoss) -> tuple[Vec, list[torch.Tensor]]:
-        """Sample-weighted mean gradient over all batches, and the per-batch mask gradients."""
-        total = loss.calib.samples
-        gw_acc = loss.zeros_w()
-        gm_acc = torch.zeros(loss.size, device=loss.device)
-        per_batch = []
-        for b in self.bar(loss.batches(), "gradient"):
-            gw, gm = loss.grad(b)
-            for a, g in zip(gw_acc, gw, strict=True):
-                a.add_(g, alpha=b.size / total)
-            gm_acc.add_(gm, alpha=b.size / total)
-            per_batch.append(gm)
-        return (gw_acc, gm_acc), per_batch
+    def mean_grad(self, loss: MaskedLoss) -> Vec:
+        """Sample-weighted mean gradient over all batches (``MaskedLoss.gradient_sum``, combined)."""
+        *gw, gm = loss.combine(loss.gradient_sum(self.bar(loss.batches(), "gradient"))).result()
+        return gw, gm
 
-    def hessian_batches(self, loss: MaskedLoss) -> tuple[Batch, ...]:
+    def hessian_batches(self, loss: MaskedLoss) -> Iterable[Batch]:
+        """The batches the curvature is averaged over: the first ``hessian_batches`` option's worth (of this
+        process's batches), or all; re-iterable."""
         n = self.options.get("hessian_batches")
-        batches = loss.batches()
-        return batches if n is None else batches[: max(1, int(n))]
+        return loss.batches() if n is None else FirstBatches(loss.batches(), max(1, int(n)))
+
+
+class FirstBatches:
+    """The first ``n`` batches of a re-iterable ``source``, itself re-iterable (each pass starts anew)."""
+
+    def __init__(self, source: Iterable[Batch], n: int) -> None:
+        self.source, self.n = source, n
+
+    def __iter__(self) -> Iterator[Batch]:
+        return islice(iter(self.source), self.n)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from fxprune.passes.base import AnalysisPass
+from fxprune.passes.stats import Reduce
 
 from fxprune.calib import Calibration
 from fxprune.data import ChannelGroup
@@ -46,12 +47,18 @@ class GroupScore:
 
 @dataclass(frozen=True)
 class ScoreContext:
-    """What a data-driven score needs besides the graph: calibration batches and where to compute."""
+    """What a data-driven score needs besides the graph: calibration batches and where to compute.
+
+    ``reduce`` is ``None`` in one process; in a distributed run (each process holding its own
+    ``calibration``) the summing all-reduce, e.g. ``torch.distributed.all_reduce``, through which every
+    statistic is combined (``MaskedLoss.combine``), so all processes compute the score of all batches.
+    """
 
     calibration: Calibration | None = None
     device: torch.device = torch.device("cpu")
     progress: bool = False
     seed: int = 0
+    reduce: Reduce | None = None
 
 
 SCORES: dict[str, type[ScorePass]] = {}

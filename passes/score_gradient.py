@@ -2,13 +2,22 @@
 
 All derivatives are taken with respect to the mask ``m`` of ``fxprune.passes.masking``: ``dL/dm_c`` is the
 sum of ``w * dL/dw`` over channel ``c``'s columns in every consumer, so coupled channels are scored once.
+
+Each score is ``from_statistics(loss, statistics(loss, batches))``: ``statistics`` accumulates a mergeable
+statistic (``fxprune.passes.stats``) over an iterable of batches, so the statistics of two splits of the data,
+merged, give the score of all of it (and ``MaskedLoss.combine`` makes them global in a distributed run).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from fxprune.passes.masking import MaskedLoss, MaskScorePass, split_batch
 from fxprune.passes.score import register_score
+from fxprune.passes.stats import Joint, Moments, Sum
+
+from fxprune.calib import Batch
 
 __all__ = ["FisherScore", "InfCPScore", "TaylorScore"]
 
@@ -23,9 +32,17 @@ class TaylorScore(MaskScorePass):
 
     defaults = {"weight_decay": 0.0}
 
-    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
-        (_, gm), _ = self.mean_grad(loss)
+    def statistics(self, loss: MaskedLoss, batches: Iterable[Batch]) -> Sum:
+        """``sum_b (n_b / N) dL_b/dm`` (``MaskedLoss.gradient_sum``, mask part only)."""
+        return loss.gradient_sum(batches, weights=False)
+
+    def from_statistics(self, loss: MaskedLoss, stat: Sum) -> tuple[torch.Tensor, None]:
+        (gm,) = stat.result()
         return gm.abs(), None
+
+    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
+        stat = self.statistics(loss, self.bar(loss.batches(), "gradient"))
+        return self.from_statistics(loss, loss.combine(stat))
 
 
 @register_score("fisher")
@@ -37,14 +54,22 @@ class FisherScore(MaskScorePass):
 
     defaults = {"weight_decay": 0.0, "chunk": 4}
 
-    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
-        acc = torch.zeros(loss.size, device=loss.device)
-        count = 0
-        for b in self.bar(loss.batches(), "fisher"):
+    def statistics(self, loss: MaskedLoss, batches: Iterable[Batch]) -> Sum:
+        """``sum over micro-batches of (dl/dm)^2``; count: the micro-batches."""
+        stat = Sum.zeros_like([torch.zeros(loss.size, device=loss.device)])
+        for b in batches:
             for mb in split_batch(b, int(self.options["chunk"])):
-                acc += loss.grad(mb)[1].pow(2)
-                count += 1
-        return 0.5 * acc / max(count, 1), None
+                stat.update([loss.grad(mb)[1].pow(2)])
+        return stat
+
+    def from_statistics(self, loss: MaskedLoss, stat: Sum) -> tuple[torch.Tensor, None]:
+        (acc,) = stat.result()
+        return 0.5 * acc / max(stat.count, 1), None
+
+    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
+        return self.from_statistics(
+            loss, loss.combine(self.statistics(loss, self.bar(loss.batches(), "fisher")))
+        )
 
 
 @register_score("inf_cp")
@@ -57,8 +82,22 @@ class InfCPScore(MaskScorePass):
 
     defaults = {"weight_decay": 0.0}
 
+    def statistics(self, loss: MaskedLoss, batches: Iterable[Batch]) -> Joint:
+        """``Joint(Sum of |dL_b/dm|, Moments of -dL_b/dm)`` over batches (one observation per batch)."""
+        size = Sum.zeros_like([torch.zeros(loss.size, device=loss.device)])
+        moments = Moments()
+        for b in batches:
+            _, gm = loss.grad(b)
+            size.update([gm.abs()])
+            moments.update(-gm)
+        return Joint(size, moments)
+
+    def from_statistics(self, loss: MaskedLoss, stat: Joint) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean ``|influence|`` over batches, and the (unbiased) standard deviation of the influence."""
+        size, moments = stat.parts
+        (total,) = size.result()
+        return total / size.count, moments.std(1).to(total.dtype)
+
     def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        _, per_batch = self.mean_grad(loss)
-        stack = torch.stack([-g for g in per_batch])
-        spread = stack.std(0) if len(per_batch) > 1 else torch.zeros_like(stack[0])
-        return stack.abs().mean(0), spread
+        stat = self.statistics(loss, self.bar(loss.batches(), "gradient"))
+        return self.from_statistics(loss, loss.combine(stat))

@@ -4,15 +4,22 @@
 Notation: ``g`` = dL/dm, ``H_mm``, ``H_wm`` = the blocks of the Hessian of ``L(w, m)`` at ``m = 1``; every
 product is one extra backward pass through the gradient graph (``MaskedLoss.hvp``) or a Gauss-Newton product
 (``MaskedLoss.gnvp``), averaged over the calibration batches.
+
+Every average over batches is a mergeable ``Sum`` (``fxprune.passes.stats``): the one-pass scores
+(``grad_norm``, ``sosp_h``) are ``from_statistics(loss, statistics(loss, batches))``; the multi-stage ones
+(``ifso_code``, ``influence``: products of products, CG iterations) combine each stage's sum over batches
+(``MaskedLoss.combine``) before the next stage uses it, so a split or a distributed run computes the same
+products (``mask_products``, ``MaskedLoss.solve_ww``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from fxprune.passes.masking import MaskedLoss, MaskScorePass, Vec
 from fxprune.passes.score import register_score
+from fxprune.passes.stats import Joint, Sum
 
 from fxprune.calib import Batch
 
@@ -21,19 +28,16 @@ __all__ = ["GradNormScore", "IFSOCodeScore", "InfluenceScore", "SOSPHScore", "ma
 
 def mask_products(
     loss: MaskedLoss,
-    batches: Sequence[Batch],
+    batches: Iterable[Batch],
     vectors: Sequence[Vec],
     curvature: str,
+    scale: float | None = None,
 ) -> list[Vec]:
-    """Curvature times each vector, averaged over ``batches`` (one shared backward graph per batch)."""
-    product = loss.curvature(curvature)
-    acc: list[Vec] = [(loss.zeros_w(), torch.zeros(loss.size, device=loss.device)) for _ in vectors]
-    for b in batches:
-        for (aw, am), (hw, hm) in zip(acc, product(b, vectors), strict=True):
-            for x, y in zip(aw, hw, strict=True):
-                x.add_(y, alpha=1.0 / len(batches))
-            am.add_(hm, alpha=1.0 / len(batches))
-    return acc
+    """Curvature times each vector, averaged over ``batches`` (one shared backward graph per batch): the
+    combined ``MaskedLoss.curvature_sum`` with ``scale`` = 1 / (number of batches, over all processes),
+    counted by a pass over ``batches`` when not given."""
+    scale = 1.0 / loss.count(batches)[1] if scale is None else scale
+    return loss.unpack(loss.combine(loss.curvature_sum(batches, vectors, curvature, scale)).result())
 
 
 #: weight-sized vectors one probe keeps alive while the influence score runs (its curvature product, the CG
@@ -55,14 +59,24 @@ class GradNormScore(MaskScorePass):
 
     defaults = {"weight_decay": 0.0}
 
-    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
-        acc = torch.zeros(loss.size, device=loss.device)
+    def statistics(self, loss: MaskedLoss, batches: Iterable[Batch]) -> Sum:
+        """``sum_b (n_b / N) site_reduce(H_b g_b)`` (each batch's own gradient); count: the samples."""
+        stat = Sum.zeros_like([torch.zeros(loss.size, device=loss.device)])
         zero_m = torch.zeros(loss.size, device=loss.device)
-        for b in self.bar(loss.batches(), "H g"):
+        for b in batches:
             gw, _ = loss.grad(b)
             ((hg, _),) = loss.hvp(b, [(gw, zero_m)])
-            acc += loss.site_reduce(hg) * (b.size / loss.calib.samples)
+            stat.update([loss.site_reduce(hg) * (b.size / loss.samples)], count=b.size)
+        return stat
+
+    def from_statistics(self, loss: MaskedLoss, stat: Sum) -> tuple[torch.Tensor, None]:
+        (acc,) = stat.result()
         return acc.abs(), None
+
+    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
+        return self.from_statistics(
+            loss, loss.combine(self.statistics(loss, self.bar(loss.batches(), "H g")))
+        )
 
 
 @register_score("sosp_h")
@@ -72,11 +86,22 @@ class SOSPHScore(MaskScorePass):
 
     defaults = {"weight_decay": 0.0}
 
-    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
-        (_, g), _ = self.mean_grad(loss)
+    def statistics(self, loss: MaskedLoss, batches: Iterable[Batch]) -> Joint:
+        """``Joint(gradient sum, Gauss-Newton product sum with (0, 1))``: two ``Sum`` over the same batches
+        (the mean gradient weighted by samples, the product by batches as the other curvature scores)."""
         ones = torch.ones(loss.size, device=loss.device)
-        ((_, g1),) = mask_products(loss, loss.batches(), [(loss.zeros_w(), ones)], "gn")
+        grad = loss.gradient_sum(batches, weights=False)
+        prod = loss.curvature_sum(batches, [(loss.zeros_w(), ones)], "gn", 1.0 / loss.n_batches)
+        return Joint(grad, prod)
+
+    def from_statistics(self, loss: MaskedLoss, stat: Joint) -> tuple[torch.Tensor, None]:
+        grad, prod = stat.parts
+        (g,) = grad.result()
+        ((_, g1),) = loss.unpack(prod.result())
         return (0.5 * g1 - g).abs(), None
+
+    def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:
+        return self.from_statistics(loss, loss.combine(self.statistics(loss, loss.batches())))
 
 
 @register_score("ifso_code")
@@ -91,7 +116,7 @@ class IFSOCodeScore(MaskScorePass):
         zero_m = torch.zeros(loss.size, device=loss.device)
         curv = str(self.options["curvature"])
         batches = loss.batches()
-        ((u, _),) = mask_products(loss, batches, [(loss.zeros_w(), ones)], curv)
+        ((u, _),) = mask_products(loss, batches, [(loss.zeros_w(), ones)], curv)  # each stage: a combined Sum
         ((_, a1),) = mask_products(loss, batches, [(u, zero_m)], curv)
         return a1.abs() / float(self.options["damping"]), None
 
@@ -134,8 +159,9 @@ class InfluenceScore(MaskScorePass):
 
     def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         opts = self.options
-        (_, g), _ = self.mean_grad(loss)
+        _, g = self.mean_grad(loss)
         batches = self.hessian_batches(loss)
+        scale = 1.0 / loss.count(batches)[1]
         curv = str(opts["curvature"])
         k = loss.size
         if opts["diag"] == "exact":
@@ -152,12 +178,12 @@ class InfluenceScore(MaskScorePass):
         chunk = probe_chunk(loss, float(opts["memory_gb"]))
         for start in self.bar(range(0, len(probes), chunk), "probes"):
             zs = probes[start : start + chunk]
-            prods = mask_products(loss, batches, [(loss.zeros_w(), z) for z in zs], curv)
+            prods = mask_products(loss, batches, [(loss.zeros_w(), z) for z in zs], curv, scale)
             samples_mm += [z * hm for z, (_, hm) in zip(zs, prods, strict=True)]
             if opts["retrained"]:
                 sols = loss.solve_ww([hw for hw, _ in prods], batches, curv, float(opts["damping"]),
                                      int(opts["cg_iters"]))  # fmt: skip
-                backs = mask_products(loss, batches, [(s, zero_m) for s in sols], curv)
+                backs = mask_products(loss, batches, [(s, zero_m) for s in sols], curv, scale)
                 samples_a += [z * am for z, (_, am) in zip(zs, backs, strict=True)]
         mm = torch.stack(samples_mm)
         a = torch.stack(samples_a) if samples_a else torch.zeros_like(mm)

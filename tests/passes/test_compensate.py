@@ -213,3 +213,75 @@ def test_newton_update_lowers_the_calibration_loss_it_models(cls: type[nn.Module
     after = _output_matching_loss(newton.graph_module, model, data)
     # measured on Classifier: 0.0636 -> 0.0085
     assert after < 0.5 * before, (before, after)
+
+
+# --- mergeable statistics: a split of the data, merged or all-reduced, compensates as the whole
+
+
+@pytest.fixture(scope="module")
+def split_setup():
+    """Classifier traced and grouped, a plan keeping every other channel of every group, and label-free
+    calibration data of three batches of different sizes: whole, and split into the first and the other two."""
+    from fxprune.passes.dependency import DependencyPass
+    from fxprune.passes.plan import build_plan
+
+    from fxprune.calib import make_calibration
+    from fxprune.trace import shape_propagate, trace
+
+    torch.manual_seed(0)
+    model = Classifier().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(n, 3, 12, 12, generator=g) for n in (8, 4, 6)]
+    gm = trace(model)
+    shape_propagate(gm, (data[0],))
+    groups = DependencyPass()(gm).groups
+    plan = build_plan(groups, {grp.id: tuple(range(0, grp.size, 2)) for grp in groups if grp.prunable})
+    whole = make_calibration(gm, (data[0],), data, None)
+    parts = [make_calibration(gm, (data[0],), d, None) for d in (data[:1], data[1:])]
+    return gm, groups, plan, whole, parts
+
+
+def test_consumer_statistics_of_a_split_merge_to_those_of_the_whole(split_setup) -> None:
+    """Per consumer, the input-row sums (float32: rtol 1e-5) and the lsq Gram matrices (float64: rtol 1e-10)
+    of two parts of the data, merged, are those of all of it, with the same row count."""
+    from fxprune.passes.compensate import _consumers, consumer_statistics
+
+    gm, groups, plan, whole, _ = split_setup
+    consumers, _ = _consumers(gm, plan, groups)
+    assert set(consumers) == {"b", "fc"}
+    batches = list(whole.batches)
+    a = consumer_statistics(gm, consumers, batches[:1], True, 65536)
+    b = consumer_statistics(gm, consumers, batches[1:], True, 65536)
+    full = consumer_statistics(gm, consumers, batches, True, 65536)
+    for key in consumers:
+        merged = a[key].merge(b[key])
+        assert merged.count == full[key].count == {"b": 18 * 144, "fc": 18}[key]
+        (s, gram), (s_full, gram_full) = merged.result(), full[key].result()
+        torch.testing.assert_close(s, s_full, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gram, gram_full, rtol=1e-10, atol=1e-10)
+        assert gram[-1, -1] == merged.count  # the constant row: its square summed is the row count
+
+
+@pytest.mark.parametrize("method", ["bias", "lsq", "newton"])
+def test_two_simulated_processes_compensate_as_the_whole_data(split_setup, method: str) -> None:
+    """Each "process" compensates with its own batches and ``reduce`` a summing all-reduce
+    (``test_stats.run_ranks``): both get the single-process overrides of all batches (rtol 1e-5; for newton
+    the same line-search step), and one part alone gets different ones."""
+    from fxprune.passes.compensate import compensate
+    from test_stats import run_ranks
+
+    gm, groups, plan, whole, parts = split_setup
+
+    def job(calib):
+        return lambda reduce: compensate(gm, groups, plan, calib, method, reduce=reduce)[1]
+
+    ranks = run_ranks([job(p) for p in parts])
+    want = compensate(gm, groups, plan, whole, method)[1]
+    alone = compensate(gm, groups, plan, parts[1], method)[1]
+    assert want.overrides and (method != "newton" or want.step)
+    assert any(not torch.allclose(alone.overrides[k], v, rtol=1e-4) for k, v in want.overrides.items())
+    for got in ranks:
+        assert got.step == want.step and got.skipped == want.skipped
+        assert list(got.overrides) == list(want.overrides)
+        for key, value in want.overrides.items():
+            torch.testing.assert_close(got.overrides[key], value, rtol=1e-5, atol=1e-6)

@@ -290,3 +290,127 @@ def test_magnitude_score_equals_brute_force(net: str) -> None:
         want = want / want.mean() if want.mean() > 0 else want
         np.testing.assert_allclose(got[g.id].mean, want, rtol=1e-5, atol=1e-7)
     assert checked > 0
+
+
+# --- mergeable statistics (passes/stats.py): a split of the data, merged or all-reduced, scores as the whole
+
+
+@pytest.fixture(scope="module")
+def split_setup():
+    """MaskNet with three batches of different sizes: the whole calibration, and a split into the first batch
+    and the other two (one calibration per simulated process)."""
+    torch.manual_seed(1)
+    model = MaskNet().double().eval()
+    g = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(n, 3, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g))
+               for n in (6, 4, 5)]  # fmt: skip
+    gm = trace(model, (), {"m1": None, "m2": None})
+    shape_propagate(gm, (batches[0][0],))
+    dep = DependencyPass()(gm)
+    whole = make_calibration(gm, (batches[0][0],), batches, None)
+    parts = [make_calibration(gm, (batches[0][0],), part, None) for part in (batches[:1], batches[1:])]
+    return gm, dep, whole, parts
+
+
+#: options that make every score deterministic and use every batch (influence: the exact diagonal)
+SPLIT_OPTIONS = {
+    "taylor": {},
+    "fisher": {"chunk": 4},
+    "inf_cp": {},
+    "grad_norm": {},
+    "sosp_h": {},
+    "ifso_code": {},
+    "influence": {"diag": "exact", "hessian_batches": None, "damping": 0.5, "cg_iters": 6},
+}
+
+
+def _flat(stat) -> list[torch.Tensor]:
+    from fxprune.passes.stats import Joint
+
+    return [t for p in stat.parts for t in _flat(p)] if isinstance(stat, Joint) else stat.tensors()
+
+
+def _scores(scores, dep) -> tuple[np.ndarray, np.ndarray | None]:
+    order = sorted((g for g in dep.groups if g.prunable), key=lambda g: g.id)
+    mean = np.concatenate([scores[g.id].mean for g in order])
+    spreads = [scores[g.id].spread for g in order]
+    return mean, None if spreads[0] is None else np.concatenate(spreads)
+
+
+@pytest.mark.parametrize("name", ["taylor", "fisher", "inf_cp", "grad_norm", "sosp_h"])
+def test_one_pass_score_statistics_of_a_split_merge_to_those_of_the_whole(split_setup, name: str) -> None:
+    """statistics(A).merge(statistics(B)) == statistics(A + B) (float64 sums of float32 mask gradients added
+    in another order: rtol 1e-6), and the score computed from the merged statistics is the whole-data score."""
+    from fxprune.passes.masking import MaskedLoss
+
+    gm, dep, whole, _ = split_setup
+    ctx = ScoreContext(whole, torch.device("cpu"))
+    score = get_score(name)(dep.groups, ctx, **SPLIT_OPTIONS[name])
+    ml = MaskedLoss(gm, dep.groups, whole, torch.device("cpu"))
+    batches = list(whole.batches)
+    merged = score.statistics(ml, batches[:1]).merge(score.statistics(ml, batches[1:]))
+    full = score.statistics(ml, batches)
+    flat_merged, flat_full = _flat(merged), _flat(full)
+    assert len(flat_merged) == len(flat_full)
+    for a, b in zip(flat_merged, flat_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    mean, spread = score.from_statistics(ml, merged)
+    want_mean, want_spread = _scores(get_score(name)(dep.groups, ctx, **SPLIT_OPTIONS[name])(gm), dep)
+    np.testing.assert_allclose(mean.double().numpy(), want_mean, rtol=1e-5, atol=1e-9)
+    assert np.abs(want_mean).max() > 0
+    if want_spread is not None:
+        assert spread is not None and np.abs(want_spread).max() > 0
+        np.testing.assert_allclose(spread.double().numpy(), want_spread, rtol=1e-5, atol=1e-9)
+
+
+def test_curvature_products_of_a_split_merge_to_those_of_the_whole(split_setup) -> None:
+    """The stage every second-order score and CG iteration is made of: ``MaskedLoss.curvature_sum``."""
+    from fxprune.passes.masking import MaskedLoss
+
+    gm, dep, whole, _ = split_setup
+    ml = MaskedLoss(gm, dep.groups, whole, torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    vectors = [([torch.randn(w.shape, generator=g, dtype=w.dtype) for w in ml.w0], torch.randn(ml.size, generator=g))
+               for _ in range(2)]  # fmt: skip
+    batches = list(whole.batches)
+    for curvature in ("hessian", "gn"):
+        a = ml.curvature_sum(batches[:1], vectors, curvature, 1 / 3)
+        b = ml.curvature_sum(batches[1:], vectors, curvature, 1 / 3)
+        full = ml.curvature_sum(batches, vectors, curvature, 1 / 3)
+        for x, y in zip(a.merge(b).result(), full.result(), strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-9)
+        assert a.merge(b).count == full.count == 3
+
+
+@pytest.mark.parametrize("name", list(SPLIT_OPTIONS))
+def test_two_simulated_processes_compute_the_whole_data_score(split_setup, name: str) -> None:
+    """Each "process" scores its own batches with ``ScoreContext.reduce`` a summing all-reduce
+    (``test_stats.run_ranks``): both get the single-process score of all batches (rtol 1e-5: the sums are
+    added in another order), including the multi-stage ``ifso_code`` and ``influence`` (CG)."""
+    from test_stats import run_ranks
+
+    from fxprune.trace import copy_graph_module
+
+    gm, dep, whole, parts = split_setup
+    opts = SPLIT_OPTIONS[name]
+
+    def job(calib):
+        def run_rank(reduce):
+            ctx = ScoreContext(calib, torch.device("cpu"), reduce=reduce)
+            return _scores(get_score(name)(dep.groups, ctx, **opts)(copy_graph_module(gm)), dep)
+
+        return run_rank
+
+    ranks = run_ranks([job(p) for p in parts])
+    want_mean, want_spread = _scores(
+        get_score(name)(dep.groups, ScoreContext(whole, torch.device("cpu")), **opts)(gm), dep
+    )
+    alone_mean, _ = _scores(
+        get_score(name)(dep.groups, ScoreContext(parts[0], torch.device("cpu")), **opts)(gm), dep
+    )
+    assert not np.allclose(alone_mean, want_mean, rtol=1e-3)  # one process's batches alone score differently
+    for mean, spread in ranks:
+        np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-9)
+        if want_spread is not None:
+            np.testing.assert_allclose(spread, want_spread, rtol=1e-5, atol=1e-9)
+    np.testing.assert_array_equal(ranks[0][0], ranks[1][0])  # the processes agree exactly
