@@ -94,7 +94,7 @@ def _consumers(gm: fx.GraphModule, plan: PrunePlan, groups: Sequence[ChannelGrou
                 skipped[key] = f"weight {s.param} is not the module's own"
                 continue
             dim, kept = plan.inputs[s.param]
-            n = mod.weight.shape[dim]
+            n = _weight(mod).shape[dim]
             keep = torch.zeros(n, dtype=torch.bool)
             keep[list(kept)] = True
             out[key] = _Consumer(node, mod, (~keep).nonzero().flatten(), keep.nonzero().flatten())

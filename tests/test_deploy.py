@@ -62,7 +62,6 @@ def test_save_writes_the_onnx_model_verification_checked(
     """save's model.onnx comes from the exporter that verification reported: fxprune's writer, or torch's
     exporter when the writer's model failed the check (here a deliberately broken ReLU rule)."""
     import onnx
-
     from fxprune.passes import op_table
     from fxprune.passes.onnx_translate import unary
 

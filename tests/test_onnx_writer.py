@@ -24,14 +24,14 @@ import torch.nn.functional as F
 import torchvision
 from conftest import randomize_norms
 from fxprune.models_zoo.toy import ResidualNet
+from fxprune.passes import op_table
+from fxprune.passes.onnx_translate import unary
 from torch import nn
 from torchvision.ops import StochasticDepth
 
 import fxprune
 from fxprune import onnx_writer
 from fxprune.onnx_writer import Unsupported, write_onnx
-from fxprune.passes import op_table
-from fxprune.passes.onnx_translate import unary
 from fxprune.trace import shape_propagate, trace
 from fxprune.verify import export_onnx, flatten_outputs, ort_session, verify_onnx
 
