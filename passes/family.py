@@ -21,8 +21,9 @@ How to add an op
    ``AttrFix``) when the module has size attributes (``out_channels``, ``num_heads``) that must follow its
    sliced parameters; ``onnx`` (``fxprune.passes.onnx_translate``) to let the direct ONNX writer emit it
    (else the writer falls back to torch's exporter); ``compensation`` when compensation may rewrite it.
-3. One test: a tiny model using the op, compiled, with ``assert_masked_equivalent`` (and a case in
-   ``tests/test_onnx_writer.py`` when it has a translation: every translation needs one).
+3. One test (``tests/passes/test_op_rules.py``): a tiny model using the op, compiled, with
+   ``assert_masked_equivalent`` (and a case in ``tests/test_onnx_writer.py`` when it has a translation:
+   ``test_every_rule_is_exercised`` checks every translation has one).
 
 Lookup follows the MRO
 ----------------------
@@ -39,7 +40,10 @@ The tracer is not changed by the table: torch.fx traces into every module outsid
 subclass, overriding or not), so its computation appears as the functional calls its ``forward`` makes
 (``F.conv2d`` on its ``get_attr`` weight), which have their own entries; nothing is lost and an override is
 followed exactly. A subclass is a leaf only when the user asks (``leaf_modules=``): then it gets the
-parent's entry by the rule above. Attribute fixes follow ``isinstance`` whatever ``forward`` does
+parent's entry by the rule above. (Making every subclass that keeps ``forward`` a leaf was rejected: the
+core tracer would have to see the table, which lives a layer above it; the traced graphs of existing
+models would change; and a helper the check cannot see, e.g. a method ``forward`` reaches through another
+object, would be silently skipped, while tracing follows whatever the code does.) Attribute fixes follow ``isinstance`` whatever ``forward`` does
 (``OpTable.attr_fix``): they describe the parameters, which a subclass shares, and a traced subclass's
 parameters are sliced through its functional calls.
 """
@@ -190,7 +194,8 @@ def _describe(key: Any) -> str:
 class OpTable:
     """The entries of an explicit tuple of families; lookups by node, module, function or method name.
 
-    Two families giving the same key is a ``ValueError``: which one wins would depend on their order.
+    Two families giving the same key (or expanding the same call) is a ``ValueError``: which one wins would
+    depend on their order.
     """
 
     def __init__(self, families: Sequence[OpFamily]) -> None:
@@ -203,7 +208,10 @@ class OpTable:
                 if key in owner:
                     raise ValueError(f"{_describe(key)} is in families {owner[key]} and {fam.name}")
                 owner[key], entries[key] = fam.name, entry
-            expansions.update(fam.expansions)
+            for target, expand in fam.expansions.items():
+                if target in expansions:
+                    raise ValueError(f"two families expand {_describe(target)} (the second: {fam.name})")
+                expansions[target] = expand
         self._entries: Mapping[Any, OpEntry] = MappingProxyType(entries)
         self._owner = owner
         self.expansions: Mapping[Any, Expansion] = MappingProxyType(expansions)

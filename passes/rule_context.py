@@ -167,7 +167,7 @@ class RuleContext:
 
         When the node's output feeds attention heads (``Analysis.units``: the head dim ``u``), the space
         is ``length / u`` channels of ``u`` consecutive positions each: one channel per head, so whole
-        heads are the unit of pruning (``op_rules.attention_units``).
+        heads are the unit of pruning (``ops_attention.attention_units``).
         """
         u = self._a.units.get(self.node, 1)
         if u > 1 and length % u == 0:

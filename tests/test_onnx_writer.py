@@ -1,6 +1,6 @@
 """fxprune's direct fx -> ONNX writer (``fxprune.onnx_writer``), op by op against eager in ONNX Runtime.
 
-Every rule of ``_MODULES``, ``_FUNCTIONS`` and ``_FOREIGN`` is exercised by some case of ``CASES`` (checked
+Every ONNX translation of the default op table (``OpEntry.onnx``) is exercised by some case of ``CASES`` (checked
 by ``test_every_rule_is_exercised``), with the non-default arguments the writer reads. Each case is traced,
 written, run in ONNX Runtime with graph optimisations off (``"none"``: the nodes as written) and at the
 deployed level (``"all"``: fusions and layout transformations), and compared with ``gm(*example)``.
