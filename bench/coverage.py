@@ -324,7 +324,7 @@ PRELOAD = [
     "onnxruntime",
     "torch_pruning",
     "fxprune",
-    "fxprune.passes.op_rules",
+    "fxprune.passes.op_table",
 ]
 _CONTEXT: Any = None
 

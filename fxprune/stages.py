@@ -22,7 +22,9 @@ result      (every field above)                                 result
 ==========  ==================================================  =========================================
 
 ``COMPILE`` is ``fxprune.compile``; ``ANALYSE`` (prepare, trace, dependency) is ``dependency_graph`` and
-``inspect``; ``fxprune.deploy.apply_plan`` runs ``ANALYSE`` then its own plan stage and the rewrite. A
+``inspect``; ``fxprune.deploy.apply_plan`` runs ``ANALYSE`` then its own plan stage and the rewrite.
+``compile_pipeline(table)`` builds ``COMPILE`` with another op table (``fxprune.passes.family.OpTable``)
+in every stage that reads op rules. A
 different capture front end is a stage that provides ``gm`` (a GraphModule with shapes propagated and
 ``gm.meta[META_OUTPUT]``) in place of ``trace``; a different selection (a latency cost, a saved plan) is
 a stage that provides ``kept``, ``indices`` and ``plan``; ``compile(..., pipeline=COMPILE.replace(...))``
@@ -51,14 +53,15 @@ from fxprune.data import (
 )
 from fxprune.errors import InputError, TargetError, TraceError, VerificationError, warn
 from fxprune.inputs import check_runs, clones, count_params, prepare
+from fxprune.passes import op_table
 from fxprune.passes.canonical import CanonicalizePass
 from fxprune.passes.compensate import COMPENSATIONS, Compensation, compensate
 from fxprune.passes.cost import CostModel, CostPass
 from fxprune.passes.dependency import DependencyPass, DependencyResult
+from fxprune.passes.family import OpTable
 from fxprune.passes.masking import default_device
 from fxprune.passes.plan import Indices, build_plan, param_indices
 from fxprune.passes.rewrite import RewritePass
-from fxprune.passes.rules_swin import EXPANSIONS
 from fxprune.passes.score import AUTO, GroupScore, ScoreContext, auto_score, get_score
 from fxprune.pipeline import UNSET, Pipeline, PipelineState, Stage
 from fxprune.select import resolve_target, select
@@ -86,6 +89,7 @@ __all__ = [
     "Select",
     "Trace",
     "Verify",
+    "compile_pipeline",
     "graph_flops",
     "inplace_nodes",
 ]
@@ -164,6 +168,18 @@ def graph_flops(gm: fx.GraphModule) -> int:
     return sum(int(n.meta.get(META_FLOPS, 0)) for n in gm.graph.nodes)
 
 
+class _TableStage(Stage[CompileState]):
+    """A stage that reads the op table (``fxprune.passes.op_table``): the one it was built with, or the
+    default table at run time."""
+
+    def __init__(self, table: OpTable | None = None) -> None:
+        self.table = table
+
+    @property
+    def ops(self) -> OpTable:
+        return self.table if self.table is not None else op_table.DEFAULT_TABLE
+
+
 class Prepare(Stage[CompileState]):
     """Check the model and example and take private copies (``fxprune.inputs.prepare``)."""
 
@@ -221,7 +237,7 @@ class Calibrate(Stage[CompileState]):
         state.calib, state.score_name = calib, score
 
 
-class Trace(Stage[CompileState]):
+class Trace(_TableStage):
     """torch.fx capture (``fxprune.trace.trace``), attention canonicalisation, and one counted run that
     records shapes, FLOPs and the output structure. A graph that fails on an example the model itself
     rejects is an ``InputError`` about the example, not a ``TraceError``."""
@@ -232,7 +248,7 @@ class Trace(Stage[CompileState]):
 
     def run(self, state: CompileState) -> None:
         o, example = state.options, state.example
-        gm = trace(state.work, o.leaf_modules, o.concrete_args, EXPANSIONS)
+        gm = trace(state.work, o.leaf_modules, o.concrete_args, self.ops.expansions)
         try:
             if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
                 shape_propagate(gm, example, count_flops=False)  # the decomposition needs the input ranks
@@ -244,7 +260,7 @@ class Trace(Stage[CompileState]):
         state.gm = gm
 
 
-class Dependency(Stage[CompileState]):
+class Dependency(_TableStage):
     """Channel groups (``fxprune.passes.dependency``)."""
 
     name = "dependency"
@@ -252,7 +268,7 @@ class Dependency(Stage[CompileState]):
     provides = ("dep",)
 
     def run(self, state: CompileState) -> None:
-        state.dep = DependencyPass(strict=state.options.strict)(state.gm)
+        state.dep = DependencyPass(strict=state.options.strict, table=self.ops)(state.gm)
 
 
 class Cost(Stage[CompileState]):
@@ -306,7 +322,7 @@ class Select(Stage[CompileState]):
         _warn_few_channels(state.dep, chosen.kept)
 
 
-class Compensate(Stage[CompileState]):
+class Compensate(_TableStage):
     """Fold what the removed channels carried into the kept weights (``fxprune.passes.compensate``);
     ``source`` is the graph the rewrite slices (``gm`` itself when nothing is compensated)."""
 
@@ -323,11 +339,11 @@ class Compensate(Stage[CompileState]):
         with _autograd_errors(state.gm, f"compensate={state.method!r}"):
             state.source, state.compensation = compensate(
                 state.gm, state.dep.groups, state.plan, state.calib, state.method, device=state.device,
-                newton_options=dict(o.score_options), progress=o.progress,
+                newton_options=dict(o.score_options), progress=o.progress, table=self.ops,
             )  # fmt: skip
 
 
-class Rewrite(Stage[CompileState]):
+class Rewrite(_TableStage):
     """The new, smaller GraphModule (``fxprune.passes.rewrite``); a copy when nothing is pruned."""
 
     name = "rewrite"
@@ -339,7 +355,7 @@ class Rewrite(Stage[CompileState]):
             state.pruned = copy_graph_module(state.gm)
             drop_metadata(state.pruned)  # as the rewrite does: measure writes fresh shapes and FLOPs
             return
-        state.pruned = RewritePass(state.dep.groups, state.kept, state.indices)(state.source)
+        state.pruned = RewritePass(state.dep.groups, state.kept, state.indices, table=self.ops)(state.source)
 
 
 class Measure(Stage[CompileState]):
@@ -356,7 +372,7 @@ class Measure(Stage[CompileState]):
         state.changed = output_differences(state.gm.meta[META_OUTPUT], output_signature(state.eager))
 
 
-class Verify(Stage[CompileState]):
+class Verify(_TableStage):
     """With ``options.verify``: the output structure against the user's model itself (not only its trace),
     then ONNX Runtime against eager (``fxprune.verify.verify_onnx``)."""
 
@@ -377,7 +393,7 @@ class Verify(Stage[CompileState]):
             on_cpu = all(t.device.type == "cpu" for t in example)
             state.verification = verify_onnx(
                 state.pruned, example, state.gm, rtol=o.rtol, latency_runs=o.latency_runs,
-                eager_outputs=state.eager if on_cpu else None, shapes_propagated=True,
+                eager_outputs=state.eager if on_cpu else None, shapes_propagated=True, table=self.ops,
             )  # fmt: skip
 
 
@@ -427,12 +443,19 @@ class Result(Stage[CompileState]):
             raise VerificationError(message, result=result)
 
 
+def compile_pipeline(table: OpTable | None = None) -> Pipeline[CompileState]:
+    """``fxprune.compile``'s pipeline; its stages that read op rules (trace expansions, dependency,
+    compensation roles, rewrite attribute fixes, ONNX translations) use ``table`` (default: the default
+    op table, ``fxprune.passes.op_table.DEFAULT_TABLE``)."""
+    return Pipeline(
+        (Prepare(), Options(), Calibrate(), Trace(table), Dependency(table), Cost(), Score(), Select(),
+         Compensate(table), Rewrite(table), Measure(), Verify(table), Result()),
+        INPUTS,
+    )  # fmt: skip
+
+
 #: ``fxprune.compile``
-COMPILE: Pipeline[CompileState] = Pipeline(
-    (Prepare(), Options(), Calibrate(), Trace(), Dependency(), Cost(), Score(), Select(), Compensate(),
-     Rewrite(), Measure(), Verify(), Result()),
-    INPUTS,
-)  # fmt: skip
+COMPILE: Pipeline[CompileState] = compile_pipeline()
 
 #: ``dependency_graph`` and ``inspect``: the channel groups of a model, nothing pruned
 ANALYSE: Pipeline[CompileState] = Pipeline((Prepare(), Trace(), Dependency()), INPUTS)

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 #: How ``trace`` replaces an opaque library call (a ``torch.fx.wrap``-ped function) by an equivalent sequence
 #: of calls with op rules: ``expand(graph, node)`` inserts the calls before ``node`` and returns the node
-#: that replaces it. Tables of them (``target -> expand``) live with the op rules
-#: (``fxprune.passes.rules_swin.EXPANSIONS``) and are passed to ``trace`` by its caller.
+#: that replaces it. Tables of them (``target -> expand``) live with the op families (``OpTable.expansions``,
+#: e.g. ``fxprune.passes.ops_swin.EXPANSIONS``) and are passed to ``trace`` by its caller.
 Expansion = Callable[[fx.Graph, fx.Node], fx.Node]
 
 _OWN_DIR = os.path.dirname(__file__)
@@ -86,7 +86,7 @@ class _Tracer(fx.Tracer):
         ``OrderedDict`` (torchvision's segmentation models) would return a ``dict`` once traced. Such a
         container becomes a call of its class on the plain container (``OrderedDict({'out': x})``) when
         the class rebuilds one that way, else on its dataclass fields as keywords (as torch.fx does for
-        other dataclasses); the op rules pin what flows into it (``op_rules``: containers). A subclass that
+        other dataclasses); the op rules pin what flows into it (``ops_graph``: containers). A subclass that
         neither rebuilds is a ``TraceError``: returning it as a plain container would change the output.
         """
         cls = type(a)

@@ -18,6 +18,7 @@ import torch
 from fxprune.data import PrunePlan, flatten_structure
 from fxprune.errors import ExportError, InputError
 from fxprune.onnx_writer import Unsupported, write_onnx
+from fxprune.passes.family import OpTable
 from fxprune.trace import detached_caches, fold_parametrizations, is_container_call, mha_slow_path
 
 __all__ = ["Verification", "export_onnx", "flatten_outputs", "masked_model", "ort_session", "verify_onnx"]
@@ -50,7 +51,12 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
 
 
 def export_onnx(
-    model: torch.nn.Module, example: tuple[torch.Tensor, ...], opset: int = 18, exporter: str = "auto"
+    model: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    opset: int = 18,
+    exporter: str = "auto",
+    *,
+    table: OpTable | None = None,
 ) -> tuple[bytes, str]:
     """``model`` as a self-contained ONNX model, and the name of the exporter that wrote it.
 
@@ -66,7 +72,7 @@ def export_onnx(
         raise InputError(f"exporter={exporter!r}: choose auto, fxprune, torchscript or dynamo")
     if exporter in ("auto", "fxprune") and isinstance(model, torch.fx.GraphModule) and opset == 18:
         try:
-            return write_onnx(model, example)[0], "fxprune"
+            return write_onnx(model, example, table=table)[0], "fxprune"
         except Unsupported as exc:
             log.debug("fxprune's ONNX writer falls back to torch's exporter: %s", exc)
     flat = _FlatOutputs(model) if _containers_in_output(model) else model
@@ -205,6 +211,7 @@ def verify_onnx(
     latency_runs: int = 10,
     eager_outputs: Any = None,
     shapes_propagated: bool = False,
+    table: OpTable | None = None,
 ) -> Verification:
     """Export ``pruned`` to ONNX, run it in ONNX Runtime, compare with eager; time original and pruned.
 
@@ -228,7 +235,9 @@ def verify_onnx(
     outcome = None
     if isinstance(pruned, torch.fx.GraphModule) and opset == 18:
         try:
-            blob, externals = write_onnx(pruned, None if shapes_propagated else example, external=True)
+            blob, externals = write_onnx(
+                pruned, None if shapes_propagated else example, external=True, table=table
+            )
             sess = ort_session(blob, "basic", externals, threads=torch.get_num_threads())
             abs_err, scale, why = _compare(_ort_run(sess, example), ref)
             if why is None and abs_err <= rtol * max(scale, 1e-12):
@@ -263,7 +272,9 @@ def verify_onnx(
     if original is not None and latency_runs:
         try:
             ms_before = _latency_ms(
-                ort_session(export_onnx(original.cpu(), example, opset)[0]), example, latency_runs
+                ort_session(export_onnx(original.cpu(), example, opset, table=table)[0]),
+                example,
+                latency_runs,
             )
         except Exception as exc:  # the original may use ops the exporter lacks; that is not our failure
             log.warning("could not time the original model in ONNX Runtime: %s", exc)

@@ -13,7 +13,7 @@ used) into the ops it computes::
     out = out_proj(o)
 
 so the general rules apply: the linear's rows and the out projection's columns follow the heads
-(``op_rules.attention_units`` makes one channel per head), the head split is a reshape whose literal ``H``
+(``ops_attention.attention_units`` makes one channel per head), the head split is a reshape whose literal ``H``
 follows the kept heads, and ``E`` (the residual width) is an ordinary consumer dimension. Parameters keep
 their names (``<mha>.in_proj_weight``, ``<mha>.out_proj.weight``), so plans, the masked oracle and
 compensation address the user's model unchanged; the module object stays in the tree, holding them.

@@ -32,6 +32,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from fxprune.passes import op_table
+from fxprune.passes.family import CompensationRole, OpTable
 from fxprune.passes.masking import progress as show_progress
 from fxprune.passes.stats import Reduce, Sum
 
@@ -65,9 +67,11 @@ class _Consumer:
     kept: torch.Tensor
 
 
-def _consumers(gm: fx.GraphModule, plan: PrunePlan, groups: Sequence[ChannelGroup]) -> tuple[
+def find_consumers(gm: fx.GraphModule, plan: PrunePlan, groups: Sequence[ChannelGroup], table: OpTable) -> tuple[
     dict[str, _Consumer], dict[str, str]
 ]:  # fmt: skip
+    """The module calls whose removed input columns compensation may fold or refit: the ``COLUMNS`` role
+    of ``table`` (conv and linear modules), and the ones it must skip, with the reason."""
     by_name = {n.name: n for n in gm.graph.nodes}
     pruned = {g.id for g in groups if g.id in plan.kept}
     out: dict[str, _Consumer] = {}
@@ -83,7 +87,7 @@ def _consumers(gm: fx.GraphModule, plan: PrunePlan, groups: Sequence[ChannelGrou
             if key in out or key in skipped:
                 continue
             mod = gm.get_submodule(key) if node.op == "call_module" else None
-            if not isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if mod is None or table.compensation_role(mod) is not CompensationRole.COLUMNS:
                 skipped[s.node] = "not an nn.Linear/nn.ConvNd module call"
                 continue
             if isinstance(mod, nn.modules.conv._ConvNd) and (mod.groups != 1 or mod.padding_mode != "zeros"):
@@ -93,7 +97,7 @@ def _consumers(gm: fx.GraphModule, plan: PrunePlan, groups: Sequence[ChannelGrou
                 skipped[key] = f"weight {s.param} is not the module's own"
                 continue
             dim, kept = plan.inputs[s.param]
-            n = mod.weight.shape[dim]
+            n = _weight(mod).shape[dim]
             keep = torch.zeros(n, dtype=torch.bool)
             keep[list(kept)] = True
             out[key] = _Consumer(node, mod, (~keep).nonzero().flatten(), keep.nonzero().flatten())
@@ -152,14 +156,16 @@ def consumer_statistics(gm: fx.GraphModule, consumers: Mapping[str, _Consumer], 
     return stats
 
 
-def _bias_target(gm: fx.GraphModule, c: _Consumer) -> tuple[str, float] | None:
-    """Where a shift of the consumer's output goes: its bias (+1) or the following BatchNorm's mean (-1)."""
+def _bias_target(gm: fx.GraphModule, c: _Consumer, table: OpTable) -> tuple[str, float] | None:
+    """Where a shift of the consumer's output goes: its bias (+1) or the following BatchNorm's mean (-1):
+    a module of role ``RUNNING_MEAN`` in ``table``."""
     if c.module.bias is not None:  # type: ignore[union-attr]
         return f"{c.node.target}.bias", 1.0
     users = list(c.node.users)
     if len(users) == 1 and users[0].op == "call_module":
         bn = gm.get_submodule(str(users[0].target))
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
+        running_mean = getattr(bn, "running_mean", None)
+        if table.compensation_role(bn) is CompensationRole.RUNNING_MEAN and running_mean is not None:
             return f"{users[0].target}.running_mean", -1.0
     return None
 
@@ -188,6 +194,7 @@ def compensate(
     newton_options: Mapping[str, object] | None = None,
     progress: bool = False,
     reduce: Reduce | None = None,
+    table: OpTable | None = None,
 ) -> tuple[fx.GraphModule, Compensation]:
     """A copy of ``gm`` with compensated weights, and the record of what changed (``gm`` is untouched).
 
@@ -195,7 +202,10 @@ def compensate(
     ``reduce``: ``None`` in one process; in a distributed run (each process with its own ``calib``) the
     summing all-reduce (``torch.distributed.all_reduce``) applied to every statistic, so every process
     computes the compensation of all batches (each must call every consumer at least once).
+    ``table``: whose compensation roles say which modules are consumers and which take a shift (None:
+    ``op_table.DEFAULT_TABLE``).
     """
+    table = table if table is not None else op_table.DEFAULT_TABLE
     if method not in COMPENSATIONS:
         raise InputError(f"compensate={method!r}: choose one of {', '.join(COMPENSATIONS)}")
     new = copy_graph_module(gm)
@@ -205,7 +215,7 @@ def compensate(
     if method == "newton":
         return _newton(new, groups, plan, calib, device or torch.device("cpu"), damping, newton_options or {},
                        reduce)  # fmt: skip
-    consumers, result.skipped = _consumers(new, plan, groups)
+    consumers, result.skipped = find_consumers(new, plan, groups, table)
     batches = show_progress(calib.batches, progress, f"compensate {method}: batch")
     stats = consumer_statistics(new, consumers, batches, method == "lsq", max_rows)
     if reduce is not None:
@@ -216,7 +226,7 @@ def compensate(
         if stat.count == 0 or stat.empty:
             result.skipped[key] = "never called on the calibration data"
             continue
-        target = _bias_target(new, c)
+        target = _bias_target(new, c, table)
         if target is None:
             result.skipped[key] = "no bias and no BatchNorm right after it to fold a shift into"
             continue

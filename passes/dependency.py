@@ -3,7 +3,8 @@
 Each node's output is described by an *info*: ``Tracked(dim, segs)`` for a tensor dimension carrying
 channel spaces, ``ParamRef(name)`` for a parameter read by ``get_attr`` (``ParamView`` once broadcast by
 ``expand``), a tuple of infos for tuple/list
-outputs, or None (no prunable channels flow there). Op rules (``op_rules``) compute a node's info from its
+outputs, or None (no prunable channels flow there). Op rules (the ``OpEntry.rule`` of each op in an op
+table, ``fxprune.passes.family``; ``op_table.DEFAULT_TABLE`` by default) compute a node's info from its
 inputs' infos, unify spaces that must match, record which parameter slices a space cuts (*claims*), which
 channel dims scale the node's FLOPs, and which literal arguments depend on channel counts. An op without a
 rule pins every space it reads, with the reason, so a missing rule costs prunability, never correctness.
@@ -22,8 +23,10 @@ from typing import Any
 import networkx as nx
 import torch
 import torch.fx as fx
-from fxprune.passes import op_rules
+from fxprune.passes import op_table
 from fxprune.passes.base import AnalysisPass
+from fxprune.passes.family import OpTable
+from fxprune.passes.ops_attention import attention_units
 from fxprune.passes.rule_context import (
     Analysis,
     ParamRef,
@@ -89,20 +92,27 @@ class DependencyResult:
 
 
 class DependencyPass(AnalysisPass[DependencyResult]):
-    """Builds channel groups with the op rule table (``fxprune.passes.op_rules``)."""
+    """Builds channel groups with the rules of an op table (``table``; None: ``op_table.DEFAULT_TABLE`` as
+    it is when the pass runs)."""
 
-    def __init__(self, strict: bool = False) -> None:
+    def __init__(self, strict: bool = False, table: OpTable | None = None) -> None:
         self.strict = strict
+        self.table = table
 
     def run(self, gm: fx.GraphModule) -> DependencyResult:
+        table = self.table if self.table is not None else op_table.DEFAULT_TABLE
         a = Analysis(gm, self.strict)
-        a.units = op_rules.attention_units(gm)
+        a.units = attention_units(gm)
         modules = dict(gm.named_modules())
         for node in gm.graph.nodes:
             module = modules.get(node.target) if node.op == "call_module" else None
             ctx = RuleContext(a, node, module)
-            rule = op_rules.lookup(node, module)
-            a.env[node] = _no_rule(ctx, self.strict) if rule is None else rule(ctx)
+            entry = table.node_entry(node, module)
+            if entry is None:
+                why = table.module_override(module) if module is not None else None
+                a.env[node] = _no_rule(ctx, self.strict, why)
+            else:
+                a.env[node] = entry.rule(ctx)
             if not ctx.sizes_handled:
                 for arg in flat_args(node):
                     info = ctx.info(arg)
@@ -189,14 +199,17 @@ def describe_target(node: fx.Node, module: torch.nn.Module | None) -> str:
     return f"{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', str(t))}".lstrip(".")
 
 
-def _no_rule(ctx: RuleContext, strict: bool) -> Any:
+def _no_rule(ctx: RuleContext, strict: bool, why: str | None = None) -> Any:
+    """Pin what the node reads (``strict``: raise when it reads channels). ``why``: the reason a module whose
+    base class has an entry does not get it (``OpTable.module_override``)."""
     touches = any(ctx.tracked(x) is not None for x in flat_args(ctx.node))
+    what = describe_target(ctx.node, ctx.module) + (f": {why}" if why else "")
     if touches and strict:
         raise UnsupportedOpError(
-            f"no channel rule for {describe_target(ctx.node, ctx.module)} at node {ctx.node.format_node()}; "
-            "use strict=False to pin its channels instead, or register a rule in fxprune.passes.op_rules"
+            f"no channel rule for {what} at node {ctx.node.format_node()}; use strict=False to pin its "
+            "channels instead, or add an entry to an op family (fxprune.passes.family)"
         )
-    ctx.pin_inputs(f"no rule for {describe_target(ctx.node, ctx.module)}")
+    ctx.pin_inputs(f"no rule for {what}")
     return None
 
 

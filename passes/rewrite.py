@@ -2,20 +2,23 @@
 
 The only pass that changes weights or structure. It deep-copies its input, slices every parameter/buffer
 dimension that a pruned group indexes (``Site``), updates module attributes (``out_channels``, ``groups``,
-``num_features``...) from the new parameter shapes, rewrites literal arguments recorded by the op rules
-(``LiteralFix``), then lints and recompiles.
+``num_features``...) from the new parameter shapes (each module's ``AttrFix`` in the op table,
+``fxprune.passes.family``), rewrites literal arguments recorded by the op rules (``LiteralFix``), then lints
+and recompiles.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from fxprune.passes import op_table
 from fxprune.passes.base import TransformPass
+from fxprune.passes.family import OpTable
 from fxprune.passes.plan import Indices, build_plan, param_indices
 
 from fxprune.data import META_LITERALS, ChannelGroup, drop_metadata
@@ -25,74 +28,21 @@ from fxprune.trace import copy_graph_module
 __all__ = ["RewritePass", "build_plan", "param_indices"]
 
 
-def _fix_conv(m: nn.Module, before: dict[str, int]) -> None:
-    assert isinstance(m, nn.modules.conv._ConvNd)
-    c_out = m.weight.shape[0]
-    if before["groups"] > 1 and before["in_channels"] == before["groups"]:  # depthwise
-        m.groups = c_out // (before["out_channels"] // before["groups"])
-        m.in_channels = m.groups
-    else:
-        m.in_channels = m.weight.shape[1] * m.groups
-    m.out_channels = c_out
-
-
-def _fix_linear(m: nn.Module, before: dict[str, int]) -> None:
-    assert isinstance(m, nn.Linear)
-    m.out_features, m.in_features = m.weight.shape
-
-
-def _fix_norm(m: nn.Module, before: dict[str, int]) -> None:
-    t = m.weight if getattr(m, "weight", None) is not None else m.running_mean
-    if t is not None:
-        m.num_features = int(t.shape[0])  # type: ignore[index,assignment,union-attr]
-
-
-def _fix_layer_norm(m: nn.Module, before: dict[str, int]) -> None:
-    assert isinstance(m, nn.LayerNorm)
-    if m.weight is not None:
-        m.normalized_shape = tuple(m.weight.shape)
-
-
-def _fix_group_norm(m: nn.Module, before: dict[str, int]) -> None:
-    """One-channel groups lose whole groups; wider groups keep ``num_groups`` and lose the same slots in
-    every group (``op_rules._group_norm``)."""
-    assert isinstance(m, nn.GroupNorm)
-    if m.weight is not None:
-        m.num_channels = int(m.weight.shape[0])
-        if before["num_groups"] == before["num_channels"]:
-            m.num_groups = m.num_channels
-
-
-def _fix_mha(m: nn.Module, before: dict[str, int]) -> None:
-    """An ``nn.MultiheadAttention`` decomposed by ``CanonicalizePass``: the graph reads its parameters
-    directly; its attributes are kept truthful for people (whole heads go, ``head_dim`` stays)."""
-    assert isinstance(m, nn.MultiheadAttention)
-    if m.in_proj_weight is not None:
-        m.embed_dim = m.kdim = m.vdim = int(m.in_proj_weight.shape[1])
-        m.num_heads = int(m.in_proj_weight.shape[0]) // 3 // m.head_dim
-
-
-#: module type -> (attributes to remember before slicing, function that fixes them after)
-_ATTR_FIXES: dict[type, tuple[tuple[str, ...], Callable[[nn.Module, dict[str, int]], None]]] = {
-    nn.modules.conv._ConvNd: (("in_channels", "out_channels", "groups"), _fix_conv),
-    nn.Linear: ((), _fix_linear),
-    nn.modules.batchnorm._NormBase: ((), _fix_norm),
-    nn.LayerNorm: ((), _fix_layer_norm),
-    nn.GroupNorm: (("num_groups", "num_channels"), _fix_group_norm),
-    nn.MultiheadAttention: ((), _fix_mha),
-}
-
-
 class RewritePass(TransformPass):
+    """Slices the pruned channels out of a copy of the graph. ``table``: the op table whose attribute fixes
+    apply (None: ``op_table.DEFAULT_TABLE`` as it is when the pass runs)."""
+
     def __init__(
         self,
         groups: Sequence[ChannelGroup],
         kept: Mapping[int, tuple[int, ...]],
         indices: Indices | None = None,
+        table: OpTable | None = None,
     ) -> None:
         self.groups = list(groups)
         self.kept = dict(kept)
         self.indices = indices
+        self.table = table
 
     def run(self, gm: fx.GraphModule) -> fx.GraphModule:
         indices = param_indices(self.groups, self.kept) if self.indices is None else self.indices
@@ -100,11 +50,12 @@ class RewritePass(TransformPass):
         slice_in_copy = new is None  # a sliced tensor is not a registered parameter/buffer of its owner
         if new is None:
             new = copy_graph_module(gm)
+        table = self.table if self.table is not None else op_table.DEFAULT_TABLE
         remembered: dict[str, dict[str, int]] = {}
         for name, m in new.named_modules():
-            for typ, (attrs, _) in _ATTR_FIXES.items():
-                if isinstance(m, typ):
-                    remembered[name] = {a: int(getattr(m, a)) for a in attrs}
+            fix = table.attr_fix(m)
+            if fix is not None:
+                remembered[name] = {a: int(getattr(m, a)) for a in fix.remember}
         if slice_in_copy:
             with torch.no_grad():
                 for (param, dim), (index, length) in indices.items():
@@ -118,9 +69,9 @@ class RewritePass(TransformPass):
                     touched.add(owner_name)
         for name in touched:
             m = new.get_submodule(name)
-            for typ, (_, fix) in _ATTR_FIXES.items():
-                if isinstance(m, typ):
-                    fix(m, remembered.get(name, {}))
+            fix = table.attr_fix(m)
+            if fix is not None:
+                fix.fix(m, remembered.get(name, {}))
         sizes = {g.id: len(self.kept[g.id]) if g.id in self.kept else g.size for g in self.groups}
         for node in new.graph.nodes:
             for fix in node.meta.get(META_LITERALS, ()):

@@ -1,8 +1,9 @@
 """What an op rule sees and records: ``RuleContext`` over the state of one dependency analysis.
 
 The infos rules compute for a node's output (``Tracked``, ``SizeOf``, ``ParamRef``, ``ParamView``, tuples of
-them, None) are described in ``fxprune.passes.dependency``, which runs the rules (``fxprune.passes.op_rules``)
-over a graph and turns the ``Analysis`` they fill into channel groups.
+them, None) are described in ``fxprune.passes.dependency``, which runs the rules (``OpEntry.rule`` of ``fxprune.passes.family``)
+over a graph and turns the ``Analysis`` they fill into channel groups. The helpers at the end are shared by
+the op families (``fxprune.passes.ops_*``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.fx as fx
 from fxprune.passes.spaces import Seg, SpaceTable
 
-from fxprune.data import META_VALUE
+from fxprune.data import META_VALUE, TensorValue
 
 __all__ = [
     "Analysis",
@@ -29,7 +30,12 @@ __all__ = [
     "Tracked",
     "flat_args",
     "has_sizes",
+    "norm_dim",
     "param_dim",
+    "param_name",
+    "self_arg",
+    "tensor_shape",
+    "tie_on_one_dim",
 ]
 
 
@@ -161,7 +167,7 @@ class RuleContext:
 
         When the node's output feeds attention heads (``Analysis.units``: the head dim ``u``), the space
         is ``length / u`` channels of ``u`` consecutive positions each: one channel per head, so whole
-        heads are the unit of pruning (``op_rules.attention_units``).
+        heads are the unit of pruning (``ops_attention.attention_units``).
         """
         u = self._a.units.get(self.node, 1)
         if u > 1 and length % u == 0:
@@ -256,3 +262,49 @@ def flat_args(node: fx.Node) -> list[Any]:
 
     walk((node.args, node.kwargs))
     return out
+
+
+# ------------------------------------------------------------------------ helpers shared by the op families
+def tensor_shape(v: Any) -> tuple[int, ...] | None:
+    """The shape of a ``TensorValue``; None for anything else (a literal, a tuple of values)."""
+    return v.shape if isinstance(v, TensorValue) else None
+
+
+def norm_dim(d: int, ndim: int) -> int:
+    """``d`` as a non-negative dim of a tensor of rank ``ndim``."""
+    return d + ndim if d < 0 else d
+
+
+def self_arg(ctx: RuleContext) -> Any:
+    """The primary tensor: the module input, or the first argument of a function/method."""
+    return ctx.arg(0, "input") if ctx.node.args or "input" in ctx.node.kwargs else ctx.arg(0, "self")
+
+
+_FUNCTIONAL_PARAM_POS = {"weight": (1, "weight"), "bias": (2, "bias")}
+
+
+def param_name(ctx: RuleContext, attr: str) -> str | None:
+    """The qualified name of parameter ``attr`` (``"weight"``, ``"bias"``...) of the node's module, or, for
+    a functional call, of its ``weight`` (arg 1) / ``bias`` (arg 2) read by ``get_attr``; None when absent
+    or computed."""
+    m = ctx.module
+    if m is not None:
+        return f"{ctx.node.target}.{attr}" if getattr(m, attr, None) is not None else None
+    a = ctx.info(ctx.arg(*_FUNCTIONAL_PARAM_POS[attr], None)) if attr in _FUNCTIONAL_PARAM_POS else None
+    return a.name if isinstance(a, ParamRef) else None
+
+
+def tie_on_one_dim(ctx: RuleContext, tracked: Sequence[tuple[Any, Tracked]], dim_of: Callable[[Any, Tracked], Any],
+                   pin_why: str, unify_why: str) -> tuple[Any, tuple[Seg, ...]] | None:  # fmt: skip
+    """Operands that all carry channels on one dim (``dim_of`` names it: an output dim, an einsum letter)
+    share those channels: unify them and return that dim and the first operand's segments. Otherwise pin
+    them all and return None."""
+    dims = {dim_of(x, t) for x, t in tracked}
+    if len(dims) != 1:
+        for _, t in tracked:
+            ctx.pin(t, pin_why)
+        return None
+    ref = tracked[0][1].segs
+    for _, t in tracked[1:]:
+        ctx.unify(ref, t.segs, unify_why)
+    return next(iter(dims)), ref

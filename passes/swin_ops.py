@@ -5,7 +5,7 @@ cannot be pruned as it is: it reads the head width as ``C // num_heads`` and the
 as ``C``, both from the *input* width ``C``, so the residual stream, the qkv rows and the proj columns
 would all have to keep the same count, and the whole node would cost one product of widths.
 
-``expand_shifted_window_attention`` (in ``fxprune.passes.rules_swin.EXPANSIONS``) replaces the call after
+``expand_shifted_window_attention`` (in ``fxprune.passes.ops_swin.EXPANSIONS``) replaces the call after
 tracing by three calls computing the same values with the same ops in the same order (so the outputs are
 bit-identical), with every width read from the weights:
 

@@ -56,21 +56,21 @@ def test_save_load_apply_plan_round_trip(tmp_path: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("writer_ok", [True, False])
-def test_save_writes_the_onnx_model_verification_checked(
-    tmp_path: torch.Tensor, monkeypatch: pytest.MonkeyPatch, writer_ok: bool
-) -> None:
+def test_save_writes_the_onnx_model_verification_checked(tmp_path: torch.Tensor, writer_ok: bool) -> None:
     """save's model.onnx comes from the exporter that verification reported: fxprune's writer, or torch's
     exporter when the writer's model failed the check (here a deliberately broken ReLU rule)."""
     import onnx
+    from fxprune.passes import op_table
+    from fxprune.passes.onnx_translate import unary
 
-    from fxprune import onnx_writer
+    from fxprune.stages import compile_pipeline
 
-    if not writer_ok:
-        monkeypatch.setitem(onnx_writer._MODULES, torch.nn.ReLU, onnx_writer._unary("Sigmoid"))
+    broken = op_table.DEFAULT_TABLE.replace(torch.nn.ReLU, onnx=unary("Sigmoid"))
+    pipeline = compile_pipeline(None if writer_ok else broken)  # its verify stage writes with the table
     torch.manual_seed(0)
     model = randomize_norms(ResNet20()).eval()
     x = torch.randn(1, 3, 32, 32)
-    r = fxprune.compile(model, x, 0.5, latency_runs=0, progress=False)
+    r = fxprune.compile(model, x, 0.5, latency_runs=0, progress=False, pipeline=pipeline)
     assert r.verification is not None and r.verification.passed
     assert r.verification.exporter == ("fxprune" if writer_ok else "torchscript")
     out = fxprune.save(r, tmp_path / "saved")

@@ -68,9 +68,11 @@ def _dotted(node: ast.expr) -> str:
 
 
 def test_no_test_or_bench_patches_the_pipeline_modules() -> None:
-    """Tests and benches change what runs by passing a pipeline (``compile(pipeline=...)``), never by
-    assigning to or monkeypatching the compiler's or the stages' module globals."""
-    wired = ("fxprune.compiler", "fxprune.stages", "fxprune.pipeline")
+    """Tests and benches change what runs by passing a pipeline (``compile(pipeline=...)``) or an op table
+    (``compile_pipeline(table)``), never by assigning to or monkeypatching the compiler's, the stages' or
+    the default op table's module globals."""
+    wired = ("fxprune.compiler", "fxprune.stages", "fxprune.pipeline", "fxprune.passes.op_table")
+    short = {w.rpartition(".")[2] for w in wired}  # the module imported by name: `from fxprune import stages`
     found = []
     for importer, path in _sources():
         if importer.startswith("fxprune"):
@@ -85,5 +87,9 @@ def test_no_test_or_bench_patches_the_pipeline_modules() -> None:
                 and node.args
             ):
                 targets = [node.args[0]]
-            found += [f"{importer}:{node.lineno}" for t in targets if _dotted(t).startswith(wired)]
+            found += [
+                f"{importer}:{node.lineno}"
+                for t in targets
+                if _dotted(t).startswith(wired) or _dotted(t).partition(".")[0] in short
+            ]
     assert not found, f"pipeline modules patched at: {found}"

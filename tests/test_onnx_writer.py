@@ -1,6 +1,6 @@
 """fxprune's direct fx -> ONNX writer (``fxprune.onnx_writer``), op by op against eager in ONNX Runtime.
 
-Every rule of ``_MODULES``, ``_FUNCTIONS`` and ``_FOREIGN`` is exercised by some case of ``CASES`` (checked
+Every ONNX translation of the default op table (``OpEntry.onnx``) is exercised by some case of ``CASES`` (checked
 by ``test_every_rule_is_exercised``), with the non-default arguments the writer reads. Each case is traced,
 written, run in ONNX Runtime with graph optimisations off (``"none"``: the nodes as written) and at the
 deployed level (``"all"``: fusions and layout transformations), and compared with ``gm(*example)``.
@@ -24,6 +24,8 @@ import torch.nn.functional as F
 import torchvision
 from conftest import randomize_norms
 from fxprune.models_zoo.toy import ResidualNet
+from fxprune.passes import op_table
+from fxprune.passes.onnx_translate import unary
 from torch import nn
 from torchvision.ops import StochasticDepth
 
@@ -293,29 +295,28 @@ def test_writer_matches_eager(case: Case) -> None:
     assert case.ops <= _op_types(blob), f"expected ONNX ops {case.ops - _op_types(blob)} missing"
 
 
-def _registry_key(gm: fx.GraphModule, n: fx.Node) -> tuple[str, Any] | None:
+def _table_key(gm: fx.GraphModule, n: fx.Node) -> Any:
+    """The key of the default table's entry that translates ``n`` (a module: its class, or the base whose
+    entry it inherits)."""
     if n.op == "call_module":
-        return ("module", type(gm.get_submodule(str(n.target))))
+        cls = type(gm.get_submodule(str(n.target)))
+        return next((c for c in cls.__mro__ if c in op_table.DEFAULT_TABLE), None)
     if n.op == "call_method":
-        return ("function", ("method", n.target))
+        return str(n.target)
     if n.op == "call_function":
-        foreign = (getattr(n.target, "__module__", ""), getattr(n.target, "__name__", ""))
-        return ("foreign", foreign) if foreign in onnx_writer._FOREIGN else ("function", n.target)
+        return n.target
     return None
 
 
 def test_every_rule_is_exercised() -> None:
-    """Each entry of the writer's tables is the target of some node in ``CASES`` (a new rule needs a case)."""
+    """Each ONNX translation of the default op table is used by some node in ``CASES`` (a new one needs a
+    case)."""
     seen = set()
     for case in CASES:
         gm, _ = case.build()
-        seen |= {k for n in gm.graph.nodes if (k := _registry_key(gm, n)) is not None}
-    expected = (
-        {("module", t) for t in onnx_writer._MODULES}
-        | {("function", f) for f in onnx_writer._FUNCTIONS}
-        | {("foreign", f) for f in onnx_writer._FOREIGN}
-    )
-    assert not expected - seen, f"rules without a case: {sorted(map(str, expected - seen))}"
+        seen |= {k for n in gm.graph.nodes if (k := _table_key(gm, n)) is not None}
+    expected = {k for k, e in op_table.DEFAULT_TABLE.items() if e.onnx is not None}
+    assert not expected - seen, f"translations without a case: {sorted(map(str, expected - seen))}"
 
 
 # -- external initializers ----------------------------------------------------------------------------------
@@ -502,30 +503,30 @@ def test_verify_onnx_uses_the_writer_when_it_can() -> None:
     assert v.passed and v.exporter == "fxprune" and v.error is None, v
 
 
-def test_broken_rule_is_caught_and_torchs_exporter_decides(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broken_rule_is_caught_and_torchs_exporter_decides() -> None:
     gm = _conv_relu()
     example = _inputs([(1, 3, 8, 8)])
-    monkeypatch.setitem(onnx_writer._MODULES, nn.ReLU, onnx_writer._unary("Sigmoid"))
+    broken = op_table.DEFAULT_TABLE.replace(nn.ReLU, onnx=unary("Sigmoid"))
     # the comparison can fail: the broken rule's model runs but differs from eager
-    blob, _ = write_onnx(gm, example)
+    blob, _ = write_onnx(gm, example, table=broken)
     assert "Sigmoid" in _op_types(blob) and "Relu" not in _op_types(blob)
     with torch.no_grad():
         out = gm(*example)
     [(err, scale)] = _errors(_ort_outputs(blob, example, "basic"), out)
     assert err > 0.01 * scale, (err, scale)
-    # verify_onnx sees the mismatch and reports torch's exporter, whose model is right
-    v = verify_onnx(gm, example, latency_runs=0)
+    # verify_onnx writing with the broken table sees the mismatch and reports torch's exporter
+    v = verify_onnx(gm, example, latency_runs=0, table=broken)
     assert v.passed and v.exporter == "torchscript", v
     assert v.max_rel_error <= v.rtol
 
 
-def test_model_rejected_by_ort_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(onnx_writer._MODULES, nn.ReLU, onnx_writer._unary("NoSuchOp"))
+def test_model_rejected_by_ort_falls_back() -> None:
+    broken = op_table.DEFAULT_TABLE.replace(nn.ReLU, onnx=unary("NoSuchOp"))
     gm, example = _conv_relu(), _inputs([(1, 3, 8, 8)])
-    blob, externals = write_onnx(gm, example, external=True)
+    blob, externals = write_onnx(gm, example, external=True, table=broken)
     with pytest.raises(Exception, match="NoSuchOp"):
         ort_session(blob, "basic", externals)
-    v = verify_onnx(gm, example, latency_runs=0)
+    v = verify_onnx(gm, example, latency_runs=0, table=broken)
     assert v.passed and v.exporter == "torchscript", v
 
 

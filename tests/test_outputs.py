@@ -134,15 +134,19 @@ def test_a_container_that_cannot_be_rebuilt_is_a_trace_error() -> None:
         fxprune.compile(M().eval(), X, 0.5, **FAST)
 
 
-def test_a_pruned_output_fails_verification_naming_its_path(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_pruned_output_fails_verification_naming_its_path() -> None:
     """The check does not trust the rules: with the output rule broken (the 9d0c8f2 bug: it pins nothing),
     compile raises ``VerificationError`` naming the output path and the dim, with and without ``verify``."""
-    from fxprune.passes import op_rules
+    from fxprune.passes import op_table
+    from fxprune.passes.family import GraphOp
 
-    monkeypatch.setitem(op_rules._STRUCTURAL, "output", lambda ctx: None)
+    from fxprune.stages import compile_pipeline
+
+    broken = op_table.DEFAULT_TABLE.replace(GraphOp("output"), rule=lambda ctx: None)
+    pipeline = compile_pipeline(broken)
     for verify in (False, True):
         with pytest.raises(fxprune.VerificationError, match=r"out\['out'\]: dim 1 5 -> [1-4]\b") as info:
-            fxprune.compile(Net("dict").eval(), X, 0.3, **{**FAST, "verify": verify})
+            fxprune.compile(Net("dict").eval(), X, 0.3, **{**FAST, "verify": verify}, pipeline=pipeline)
         assert isinstance(info.value.result, fxprune.CompileResult)
 
 

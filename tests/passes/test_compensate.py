@@ -244,10 +244,10 @@ def split_setup():
 def test_consumer_statistics_of_a_split_merge_to_those_of_the_whole(split_setup) -> None:
     """Per consumer, the input-row sums (float32: rtol 1e-5) and the lsq Gram matrices (float64: rtol 1e-10)
     of two parts of the data, merged, are those of all of it, with the same row count."""
-    from fxprune.passes.compensate import _consumers, consumer_statistics
+    from fxprune.passes.compensate import consumer_statistics, find_consumers
 
     gm, groups, plan, whole, _ = split_setup
-    consumers, _ = _consumers(gm, plan, groups)
+    consumers, _ = find_consumers(gm, plan, groups)
     assert set(consumers) == {"b", "fc"}
     batches = list(whole.batches)
     a = consumer_statistics(gm, consumers, batches[:1], True, 65536)

@@ -1,4 +1,4 @@
-"""Swin rules (``passes/rules_swin.py``): roll, pad, strided-slice concat / patch merging, relative position
+"""Swin rules (``passes/ops_swin.py``): roll, pad, strided-slice concat / patch merging, relative position
 bias, shifted window attention (expanded by ``trace`` into ``passes/swin_ops.py``)."""
 
 from __future__ import annotations
