@@ -22,7 +22,7 @@ from fxprune.calib import LossFn
 from fxprune.errors import InputError
 from fxprune.inputs import count_flops, count_params
 from fxprune.passes.dependency import DependencyResult
-from fxprune.passes.score import AUTO, GroupScore
+from fxprune.passes.score import AUTO, GroupScore, ScorePass
 from fxprune.pipeline import Pipeline
 from fxprune.stages import ANALYSE, COMPILE, CompileOptions, CompileResult, CompileState
 
@@ -75,7 +75,7 @@ def compile(  # noqa: A001 - the product's name for it
     example_input: Any,
     target_flops: float,
     *,
-    score: str = AUTO,
+    score: str | type[ScorePass] = AUTO,
     data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
     compensate: str | None = None,
@@ -102,7 +102,8 @@ def compile(  # noqa: A001 - the product's name for it
         model: any ``nn.Module`` that torch.fx can trace (never modified; compiled in eval mode).
         example_input: a tensor or tuple of tensors the model accepts; shapes come from it.
         target_flops: fraction of the original FLOPs in (0, 1], or an absolute FLOPs count (> 1).
-        score: name of the scoring pass (``fxprune.passes.score.SCORES``): ``influence`` (the retrained
+        score: name of the scoring pass (``fxprune.passes.scores.SCORES``), or a ``ScorePass`` subclass
+            (``fxprune.passes.score``; your own score): ``influence`` (the retrained
             loss change), ``magnitude``, ``taylor``, ``fisher``, ``grad_norm``, ``sosp_h``, ``inf_cp``,
             ``ifso_code``; or ``"auto"`` (default): ``fisher`` with labelled ``data``, else ``magnitude``
             (``passes.score.auto_score``: the winner of ``bench/quality.py``). ``result.score`` names the

@@ -8,11 +8,11 @@ stage       requires                                            provides
 ==========  ==================================================  =========================================
 prepare     model, example_input                                work, example
 options     options                                             method, device
-calibrate   work, example, options, method                      calib, score_name
+calibrate   work, example, options, method                      calib, score_pass
 trace       work, example, options                              gm
 dependency  gm, options                                         dep
 cost        gm, dep, options                                    flops_before, cost, target
-score       gm, dep, calib, score_name, device, options         scores
+score       gm, dep, calib, score_pass, device, options         scores
 select      dep, scores, cost, target, flops_before, ...        kept, indices, plan
 compensate  gm, dep, plan, kept, calib, method, device, ...     source, compensation
 rewrite     gm, source, dep, kept, indices                      pruned
@@ -62,7 +62,8 @@ from fxprune.passes.family import OpTable
 from fxprune.passes.masking import default_device
 from fxprune.passes.plan import Indices, build_plan, param_indices
 from fxprune.passes.rewrite import RewritePass
-from fxprune.passes.score import AUTO, GroupScore, ScoreContext, auto_score, get_score
+from fxprune.passes.score import AUTO, GroupScore, ScoreContext, ScorePass, auto_score
+from fxprune.passes.scores import get_score
 from fxprune.pipeline import UNSET, Pipeline, PipelineState, Stage
 from fxprune.select import resolve_target, select
 from fxprune.trace import copy_graph_module, shape_propagate, trace
@@ -100,7 +101,7 @@ class CompileOptions:
     """``fxprune.compile``'s keyword arguments (documented there), as one frozen value."""
 
     target_flops: float = 1.0
-    score: str = AUTO
+    score: str | type[ScorePass] = AUTO
     data: Any = None
     loss_fn: LossFn | None = None
     compensate: str | None = None
@@ -135,7 +136,7 @@ class CompileState(PipelineState):
     method: str = UNSET
     device: torch.device = UNSET
     calib: Calibration | None = UNSET
-    score_name: str = UNSET
+    score_pass: type[ScorePass] = UNSET
     # trace, dependency, cost
     gm: fx.GraphModule = UNSET
     dep: DependencyResult = UNSET
@@ -221,7 +222,7 @@ class Calibrate(Stage[CompileState]):
 
     name = "calibrate"
     requires = ("work", "example", "options", "method")
-    provides = ("calib", "score_name")
+    provides = ("calib", "score_pass")
 
     def run(self, state: CompileState) -> None:
         o = state.options
@@ -230,11 +231,13 @@ class Calibrate(Stage[CompileState]):
         if wants_data or state.method != "none":
             check_runs(state.work, state.example)  # an example error before any data error
             calib = make_calibration(state.work, state.example, o.data, o.loss_fn, max_batches=o.max_batches)
-        score = o.score
-        if score == AUTO:
-            score = auto_score(calib is not None and o.data is not None and calib.labelled)
-            get_score(score).check_options(dict(o.score_options))
-        state.calib, state.score_name = calib, score
+        score = get_score(
+            auto_score(calib is not None and o.data is not None and calib.labelled)
+            if o.score == AUTO
+            else o.score
+        )
+        score.check_options(dict(o.score_options))
+        state.calib, state.score_pass = calib, score
 
 
 class Trace(_TableStage):
@@ -288,7 +291,7 @@ class Score(Stage[CompileState]):
     """Per-channel scores of every prunable group, or ``options.scores`` checked against the groups."""
 
     name = "score"
-    requires = ("gm", "dep", "calib", "score_name", "device", "options")
+    requires = ("gm", "dep", "calib", "score_pass", "device", "options")
     provides = ("scores",)
 
     def run(self, state: CompileState) -> None:
@@ -297,8 +300,8 @@ class Score(Stage[CompileState]):
             state.scores = _check_scores(o.scores, state.dep)
             return
         context = ScoreContext(state.calib, state.device, o.progress, o.seed)
-        with _autograd_errors(state.gm, f"score={state.score_name!r}"):
-            score = get_score(state.score_name)(state.dep.groups, context, **o.score_options)
+        with _autograd_errors(state.gm, f"score={state.score_pass.name!r}"):
+            score = state.score_pass(state.dep.groups, context, **o.score_options)
             state.scores = score(state.gm)
 
 
@@ -307,12 +310,12 @@ class Select(Stage[CompileState]):
     when a group is left with fewer than ``FEW_CHANNELS`` channels."""
 
     name = "select"
-    requires = ("dep", "scores", "cost", "target", "flops_before", "score_name", "options")
+    requires = ("dep", "scores", "cost", "target", "flops_before", "score_pass", "options")
     provides = ("kept", "indices", "plan")
 
     def run(self, state: CompileState) -> None:
         o, groups = state.options, state.dep.groups
-        exponent = get_score(state.score_name).cost_exponent if o.cost_exponent is None else o.cost_exponent
+        exponent = state.score_pass.cost_exponent if o.cost_exponent is None else o.cost_exponent
         with _absolute_target_hint(o.target_flops, state.flops_before):
             chosen = select(groups, {g: s.mean for g, s in state.scores.items()}, state.cost, state.target,
                             min_channels=o.min_channels, round_to=o.round_to, cost_exponent=exponent)  # fmt: skip
@@ -404,7 +407,7 @@ class Result(Stage[CompileState]):
     name = "result"
     requires = (
         "work", "example", "gm", "pruned", "plan", "dep", "cost", "scores", "flops_before", "flops_after",
-        "target", "verification", "changed", "score_name", "compensation", "calib", "options",
+        "target", "verification", "changed", "score_pass", "compensation", "calib", "options",
     )  # fmt: skip
     provides = ("result",)
 
@@ -423,7 +426,7 @@ class Result(Stage[CompileState]):
             verification=state.verification,
             timings=state.timings,
             cpu_timings=state.cpu_timings,
-            score=state.score_name,
+            score=state.score_pass.name,
             compensation=state.compensation,
             calibration=state.calib,
         )

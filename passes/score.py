@@ -1,14 +1,16 @@
 """The scoring interface: a score is an analysis pass that estimates, per channel of every prunable group,
 how much the loss rises if that channel is removed (higher = keep).
 
-A score registers under a name (``register_score``); ``compile(score=NAME)`` looks it up. Its result is
-written into ``node.meta[META_SCORES]`` of each group's producer nodes and returned as a dict.
+A score is a ``ScorePass`` subclass with a ``name``; ``fxprune.passes.scores.SCORES`` lists the built-in
+ones explicitly (no import registers anything) and ``compile(score=NAME)`` looks the name up there, or takes
+a ``ScorePass`` subclass itself (``compile(score=MyScore)``). Its result is written into
+``node.meta[META_SCORES]`` of each group's producer nodes and returned as a dict.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -24,13 +26,10 @@ from fxprune.data import ChannelGroup
 __all__ = [
     "AUTO",
     "META_SCORES",
-    "SCORES",
     "auto_score",
     "GroupScore",
     "ScoreContext",
     "ScorePass",
-    "get_score",
-    "register_score",
 ]
 
 #: {group id: GroupScore} on the producer nodes of each scored group.
@@ -61,18 +60,6 @@ class ScoreContext:
     reduce: Reduce | None = None
 
 
-SCORES: dict[str, type[ScorePass]] = {}
-
-
-def register_score(name: str) -> Callable[[type[ScorePass]], type[ScorePass]]:
-    def deco(cls: type[ScorePass]) -> type[ScorePass]:
-        cls.name = name
-        SCORES[name] = cls
-        return cls
-
-    return deco
-
-
 #: ``compile``'s default: ``fisher`` with labelled calibration data, else ``magnitude`` (``auto_score``).
 AUTO = "auto"
 
@@ -86,18 +73,6 @@ def auto_score(labelled: bool) -> str:
     ``m = 1``, so its Fisher is identically zero; ``magnitude`` needs no data.
     """
     return "fisher" if labelled else "magnitude"
-
-
-def get_score(name: str) -> type[ScorePass]:
-    import fxprune.passes.score_gradient  # noqa: F401  (each module registers its scores)
-    import fxprune.passes.score_hessian  # noqa: F401
-    import fxprune.passes.score_magnitude  # noqa: F401
-
-    if name not in SCORES:
-        from fxprune.errors import InputError
-
-        raise InputError(f"score={name!r} is not a known score; choose one of {sorted([AUTO, *SCORES])}")
-    return SCORES[name]
 
 
 class ScorePass(AnalysisPass[dict[int, GroupScore]]):

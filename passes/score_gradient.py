@@ -14,7 +14,6 @@ from collections.abc import Iterable
 
 import torch
 from fxprune.passes.masking import MaskedLoss, MaskScorePass, split_batch
-from fxprune.passes.score import register_score
 from fxprune.passes.stats import Joint, Moments, Sum
 
 from fxprune.calib import Batch
@@ -22,13 +21,14 @@ from fxprune.calib import Batch
 __all__ = ["FisherScore", "InfCPScore", "TaylorScore"]
 
 
-@register_score("taylor")
 class TaylorScore(MaskScorePass):
     """Loss preservation (Molchanov et al.; Lubana & Dick): ``|dL/dm_c|`` with the gradient over all data.
 
     The first-order loss change of removing channel ``c`` is ``-dL/dm_c``. At a weight-decayed optimum the
     gradient is ``-lambda * ||w_c||^2``, so on a converged model this ranks like magnitude.
     """
+
+    name = "taylor"
 
     defaults = {"weight_decay": 0.0}
 
@@ -45,12 +45,13 @@ class TaylorScore(MaskScorePass):
         return self.from_statistics(loss, loss.combine(stat))
 
 
-@register_score("fisher")
 class FisherScore(MaskScorePass):
     """Group Fisher / OBD on the mask (Liu et al. 2021): ``1/2 E[(dl/dm_c)^2]`` over micro-batches.
 
     ``chunk`` samples per micro-batch (1 = the per-sample empirical Fisher; larger is cheaper and noisier).
     """
+
+    name = "fisher"
 
     defaults = {"weight_decay": 0.0, "chunk": 4}
 
@@ -72,13 +73,14 @@ class FisherScore(MaskScorePass):
         )
 
 
-@register_score("inf_cp")
 class InfCPScore(MaskScorePass):
     """Per-batch first-order influence (Lai et al. 2021): the loss change ``-dL_b/dm_c`` on each batch ``b``.
 
     ``mean`` is the mean of its magnitude over batches and ``spread`` its standard deviation: a channel whose
     influence changes sign from batch to batch is an uncertain decision.
     """
+
+    name = "inf_cp"
 
     defaults = {"weight_decay": 0.0}
 

@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 
 import torch
 from fxprune.passes.masking import MaskedLoss, MaskScorePass, Vec
-from fxprune.passes.score import register_score
 from fxprune.passes.stats import Joint, Sum
 
 from fxprune.calib import Batch
@@ -52,10 +51,11 @@ def probe_chunk(loss: MaskedLoss, memory_gb: float, most: int = 8) -> int:
     return max(1, min(most, fits))
 
 
-@register_score("grad_norm")
 class GradNormScore(MaskScorePass):
     """Gradient-norm preservation (Lubana & Dick 2021): ``|sum over channel c's columns of w * (H g)|``,
     the first-order change of ``||g||^2`` when the channel is removed; one Hessian-vector product per batch."""
+
+    name = "grad_norm"
 
     defaults = {"weight_decay": 0.0}
 
@@ -79,10 +79,11 @@ class GradNormScore(MaskScorePass):
         )
 
 
-@register_score("sosp_h")
 class SOSPHScore(MaskScorePass):
     """SOSP-H (Nonnenmacher et al. 2022): ``|-g_c + 1/2 (G 1)_c|`` with ``G`` the Gauss-Newton matrix in the
     mask, ``G 1`` its product with all structures at once (one JVP + VJP per batch)."""
+
+    name = "sosp_h"
 
     defaults = {"weight_decay": 0.0}
 
@@ -104,10 +105,11 @@ class SOSPHScore(MaskScorePass):
         return self.from_statistics(loss, loss.combine(self.statistics(loss, loss.batches())))
 
 
-@register_score("ifso_code")
 class IFSOCodeScore(MaskScorePass):
     """The IFSO reference implementation's score, for comparison: ``|H_mw H_wm 1| / damping`` — the cross
     term only, with ``H_ww^-1`` replaced by ``(1/damping) I`` and the row sum instead of the diagonal."""
+
+    name = "ifso_code"
 
     defaults = {"weight_decay": 0.0, "damping": 1.0, "curvature": "hessian"}
 
@@ -121,7 +123,6 @@ class IFSOCodeScore(MaskScorePass):
         return a1.abs() / float(self.options["damping"]), None
 
 
-@register_score("influence")
 class InfluenceScore(MaskScorePass):
     """The retrained loss change of removing channel ``c`` alone (influence function, IFSO):
 
@@ -143,6 +144,8 @@ class InfluenceScore(MaskScorePass):
     test_mask_schur_complement_reduces_to_gradient_terms``). On the digits nets this score ranks worst
     (``bench/quality.py``), so ``compile``'s default is ``fisher``; this one stays for comparison.
     """
+
+    name = "influence"
 
     cost_exponent = 0.5
     defaults = {

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.fx as fx
-from fxprune.passes.score import GroupScore, ScorePass, register_score
+from fxprune.passes.score import GroupScore, ScorePass
 
 from fxprune.data import ChannelGroup
 
@@ -34,9 +34,10 @@ def _channels(per_pos: torch.Tensor, offset: int, repeat: int, n: int) -> torch.
     return per_pos[offset : offset + n * repeat].reshape(n, repeat).sum(1)
 
 
-@register_score("magnitude")
 class MagnitudeScore(ScorePass):
     """``score_c = sqrt(sum over weight sites of ||W[slice_c]||^2)``, divided by the group mean."""
+
+    name = "magnitude"
 
     comparable = False
     cost_exponent = 0.0

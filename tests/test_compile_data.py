@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_unchanged, randomize_norms, snapshot
 from fxprune.models_zoo.toy import ConcatNet, FlattenLinearNet, ResidualNet
-from fxprune.passes.score import SCORES, GroupScore, get_score
+from fxprune.passes.score import GroupScore
+from fxprune.passes.scores import SCORES, get_score
 
 import fxprune
 from fxprune.errors import InputError
@@ -268,3 +271,26 @@ def test_auto_score_is_fisher_with_labels_and_magnitude_otherwise() -> None:
     with pytest.raises(fxprune.InputError, match="probes"):
         fxprune.compile(m, X, 0.5, data=labelled(2), probes=2, **kw)  # fisher takes no probes=
     assert_unchanged(m, before)
+
+
+def test_a_score_class_of_ones_own_decides_the_plan() -> None:
+    """``score=`` takes a ScorePass subclass: here one that favours the last channels of every group, so
+    the plan keeps exactly those; the built-in table is read-only and lists every built-in score."""
+    from fxprune.passes.score import ScorePass
+
+    class LastFirst(ScorePass):
+        name = "last_first"
+
+        def score_groups(self, gm: Any, groups: list[Any]) -> dict[int, GroupScore]:
+            return {g.id: GroupScore(np.arange(g.size, dtype=np.float64)) for g in groups}
+
+    r = fxprune.compile(ResidualNet().eval(), torch.randn(1, 3, 16, 16), 0.5, score=LastFirst, progress=False,
+                        latency_runs=0)  # fmt: skip
+    assert r.score == "last_first" and r.plan.kept
+    for gid, kept in r.plan.kept.items():
+        n = r.plan.group_sizes[gid]
+        assert kept == tuple(range(n - len(kept), n)), (gid, kept)
+    with pytest.raises(TypeError):
+        SCORES["mine"] = LastFirst  # type: ignore[index]
+    with pytest.raises(fxprune.InputError, match="is not a fxprune.passes.score.ScorePass subclass"):
+        fxprune.compile(ResidualNet().eval(), torch.randn(1, 3, 16, 16), 0.5, score=int)  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from fxprune.models_zoo.toy import ConcatNet, ResidualNet
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
-from fxprune.compiler import graph_flops
+from fxprune.stages import graph_flops
 from fxprune.trace import flop_counter, mha_slow_path, shape_propagate, trace
 
 

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from fxprune.passes.dependency import DependencyPass
-from fxprune.passes.score import ScoreContext, get_score
+from fxprune.passes.score import ScoreContext
+from fxprune.passes.scores import get_score
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
