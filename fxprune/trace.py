@@ -306,8 +306,8 @@ def trace(
     """Symbolically trace ``model``; never mutates it.
 
     ``expansions`` (``target -> Expansion``) replaces each call of a target in it by the finer calls its
-    expansion inserts (the pipeline passes ``fxprune.passes.rules_swin.EXPANSIONS``, which decomposes
-    torchvision's shifted window attention); without it (the default) no call is replaced.
+    expansion inserts (the trace stage passes its op table's ``expansions``, e.g. ``ops_swin.EXPANSIONS``,
+    which decomposes torchvision's shifted window attention); without it (the default) no call is replaced.
 
     Raises:
         TraceError: naming the call that broke tracing and the module being traced, with the fix.

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_masked_equivalent
 from fxprune.passes import swin_ops
-from fxprune.passes.rules_swin import EXPANSIONS
+from fxprune.passes.ops_swin import EXPANSIONS
 from torchvision.models import swin_transformer as tv
 
 import fxprune
