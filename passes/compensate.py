@@ -42,7 +42,7 @@ from fxprune.data import ChannelGroup, PrunePlan
 from fxprune.errors import InputError
 from fxprune.trace import copy_graph_module
 
-__all__ = ["COMPENSATIONS", "Compensation", "compensate", "consumer_statistics"]
+__all__ = ["COMPENSATIONS", "Compensation", "Consumer", "compensate", "consumer_statistics", "find_consumers"]
 
 log = logging.getLogger(__name__)
 
@@ -60,21 +60,23 @@ class Compensation:
 
 
 @dataclass
-class _Consumer:
+class Consumer:
     node: fx.Node
     module: nn.Module
     removed: torch.Tensor  # removed input positions along the channel dim
     kept: torch.Tensor
 
 
-def find_consumers(gm: fx.GraphModule, plan: PrunePlan, groups: Sequence[ChannelGroup], table: OpTable) -> tuple[
-    dict[str, _Consumer], dict[str, str]
-]:  # fmt: skip
+def find_consumers(
+    gm: fx.GraphModule, plan: PrunePlan, groups: Sequence[ChannelGroup], table: OpTable | None = None
+) -> tuple[dict[str, Consumer], dict[str, str]]:
     """The module calls whose removed input columns compensation may fold or refit: the ``COLUMNS`` role
-    of ``table`` (conv and linear modules), and the ones it must skip, with the reason."""
+    of ``table`` (conv and linear modules; default ``op_table.DEFAULT_TABLE``), and the ones it must skip,
+    with the reason."""
+    table = table if table is not None else op_table.DEFAULT_TABLE
     by_name = {n.name: n for n in gm.graph.nodes}
     pruned = {g.id for g in groups if g.id in plan.kept}
-    out: dict[str, _Consumer] = {}
+    out: dict[str, Consumer] = {}
     skipped: dict[str, str] = {}
     for g in groups:
         if g.id not in pruned:
@@ -100,7 +102,7 @@ def find_consumers(gm: fx.GraphModule, plan: PrunePlan, groups: Sequence[Channel
             n = _weight(mod).shape[dim]
             keep = torch.zeros(n, dtype=torch.bool)
             keep[list(kept)] = True
-            out[key] = _Consumer(node, mod, (~keep).nonzero().flatten(), keep.nonzero().flatten())
+            out[key] = Consumer(node, mod, (~keep).nonzero().flatten(), keep.nonzero().flatten())
     return out, skipped
 
 
@@ -117,7 +119,7 @@ def _features(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     raise NotImplementedError(type(mod).__name__)
 
 
-def consumer_statistics(gm: fx.GraphModule, consumers: Mapping[str, _Consumer], batches: Iterable[Batch],
+def consumer_statistics(gm: fx.GraphModule, consumers: Mapping[str, Consumer], batches: Iterable[Batch],
                         lsq: bool, max_rows: int) -> dict[str, Sum]:  # fmt: skip
     """One pass of ``gm`` over ``batches``: per consumer, a ``Sum`` of its input rows (one per position: per
     channel ``sum x``) and, for ``lsq``, of ``[X 1]^T [X 1]`` (float64, over at most ``max_rows`` rows of each
@@ -127,7 +129,7 @@ def consumer_statistics(gm: fx.GraphModule, consumers: Mapping[str, _Consumer], 
     stats = {key: Sum() for key in consumers}
     hooks = []
 
-    def hook(c: _Consumer, stat: Sum):  # type: ignore[no-untyped-def]
+    def hook(c: Consumer, stat: Sum):  # type: ignore[no-untyped-def]
         def fn(_mod: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             x = args[0].detach().float()
             chan = -1 if isinstance(c.module, nn.Linear) else 1
@@ -156,7 +158,7 @@ def consumer_statistics(gm: fx.GraphModule, consumers: Mapping[str, _Consumer], 
     return stats
 
 
-def _bias_target(gm: fx.GraphModule, c: _Consumer, table: OpTable) -> tuple[str, float] | None:
+def _bias_target(gm: fx.GraphModule, c: Consumer, table: OpTable) -> tuple[str, float] | None:
     """Where a shift of the consumer's output goes: its bias (+1) or the following BatchNorm's mean (-1):
     a module of role ``RUNNING_MEAN`` in ``table``."""
     if c.module.bias is not None:  # type: ignore[union-attr]
@@ -248,7 +250,7 @@ def compensate(
     return new, result
 
 
-def _lsq(c: _Consumer, stat: Sum, w: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _lsq(c: Consumer, stat: Sum, w: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Re-fit kept columns + a bias shift from the consumer's statistics (``consumer_statistics`` with
     ``lsq``): returns (output shift, new full weight)."""
     _, gram_sum = stat.result()
