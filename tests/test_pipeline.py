@@ -219,3 +219,18 @@ def test_analysis_metadata_is_dropped_by_the_rewrite_and_not_saved(tmp_path: Pat
     assert not [k for k in loaded.meta if k.startswith(META_PREFIX)]
     assert not [k for n in loaded.graph.nodes for k in n.meta if k.startswith(META_PREFIX)]
     np.testing.assert_array_equal(loaded(X).detach().numpy(), pruned(X).detach().numpy())
+
+
+def test_warnings_point_at_the_users_call_however_deep_the_stage() -> None:
+    """The training-mode warning (prepare stage) and the few-channel warning (select stage) are attributed
+    to the line that called fxprune, not to fxprune's own frames."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fxprune.compile(residual().train(), X, 0.05, **FAST)
+        fxprune.inspect(residual().train(), X)
+    messages = {str(w.message).split(";")[0][:40]: w.filename for w in caught}
+    assert any(m.startswith("model is in training mode") for m in messages), messages
+    assert any(m.startswith("the target leaves") for m in messages), messages
+    assert set(messages.values()) == {__file__}, messages
