@@ -149,6 +149,9 @@ def compile(  # noqa: A001 - the product's name for it
         score_options=score_options,
     )  # fmt: skip
     stages = COMPILE if pipeline is None else pipeline
-    if "result" not in stages.provides:
-        raise InputError(f"pipeline= must provide 'result' (a CompileResult); {stages} does not")
+    if not isinstance(stages, Pipeline) or "result" not in stages.provides:
+        raise InputError(
+            f"pipeline= must be a fxprune.Pipeline that provides 'result' (a CompileResult), got {stages!r}; "
+            "build it from fxprune.COMPILE, e.g. COMPILE.replace('select', MySelect())"
+        )
     return stages.run(CompileState(model=model, example_input=example_input, options=options)).result

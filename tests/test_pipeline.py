@@ -191,8 +191,12 @@ def test_inspect_dependency_graph_and_apply_plan_are_pipelines_of_the_same_stage
 
 
 def test_compile_refuses_a_pipeline_without_a_result() -> None:
-    with pytest.raises(fxprune.InputError, match="pipeline= must provide 'result'"):
+    with pytest.raises(
+        fxprune.InputError, match=r"pipeline= must be a fxprune.Pipeline that provides 'result'"
+    ):
         fxprune.compile(residual(), X, 0.5, pipeline=fxprune.COMPILE.until("select"), **FAST)
+    with pytest.raises(fxprune.InputError, match=r"got \['prepare'\]; build it from fxprune.COMPILE"):
+        fxprune.compile(residual(), X, 0.5, pipeline=["prepare"], **FAST)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- metadata after the rewrite
