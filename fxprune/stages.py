@@ -7,12 +7,12 @@ fields it reads (``requires``) and writes (``provides``):
 stage       requires                                            provides
 ==========  ==================================================  =========================================
 prepare     model, example_input                                work, example
-options     options                                             method, device
+options     options                                             method, device, reduce, progress
 calibrate   work, example, options, method                      calib, score_pass
 trace       work, example, options                              gm
 dependency  gm, options                                         dep
 cost        gm, dep, options                                    flops_before, cost, target
-score       gm, dep, calib, score_pass, device, options         scores
+score       gm, dep, calib, score_pass, device, reduce, ...     scores
 select      dep, scores, cost, target, flops_before, ...        kept, indices, plan
 compensate  gm, dep, plan, kept, calib, method, device, ...     source, compensation
 rewrite     gm, source, dep, kept, indices                      pruned
@@ -64,6 +64,7 @@ from fxprune.passes.plan import Indices, build_plan, param_indices
 from fxprune.passes.rewrite import RewritePass
 from fxprune.passes.score import AUTO, GroupScore, ScoreContext, ScorePass, auto_score
 from fxprune.passes.scores import get_score
+from fxprune.passes.stats import Reduce, process_group_sum, process_rank
 from fxprune.pipeline import UNSET, Pipeline, PipelineState, Stage
 from fxprune.select import resolve_target, select
 from fxprune.trace import copy_graph_module, shape_propagate, trace
@@ -135,6 +136,8 @@ class CompileState(PipelineState):
     example: tuple[torch.Tensor, ...] = UNSET
     method: str = UNSET
     device: torch.device = UNSET
+    reduce: Reduce | None = UNSET
+    progress: bool = UNSET
     calib: Calibration | None = UNSET
     score_pass: type[ScorePass] = UNSET
     # trace, dependency, cost
@@ -194,12 +197,15 @@ class Prepare(Stage[CompileState]):
 
 class Options(Stage[CompileState]):
     """Argument errors before any heavy work: counts, the score's own options, the compensation method,
-    the target's form, the device. Provides the compensation method (default ``lsq`` with data) and the
-    device scoring runs on."""
+    the target's form, the device. Provides the compensation method (default ``lsq`` with data), the
+    device scoring runs on, and, under an initialised ``torch.distributed`` process group of several
+    processes, the all-reduce that sums every score and compensation statistic over the processes
+    (``reduce``; each process holds its own shard of the calibration data) with progress shown by rank 0
+    only."""
 
     name = "options"
     requires = ("options",)
-    provides = ("method", "device")
+    provides = ("method", "device", "reduce", "progress")
 
     def run(self, state: CompileState) -> None:
         o = state.options
@@ -214,6 +220,8 @@ class Options(Stage[CompileState]):
             )
         resolve_target(o.target_flops, None)
         state.method, state.device = method, default_device(o.device)
+        state.reduce = process_group_sum()
+        state.progress = o.progress and process_rank() == 0
 
 
 class Calibrate(Stage[CompileState]):
@@ -291,7 +299,7 @@ class Score(Stage[CompileState]):
     """Per-channel scores of every prunable group, or ``options.scores`` checked against the groups."""
 
     name = "score"
-    requires = ("gm", "dep", "calib", "score_pass", "device", "options")
+    requires = ("gm", "dep", "calib", "score_pass", "device", "reduce", "progress", "options")
     provides = ("scores",)
 
     def run(self, state: CompileState) -> None:
@@ -299,7 +307,7 @@ class Score(Stage[CompileState]):
         if o.scores is not None:
             state.scores = _check_scores(o.scores, state.dep)
             return
-        context = ScoreContext(state.calib, state.device, o.progress, o.seed)
+        context = ScoreContext(state.calib, state.device, state.progress, o.seed, state.reduce)
         with _autograd_errors(state.gm, f"score={state.score_pass.name!r}"):
             score = state.score_pass(state.dep.groups, context, **o.score_options)
             state.scores = score(state.gm)
@@ -330,7 +338,7 @@ class Compensate(_TableStage):
     ``source`` is the graph the rewrite slices (``gm`` itself when nothing is compensated)."""
 
     name = "compensate"
-    requires = ("gm", "dep", "plan", "kept", "calib", "method", "device", "options")
+    requires = ("gm", "dep", "plan", "kept", "calib", "method", "device", "reduce", "progress", "options")
     provides = ("source", "compensation")
 
     def run(self, state: CompileState) -> None:
@@ -342,7 +350,8 @@ class Compensate(_TableStage):
         with _autograd_errors(state.gm, f"compensate={state.method!r}"):
             state.source, state.compensation = compensate(
                 state.gm, state.dep.groups, state.plan, state.calib, state.method, device=state.device,
-                newton_options=dict(o.score_options), progress=o.progress, table=self.ops,
+                newton_options=dict(o.score_options), progress=state.progress, reduce=state.reduce,
+                table=self.ops,
             )  # fmt: skip
 
 

@@ -15,6 +15,7 @@ products, and a damped conjugate-gradient solve with ``H_ww``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
@@ -55,9 +56,13 @@ Vec = tuple[list[torch.Tensor], torch.Tensor]
 
 
 def default_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as given, else CUDA when available, else CPU."""
+    """``device`` as given, else CUDA when available (under ``torchrun``, the GPU of the local rank:
+    ``LOCAL_RANK`` modulo the GPU count), else CPU."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local = os.environ.get("LOCAL_RANK")
+        return torch.device("cuda", int(local) % torch.cuda.device_count()) if local else torch.device("cuda")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:

@@ -29,7 +29,7 @@ from typing import Any, Protocol, Self
 
 import torch
 
-__all__ = ["Joint", "Moments", "Reduce", "Stat", "Sum"]
+__all__ = ["Joint", "Moments", "Reduce", "Stat", "Sum", "process_group_sum", "process_rank"]
 
 #: Sums a tensor across processes in place, e.g. ``torch.distributed.all_reduce`` (op SUM, the default).
 Reduce = Callable[[torch.Tensor], object]
@@ -268,3 +268,24 @@ class Joint:
         for part in self.parts:
             part.reduce(fn)
         return self
+
+
+def process_group_sum() -> Reduce | None:
+    """The summing all-reduce of the default ``torch.distributed`` process group (in place, like every
+    ``Reduce``), when one is initialised with more than one process; else ``None`` (one process)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+
+    def all_reduce(t: torch.Tensor) -> None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+    return all_reduce
+
+
+def process_rank() -> int:
+    """This process's rank in the default ``torch.distributed`` process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
