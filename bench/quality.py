@@ -175,18 +175,17 @@ def measured_changes(gm: Any, groups: Any, calib: Any, units: list[tuple[int, in
     """Loss change of removing each unit alone: without retraining, and after a warm-start retrain of
     ``retrain_steps`` SGD steps (minus the same retrain with nothing removed), with the learning rate used."""
     loss = MaskedLoss(gm, groups, calib, torch.device("cpu"), WEIGHT_DECAY)
+    held = list(calib.batches)  # this measurement revisits the few calibration batches thousands of times
 
     def total(w: list[torch.Tensor], m: torch.Tensor) -> float:
         with torch.no_grad():
-            return sum(float(calib.loss(loss.forward(w, m, b), b)) for b in calib.batches) / len(
-                calib.batches
-            )
+            return sum(float(calib.loss(loss.forward(w, m, b), b)) for b in held) / len(held)
 
     def retrained(m: torch.Tensor, lr: float) -> float:
         w = [p.detach().clone().requires_grad_(True) for p in loss.w0]
         opt = torch.optim.SGD(w, lr=lr, momentum=0.9)
         for step in range(retrain_steps):
-            b = calib.batches[step % len(calib.batches)]
+            b = held[step % len(held)]
             opt.zero_grad()
             loss.objective(loss.forward(w, m, b), w, b).backward()
             opt.step()

@@ -11,8 +11,9 @@ unpruned model is zero and its Hessian is the Gauss-Newton matrix, so second-ord
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -41,16 +42,39 @@ class Batch:
         return int(self.inputs[0].shape[0]) if self.inputs and self.inputs[0].dim() else 1
 
 
+class Batches:
+    """The calibration batches, validated and copied one at a time each time they are iterated.
+
+    Re-iterable (a score's conjugate-gradient solve and the compensation each take their own passes) and
+    never held whole: each pass iterates the user's data again (a list, a DataLoader) up to ``limit``
+    batches and turns each item into a ``Batch`` (``make``), which is dropped once used. ``len`` is the
+    number of batches when the data has a length (a list, a DataLoader), else ``TypeError``.
+    """
+
+    def __init__(self, source: Iterable[Any], make: Callable[[int, Any], Batch], limit: int | None) -> None:
+        self.source, self.make, self.limit = source, make, limit
+
+    def __iter__(self) -> Iterator[Batch]:
+        for i, item in enumerate(islice(self.source, self.limit)):
+            yield self.make(i, item)
+
+    def __len__(self) -> int:
+        n = len(self.source)  # type: ignore[arg-type]  # TypeError without one, as the docstring says
+        return n if self.limit is None else min(n, self.limit)
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """Validated batches and the loss they are scored on (``labelled`` tells which kind)."""
+    """Validated batches (re-iterable, streamed: ``Batches``) and the loss they are scored on
+    (``labelled`` tells which kind)."""
 
-    batches: tuple[Batch, ...]
+    batches: Iterable[Batch]
     loss: Callable[[Any, Batch], torch.Tensor]
     labelled: bool
 
     @property
     def samples(self) -> int:
+        """Samples over all batches (one pass over the data)."""
         return sum(b.size for b in self.batches)
 
 
@@ -130,32 +154,40 @@ def make_calibration(
 ) -> Calibration:
     """Validate ``data`` (or fall back to the example input) and fix the loss scores are computed on.
 
-    Label-free targets (the original model's outputs) are computed here, once, with ``model`` in eval mode.
+    Streaming: a re-iterable ``data`` (a list, a tuple, a ``DataLoader``: ``iter(data)`` is a new iterator
+    each time) is never held whole. Its batches are copied when a pass reads them (``Batches``), and
+    label-free targets (the original model's outputs, ``model`` in eval mode) are computed then. A list or
+    tuple is validated whole here, so every error about it comes before any work; other re-iterables have
+    their first batch validated here and each later one when a pass reads it. A one-shot iterator (a
+    generator) cannot be read twice: its batches are taken into memory here, as before.
 
     Raises:
         InputError: an empty iterable, a batch of the wrong form, NaN/Inf values, a loss that is not a
             finite scalar, or ``loss_fn`` without targets.
     """
     if data is None:
-        raw: list[Any] = [example]
+        source: Iterable[Any] = [example]
     elif isinstance(data, torch.Tensor):
-        raw = [data]
+        source = [data]
     else:
-        try:
-            raw = list(data if max_batches is None else _take(data, max_batches))
-        except TypeError as exc:
+        if not isinstance(data, Iterable):
             raise InputError(
                 f"data must be an iterable of batches (a list or a DataLoader), got {type(data).__name__}"
-            ) from exc
-    if not raw:
+            )
+        one_shot = isinstance(data, Iterator)  # a generator: read once, so held
+        source = (data if max_batches is None else _take(data, max_batches)) if one_shot else data
+        source = list(source) if one_shot else source
+    limit = None if data is None or isinstance(data, torch.Tensor) else max_batches
+    first = next(iter(islice(source, limit)), None)
+    if first is None:
         raise InputError("data is empty; pass at least one batch, or data=None to score on example_input")
-    split = [_split(i, item, len(example)) for i, item in enumerate(raw)]
-    labelled = [t is not None for _, t in split]
-    if any(labelled) and not all(labelled):
-        raise InputError("data mixes batches with and without targets; give targets for all or none")
+    labelled = _split(0, first, len(example))[1] is not None
     device = next((p.device for p in model.parameters()), example[0].device)
-    batches: list[Batch] = []
-    for i, (inputs, targets) in enumerate(split):
+
+    def make(i: int, item: Any) -> Batch:
+        inputs, targets = _split(i, item, len(example))
+        if (targets is not None) != labelled:
+            raise InputError("data mixes batches with and without targets; give targets for all or none")
         _check_like_example(i, inputs, example)
         _check_finite(i, "inputs", inputs)
         inputs = tuple(
@@ -173,8 +205,12 @@ def make_calibration(
                     "be a model input like example_input"
                 ) from exc
             targets = [t.detach() for t in flatten_structure(out, torch.Tensor)]
-        batches.append(Batch(inputs, targets))
-    if all(labelled):
+        return Batch(inputs, targets)
+
+    if isinstance(source, (list, tuple)):
+        _split_all(source, limit, len(example), labelled)  # the form of every batch before any work
+    batches = Batches(source, make, limit)
+    if labelled:
         fn = loss_fn or _default_loss
 
         def loss(out: Any, batch: Batch) -> torch.Tensor:
@@ -186,9 +222,19 @@ def make_calibration(
                 "to use the label-free output-matching loss"
             )
         loss = _output_matching
-    calib = Calibration(tuple(batches), loss, all(labelled))
+    if isinstance(source, (list, tuple)):
+        for _ in batches:  # every batch checked (values, and a run for label-free ones) before any work
+            pass
+    calib = Calibration(batches, loss, labelled)
     _check_loss(model, calib, device)
     return calib
+
+
+def _split_all(items: Sequence[Any], limit: int | None, n_inputs: int, labelled: bool) -> None:
+    """Every batch of a list has the form of a batch and agrees with the first on having targets."""
+    for i, item in enumerate(items[:limit]):
+        if (_split(i, item, n_inputs)[1] is not None) != labelled:
+            raise InputError("data mixes batches with and without targets; give targets for all or none")
 
 
 def _take(data: Iterable[Any], n: int) -> list[Any]:
@@ -201,7 +247,7 @@ def _take(data: Iterable[Any], n: int) -> list[Any]:
 
 
 def _check_loss(model: torch.nn.Module, calib: Calibration, device: torch.device) -> None:
-    batch = calib.batches[0].to(device)
+    batch = next(iter(calib.batches)).to(device)
     with torch.no_grad():
         try:
             value = calib.loss(model(*batch.inputs), batch)

@@ -151,9 +151,10 @@ def test_batched_and_looped_hessian_vector_products_agree(setup) -> None:
     g = torch.Generator().manual_seed(0)
     vectors = [([torch.randn(w.shape, generator=g, dtype=w.dtype) for w in ml.w0],
                 torch.randn(ml.size, generator=g, dtype=torch.float64)) for _ in range(3)]  # fmt: skip
-    looped = ml.hvp(calib.batches[0], vectors)
+    first = next(iter(calib.batches))
+    looped = ml.hvp(first, vectors)
     ml._batched = True
-    batched = ml.hvp(calib.batches[0], vectors)
+    batched = ml.hvp(first, vectors)
     assert ml._batched  # the batched path ran (no fallback)
     for (lw, lm), (bw, bm) in zip(looped, batched, strict=True):
         torch.testing.assert_close(bm, lm)
