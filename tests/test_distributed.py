@@ -4,6 +4,8 @@ shards, for every data-driven score and every compensation method."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -66,7 +68,11 @@ def _rank(rank: int, init: str, out: str) -> None:
     try:
         model, x, data = _setup()
         shard = data[rank * BATCHES // WORLD : (rank + 1) * BATCHES // WORLD]
-        results = {f"{s}-{c}": _compile(model, x, shard, s, c, o) for s, c, o in CONFIGS}
+        results: dict[str, Any] = {f"{s}-{c}": _compile(model, x, shard, s, c, o) for s, c, o in CONFIGS}
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):  # progress lines: rank 0 only
+            fxprune.compile(model, x, 0.5, score="fisher", data=shard, progress=True, verify=False)
+        results["stderr"] = err.getvalue()
         torch.save(results, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -96,6 +102,10 @@ def test_two_processes_give_the_plan_and_weights_of_one_over_the_union(
     assert first["kept"] == one["kept"] and first["kept"]
     for k, v in one["state"].items():
         torch.testing.assert_close(first["state"][k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_progress_is_shown_by_rank_0_only(ranks: list[dict[str, Any]]) -> None:
+    assert "fxprune: fisher" in ranks[0]["stderr"] and ranks[1]["stderr"] == "", [r["stderr"] for r in ranks]
 
 
 def test_one_shard_alone_gives_another_plan_or_weights() -> None:
