@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from conftest import assert_masked_equivalent, assert_unchanged, output_tree, snapshot
 
 import fxprune
+from fxprune.stages import Options
 
 X = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(0))
 FAST: dict[str, Any] = {"score": "magnitude", "latency_runs": 0, "progress": False}
@@ -203,11 +204,7 @@ def test_torchvision_segmentation_keeps_its_classes(name: str) -> None:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("verify", [False, True])
 def test_non_finite_example_is_an_input_error_before_any_work(bad: float, verify: bool) -> None:
-    class MustNotRun(fxprune.Stage[fxprune.CompileState]):
-        name = "options"
-        requires = ("options",)
-        provides = ("method", "device")
-
+    class MustNotRun(Options):
         def run(self, state: fxprune.CompileState) -> None:
             raise AssertionError("compile went past the input checks before rejecting the example")
 
