@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fxprune.data import flatten_structure
 from fxprune.errors import FxpruneError, InputError
 
-__all__ = ["Batch", "Calibration", "LossFn", "make_calibration"]
+__all__ = ["Batch", "Batches", "Calibration", "LossFn", "batch_sizes", "make_calibration"]
 
 LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
 
@@ -43,20 +43,30 @@ class Batch:
 
 
 class Batches:
-    """The calibration batches, validated and copied one at a time each time they are iterated.
+    """The calibration batches of a streamed source, validated and copied one at a time each time they are
+    iterated.
 
     Re-iterable (a score's conjugate-gradient solve and the compensation each take their own passes) and
-    never held whole: each pass iterates the user's data again (a list, a DataLoader) up to ``limit``
-    batches and turns each item into a ``Batch`` (``make``), which is dropped once used. ``len`` is the
-    number of batches when the data has a length (a list, a DataLoader), else ``TypeError``.
+    never held whole: each pass iterates the user's data again (a DataLoader) up to ``limit`` batches and
+    turns each item into a ``Batch`` (``make``), which is dropped once used. ``sizes`` reads only the batch
+    sizes (no copy, no model run). ``len`` is the number of batches when the data has a length, else
+    ``TypeError``.
     """
 
-    def __init__(self, source: Iterable[Any], make: Callable[[int, Any], Batch], limit: int | None) -> None:
-        self.source, self.make, self.limit = source, make, limit
+    def __init__(
+        self, source: Iterable[Any], make: Callable[[int, Any], Batch], limit: int | None, n_inputs: int
+    ) -> None:
+        self.source, self.make, self.limit, self.n_inputs = source, make, limit, n_inputs
 
     def __iter__(self) -> Iterator[Batch]:
         for i, item in enumerate(islice(self.source, self.limit)):
             yield self.make(i, item)
+
+    def sizes(self) -> Iterator[int]:
+        """The sample count of each batch, in order (one pass over the data's items, nothing copied)."""
+        for i, item in enumerate(islice(self.source, self.limit)):
+            inputs, _ = _split(i, item, self.n_inputs)
+            yield Batch(inputs, None).size
 
     def __len__(self) -> int:
         n = len(self.source)  # type: ignore[arg-type]  # TypeError without one, as the docstring says
@@ -65,7 +75,7 @@ class Batches:
 
 @dataclass(frozen=True)
 class Calibration:
-    """Validated batches (re-iterable, streamed: ``Batches``) and the loss they are scored on
+    """Validated batches (held: a tuple; streamed: ``Batches``) and the loss they are scored on
     (``labelled`` tells which kind)."""
 
     batches: Iterable[Batch]
@@ -74,8 +84,15 @@ class Calibration:
 
     @property
     def samples(self) -> int:
-        """Samples over all batches (one pass over the data)."""
-        return sum(b.size for b in self.batches)
+        """Samples over all batches."""
+        return sum(batch_sizes(self.batches))
+
+
+def batch_sizes(batches: Iterable[Batch]) -> Iterator[int]:
+    """The sample count of each batch: read from held batches, or from a stream's items without copying
+    (``Batches.sizes``) or from anything else that offers ``sizes()``."""
+    sizes = getattr(batches, "sizes", None)
+    return sizes() if callable(sizes) else (b.size for b in batches)
 
 
 def _to(x: Any, device: torch.device) -> Any:
@@ -154,12 +171,12 @@ def make_calibration(
 ) -> Calibration:
     """Validate ``data`` (or fall back to the example input) and fix the loss scores are computed on.
 
-    Streaming: a re-iterable ``data`` (a list, a tuple, a ``DataLoader``: ``iter(data)`` is a new iterator
-    each time) is never held whole. Its batches are copied when a pass reads them (``Batches``), and
-    label-free targets (the original model's outputs, ``model`` in eval mode) are computed then. A list or
-    tuple is validated whole here, so every error about it comes before any work; other re-iterables have
-    their first batch validated here and each later one when a pass reads it. A one-shot iterator (a
-    generator) cannot be read twice: its batches are taken into memory here, as before.
+    Streaming: a re-iterable ``data`` other than a list or tuple (a ``DataLoader``: ``iter(data)`` is a new
+    iterator each time) is never held whole: its first batch is validated here, and every batch is
+    validated and copied when a pass reads it (``Batches``), label-free targets (the original model's
+    outputs, ``model`` in eval mode) computed then. A list or tuple (already in memory) and a one-shot
+    iterator (a generator, which cannot be read twice) are validated and copied here, once, label-free
+    targets computed once, so every error about them comes before any work.
 
     Raises:
         InputError: an empty iterable, a batch of the wrong form, NaN/Inf values, a loss that is not a
@@ -207,9 +224,12 @@ def make_calibration(
             targets = [t.detach() for t in flatten_structure(out, torch.Tensor)]
         return Batch(inputs, targets)
 
-    if isinstance(source, (list, tuple)):
-        _split_all(source, limit, len(example), labelled)  # the form of every batch before any work
-    batches = Batches(source, make, limit)
+    held = isinstance(source, (list, tuple))
+    batches: Iterable[Batch] = (
+        tuple(make(i, item) for i, item in enumerate(islice(source, limit)))
+        if held
+        else Batches(source, make, limit, len(example))
+    )
     if labelled:
         fn = loss_fn or _default_loss
 
@@ -222,19 +242,9 @@ def make_calibration(
                 "to use the label-free output-matching loss"
             )
         loss = _output_matching
-    if isinstance(source, (list, tuple)):
-        for _ in batches:  # every batch checked (values, and a run for label-free ones) before any work
-            pass
     calib = Calibration(batches, loss, labelled)
     _check_loss(model, calib, device)
     return calib
-
-
-def _split_all(items: Sequence[Any], limit: int | None, n_inputs: int, labelled: bool) -> None:
-    """Every batch of a list has the form of a batch and agrees with the first on having targets."""
-    for i, item in enumerate(items[:limit]):
-        if (_split(i, item, n_inputs)[1] is not None) != labelled:
-            raise InputError("data mixes batches with and without targets; give targets for all or none")
 
 
 def _take(data: Iterable[Any], n: int) -> list[Any]:

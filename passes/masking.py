@@ -29,7 +29,7 @@ from fxprune.passes.score import GroupScore, ScorePass
 from fxprune.passes.stats import Reduce, Stat, Sum
 from torch.func import functional_call
 
-from fxprune.calib import Batch, Calibration
+from fxprune.calib import Batch, Calibration, batch_sizes
 from fxprune.data import ChannelGroup
 from fxprune.errors import InputError, NumericalError
 from fxprune.trace import copy_graph_module
@@ -207,8 +207,8 @@ class MaskedLoss:
     def count(self, batches: Iterable[Batch]) -> tuple[int, int]:
         """``(samples, batches)`` in ``batches``, over all processes when ``reduce`` is set."""
         samples = n = 0
-        for b in batches:
-            samples += b.size
+        for size in batch_sizes(batches):  # a stream's sizes are read without copying its batches
+            samples += size
             n += 1
         if self.reduce is None:
             return samples, n
@@ -540,3 +540,6 @@ class FirstBatches:
 
     def __iter__(self) -> Iterator[Batch]:
         return islice(iter(self.source), self.n)
+
+    def sizes(self) -> Iterator[int]:
+        return islice(batch_sizes(self.source), self.n)

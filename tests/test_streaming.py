@@ -94,3 +94,15 @@ def test_a_bad_batch_later_in_a_stream_is_an_input_error_naming_it() -> None:
         fxprune.compile(
             model(), X, 0.5, score="fisher", data=Loader(6, bad=4), progress=False, latency_runs=0
         )
+
+
+def test_counting_a_stream_copies_no_batch() -> None:
+    """The sample count that fixes the scores' normalisers reads batch sizes only: no copy, no model run."""
+    from fxprune.calib import Batches, batch_sizes
+
+    def make(i: int, item: Any) -> Any:
+        raise AssertionError("a batch was made to count samples")
+
+    loader = Loader(5)
+    stream = Batches(loader, make, 4, 1)
+    assert list(batch_sizes(stream)) == [8, 8, 8, 8] and loader.passes == [4]
