@@ -78,7 +78,7 @@ def _score_job(rank: int, world: int, init: str, args: dict[str, Any], out: str)
         r = fxprune.compile(model, x, 0.5, data=shard, compensate="none", verify=False, progress=False)
         row = {"rank": rank, "world": world, "score": r.score, "compile_s": time.perf_counter() - t,
                "scoring_s": r.timings["calibrate"] + r.timings["score"], "peak_mb": _peak_mb(),
-               "kept": {str(k): len(v) for k, v in r.plan.kept.items()}}  # fmt: skip
+               "kept": {str(k): list(v) for k, v in r.plan.kept.items()}}  # fmt: skip
         Path(out, f"rank{rank}.json").write_text(json.dumps(row))
     finally:
         if world > 1:
@@ -145,7 +145,8 @@ def main() -> None:
         for n in (4, 64):
             streams[n].append(_run_stream(n))
             print(f"stream {n} batches: peak {streams[n][-1]['peak_mb']:.0f} MB", flush=True)
-    same_plan = all(run[0]["kept"] == runs[1][0][0]["kept"] for w in (1, 2) for run in runs[w])
+    # the kept channel indices of every rank of every run against the first single-process run
+    same_plan = all(rank["kept"] == runs[1][0][0]["kept"] for w in (1, 2) for run in runs[w] for rank in run)
     one = [r[0]["scoring_s"] for r in runs[1]]
     two = [max(x["scoring_s"] for x in r) for r in runs[2]]  # the slower rank decides
     print(f"\n## Scoring: {a.model} {a.size}x{a.size}, {a.batches} batches of {a.batch_size}, "

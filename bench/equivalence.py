@@ -107,19 +107,6 @@ def _zoo_case(
     return model, x, opts
 
 
-#: tests/test_torchvision.py's models, compiled as that test does (224x224, magnitude, randomize_norms)
-CORE = (
-    "resnet18",
-    "resnet50",
-    "mobilenet_v2",
-    "densenet121",
-    "googlenet",
-    "squeezenet1_1",
-    "vgg11_bn",
-    "alexnet",
-)
-
-
 def _core_case(name: str) -> tuple[torch.nn.Module, torch.Tensor, dict[str, Any]]:
     import torchvision
 
@@ -233,6 +220,9 @@ def main() -> None:
         cases.update({n: (lambda n=n: _torchvision_case(n)) for n in args.models.split(",") if n})
         cases.update({f"{n}-{s}-{c}": (lambda n=n, s=s, c=c: _zoo_case(n, s, c)) for n, s, c in ZOO})
     if args.set in ("core", "all"):
+        sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+        from test_torchvision import MODELS as CORE  # the core CNNs, compiled as that test does
+
         cases.update({f"core-{n}": (lambda n=n: _core_case(n)) for n in CORE})
     if args.set in ("coverage", "all"):
         import torchvision

@@ -239,12 +239,11 @@ class Calibrate(Stage[CompileState]):
         if wants_data or state.method != "none":
             check_runs(state.work, state.example)  # an example error before any data error
             calib = make_calibration(state.work, state.example, o.data, o.loss_fn, max_batches=o.max_batches)
-        score = get_score(
-            auto_score(calib is not None and o.data is not None and calib.labelled)
-            if o.score == AUTO
-            else o.score
-        )
-        score.check_options(dict(o.score_options))
+        if o.score == AUTO:  # the options stage checked an explicit score's options
+            score = get_score(auto_score(calib is not None and o.data is not None and calib.labelled))
+            score.check_options(dict(o.score_options))
+        else:
+            score = get_score(o.score)
         state.calib, state.score_pass = calib, score
 
 
