@@ -92,7 +92,8 @@ def compile(  # noqa: A001 - the product's name for it
     strict: bool = False,
     verify: bool = True,
     rtol: float = 1e-4,
-    latency_runs: int = 10,
+    latency_runs: int = 15,
+    latency_threads: int | None = None,
     pipeline: Pipeline[CompileState] | None = None,
     **score_options: Any,
 ) -> CompileResult:
@@ -132,7 +133,13 @@ def compile(  # noqa: A001 - the product's name for it
         concrete_args: passed to torch.fx to specialise non-tensor forward arguments.
         strict: raise ``UnsupportedOpError`` for an op without a rule instead of pinning its channels.
         verify: export to ONNX and compare ONNX Runtime with eager (``rtol`` x max |output|).
-        latency_runs: ONNX Runtime timing runs for original and pruned (0 to skip timing).
+        latency_runs: the minimum number of ONNX Runtime timing rounds (0 to skip timing). Original and pruned
+            are timed interleaved, one run each per round, after 3 untimed warm-up rounds, until both
+            medians are stable to 1 % or 2 s have passed (at most 400 rounds); ``result.verification.latency``
+            holds medians, quartiles and the median per-round ratio (``fxprune.verify.time_interleaved``).
+        latency_threads: ONNX Runtime intra-op threads for the timing (default: every CPU this process may
+            use, ``fxprune.verify.default_threads``). The timing runs on CUDA when torch sees a GPU and
+            ``onnxruntime-gpu`` is installed, else on the CPU.
         pipeline: the stages to run (default ``fxprune.stages.COMPILE``); a pipeline built from it with a
             stage replaced, e.g. ``COMPILE.replace("select", MySelect())``. It must provide ``result``.
 
@@ -146,7 +153,7 @@ def compile(  # noqa: A001 - the product's name for it
         device=device, seed=seed, progress=progress, max_batches=max_batches, scores=scores,
         min_channels=min_channels, round_to=round_to, cost_exponent=cost_exponent, leaf_modules=leaf_modules,
         concrete_args=concrete_args, strict=strict, verify=verify, rtol=rtol, latency_runs=latency_runs,
-        score_options=score_options,
+        latency_threads=latency_threads, score_options=score_options,
     )  # fmt: skip
     stages = COMPILE if pipeline is None else pipeline
     if not isinstance(stages, Pipeline) or "result" not in stages.provides:

@@ -119,7 +119,8 @@ class CompileOptions:
     strict: bool = False
     verify: bool = True
     rtol: float = 1e-4
-    latency_runs: int = 10
+    latency_runs: int = 15
+    latency_threads: int | None = None
     score_options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -404,7 +405,8 @@ class Verify(_TableStage):
             on_cpu = all(t.device.type == "cpu" for t in example)
             state.verification = verify_onnx(
                 state.pruned, example, state.gm, rtol=o.rtol, latency_runs=o.latency_runs,
-                eager_outputs=state.eager if on_cpu else None, shapes_propagated=True, table=self.ops,
+                latency_threads=o.latency_threads, eager_outputs=state.eager if on_cpu else None,
+                shapes_propagated=True, table=self.ops,
             )  # fmt: skip
 
 
@@ -664,8 +666,8 @@ def _report(r: CompileResult) -> str:
             f"(rel {v.max_rel_error:.3g}, tol {v.rtol:g}) -> {'PASS' if v.passed else 'FAIL'}"
             + (f"; {v.error}" if v.error else "")
         )
-        if v.ort_ms_before is not None and v.ort_ms_after is not None:
-            lines.append(f"latency ORT {v.ort_ms_before:.2f} ms -> {v.ort_ms_after:.2f} ms")
+        if v.latency is not None:
+            lines.append(f"latency {v.latency.summary()}")
     lines.append("timings " + ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items()))
     lines.append("")
     lines.append("## pruned modules (kept / original)")
