@@ -394,8 +394,8 @@ def time_interleaved(
     """Time ONNX Runtime ``sessions`` on ``example`` interleaved; ``times[s][r]``: session ``s``'s run in
     round ``r``, in milliseconds.
 
-    A round runs every session once, in an order rotated by one each round (round ``r`` starts with
-    session ``r mod len(sessions)``), so no session is always first after the pause between rounds, and
+    A round runs every session once, in an order rotated by one each round (round ``r``, warm-up rounds
+    counted, starts with session ``r mod len(sessions)``), so no session is always first after the pause between rounds, and
     load that comes and goes hits every session alike: the per-round ratio ``times[1][r] / times[0][r]``
     compares runs made moments apart. The inputs are converted to numpy once, outside the timed region;
     a timed run is ``session.run(None, feeds)`` from host memory, as a numpy caller deploys it (on CUDA
@@ -431,7 +431,7 @@ def time_interleaved(
     start = clock()
     for r in range(max_runs):
         for k in range(n):
-            s = (r + k) % n
+            s = (warmup + r + k) % n  # the rotation goes on from the warm-up rounds
             t = clock()
             sessions[s].run(None, feeds[s])
             times[s].append((clock() - t) * 1e3)
