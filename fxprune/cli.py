@@ -12,6 +12,7 @@ Errors are one line on stderr: ``fxprune: error: ...``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -119,7 +120,19 @@ def _build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--no-cache", action="store_true", help="retrain instead of reusing cached trained weights"
     )
-    c.add_argument("--latency-runs", type=int, default=20, help="ONNX Runtime timing runs (0: skip timing)")
+    c.add_argument(
+        "--latency-runs",
+        type=int,
+        default=20,
+        help="minimum ONNX Runtime timing rounds, original and pruned interleaved (0: skip timing)",
+    )
+    c.add_argument(
+        "--latency-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ONNX Runtime intra-op threads for the timing (default: every CPU this process may use)",
+    )
     c.add_argument("--round-to", type=int, default=1, help="kept channel counts are multiples of N")
 
     i = sub.add_parser("inspect", parents=[common], help="show channel groups, couplings and pinned channels")
@@ -211,16 +224,36 @@ def _fmt(v: Any, kind: str) -> str:
         return "-"
     if kind == "int":
         return f"{v / 1e6:,.2f}M" if v >= 1e6 else f"{v:,}"
-    if kind == "ms":
-        return f"{v:.2f} ms"
     return f"{v:.4f}"
 
 
-def _table(rows: list[tuple[str, Any, Any, str]]) -> str:
-    lines = [f"{'':16} {'before':>14} {'after':>14} {'ratio':>8}"]
-    for name, b, a, kind in rows:
-        ratio = f"{a / b:.3f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else ""
-        lines.append(f"{name:16} {_fmt(b, kind):>14} {_fmt(a, kind):>14} {ratio:>8}")
+def _row(name: str, b: Any, a: Any, kind: str) -> tuple[str, str, str, str]:
+    """A summary-table row: name, before, after and the ratio after / before (blank without both)."""
+    ratio = f"{a / b:.3f}" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else ""
+    return name, _fmt(b, kind), _fmt(a, kind), ratio
+
+
+def _latency_row(lat: Any) -> tuple[str, str, str, str]:
+    """The ``fxprune.verify.LatencyReport`` row: median [Q1-Q3] before and after, the median per-round
+    ratio [its quartiles], the thread count and provider in the name."""
+
+    def ms(x: float) -> str:  # two decimals; two significant digits below 0.1 ms
+        return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
+
+    def cell(st: Any) -> str:
+        return "-" if st is None else f"{ms(st.median_ms)} ms [{ms(st.q1_ms)}-{ms(st.q3_ms)}]"
+
+    ratio = "" if lat.ratio is None else f"{lat.ratio:.3f} [{lat.ratio_q1:.2f}-{lat.ratio_q3:.2f}]"
+    threads = f"{lat.threads} thread{'s' if lat.threads != 1 else ''}"
+    return f"ORT latency ({lat.provider}, {threads})", cell(lat.before), cell(lat.after), ratio
+
+
+def _table(rows: list[tuple[str, str, str, str]]) -> str:
+    """Rows under a ``before after ratio`` header; the columns widen to their longest cell (latency rows
+    carry quartiles). A latency cell is ``median [Q1-Q3]``, its ratio the median per-round ratio."""
+    w = [max([16 if i == 0 else 14 if i < 3 else 8] + [len(r[i]) for r in rows]) for i in range(4)]
+    lines = [f"{'':{w[0]}} {'before':>{w[1]}} {'after':>{w[2]}} {'ratio':>{w[3]}}"]
+    lines += [f"{n:{w[0]}} {b:>{w[1]}} {a:>{w[2]}} {r:>{w[3]}}" for n, b, a, r in rows]
     return "\n".join(lines)
 
 
@@ -232,6 +265,8 @@ def _compile(args: argparse.Namespace) -> int:
         raise SpecError(f"--out '{out}' exists and is not a directory")
     if args.epochs is not None and args.epochs < 0 or args.calib_samples < 1:
         raise SpecError("--epochs must be >= 0 and --calib-samples >= 1")
+    if args.latency_runs < 0 or args.latency_threads is not None and args.latency_threads < 1:
+        raise SpecError("--latency-runs must be >= 0 (0: no timing) and --latency-threads >= 1")
     t0 = time.perf_counter()
     with _Steps(4 + bool(args.data), args.quiet) as steps:  # load, [data], train/prepare, compile, write
         return _compile_steps(args, steps, out, t0)
@@ -265,7 +300,8 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
     spec.model.eval()
     before = _evaluate(spec.model, data) if data is not None else {}
     kwargs: dict[str, Any] = {
-        "latency_runs": args.latency_runs, "round_to": args.round_to, "progress": not args.quiet,
+        "latency_runs": args.latency_runs, "latency_threads": args.latency_threads, "round_to": args.round_to,
+        "progress": not args.quiet,
     }  # fmt: skip
     if args.score:
         kwargs["score"] = args.score
@@ -301,18 +337,19 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
             "ort_max_rel_error": None if v is None else v.max_rel_error,
             "ort_ms_before": None if v is None else v.ort_ms_before,
             "ort_ms_after": None if v is None else v.ort_ms_after,
+            "latency": None if v is None or v.latency is None else dataclasses.asdict(v.latency),
             "layers": [{"name": n, "before": b, "after": a} for n, b, a in layers],
             "timings": result.timings, "seconds_total": time.perf_counter() - t0,
         }  # fmt: skip
         (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        rows: list[tuple[str, Any, Any, str]] = []
+        rows: list[tuple[str, str, str, str]] = []
         for k in ("accuracy", "loss"):
             if k in before:
-                rows.append((k, before[k], after.get(k), "f"))
-        rows += [("FLOPs", result.flops_before, result.flops_after, "int"),
-                 ("params", result.params_before, result.params_after, "int")]  # fmt: skip
-        if v is not None and (v.ort_ms_before is not None or v.ort_ms_after is not None):
-            rows.append(("ORT latency", v.ort_ms_before, v.ort_ms_after, "ms"))
+                rows.append(_row(k, before[k], after.get(k), "f"))
+        rows += [_row("FLOPs", result.flops_before, result.flops_after, "int"),
+                 _row("params", result.params_before, result.params_after, "int")]  # fmt: skip
+        if v is not None and v.latency is not None:
+            rows.append(_latency_row(v.latency))
         table = _table(rows)
         md = [
             f"# fxprune compile {args.spec}", "",

@@ -93,7 +93,7 @@ def compile(  # noqa: A001 - the product's name for it
     strict: bool = False,
     verify: bool = True,
     rtol: float = 1e-4,
-    latency_runs: int = 10,
+    latency_runs: int = 15,
     latency_threads: int | None = None,
     latency_provider: str | None = None,
     pipeline: Pipeline[CompileState] | None = None,
@@ -145,11 +145,15 @@ def compile(  # noqa: A001 - the product's name for it
         concrete_args: passed to torch.fx to specialise non-tensor forward arguments.
         strict: raise ``UnsupportedOpError`` for an op without a rule instead of pinning its channels.
         verify: export to ONNX and compare ONNX Runtime with eager (``rtol`` x max |output|).
-        latency_runs: ONNX Runtime timing runs for original and pruned (0 to skip timing).
-        latency_threads: ONNX Runtime intra-op threads for every latency measurement (tables and timing;
-            default: the CPUs this process may use), as the model will be deployed.
-        latency_provider: ``"cpu"``, ``"cuda"`` (ONNX Runtime's CUDA EP), or None: CUDA when a GPU and the
-            CUDA EP are present.
+        latency_runs: the minimum number of ONNX Runtime timing rounds (0 to skip timing). Original and pruned
+            are timed interleaved, one run each per round, after 3 untimed warm-up rounds, until both
+            medians are stable to 1 % or 2 s have passed (at most 400 rounds); ``result.verification.latency``
+            holds medians, quartiles and the median per-round ratio (``fxprune.verify.time_interleaved``).
+        latency_threads: ONNX Runtime intra-op threads for every latency measurement, tables and timing
+            (default: every CPU this process may use, ``fxprune.verify.default_threads``), as the model will
+            be deployed.
+        latency_provider: ``"cpu"``, ``"cuda"`` (ONNX Runtime's CUDA EP) or None (default): CUDA when torch
+            sees a GPU and ``onnxruntime-gpu`` is installed, else the CPU.
         pipeline: the stages to run (default ``fxprune.stages.COMPILE``); a pipeline built from it with a
             stage replaced, e.g. ``COMPILE.replace("select", MySelect())``. It must provide ``result``.
 

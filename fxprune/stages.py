@@ -34,6 +34,7 @@ runs it.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -67,9 +68,7 @@ from fxprune.passes.latency import (
     Runtime,
     TableCache,
     build_latency_model,
-    default_threads,
     group_alignment,
-    ort_provider,
     probe,
     resolve_latency_target,
     time_ms,
@@ -83,7 +82,7 @@ from fxprune.passes.stats import Reduce, process_group_sum, process_rank
 from fxprune.pipeline import UNSET, Pipeline, PipelineState, Stage
 from fxprune.select import resolve_target, select
 from fxprune.trace import copy_graph_module, shape_propagate, trace
-from fxprune.verify import Verification, export_onnx, verify_onnx
+from fxprune.verify import Verification, default_threads, export_onnx, ort_provider, verify_onnx
 
 __all__ = [
     "ANALYSE",
@@ -136,7 +135,7 @@ class CompileOptions:
     strict: bool = False
     verify: bool = True
     rtol: float = 1e-4
-    latency_runs: int = 10
+    latency_runs: int = 15
     latency_threads: int | None = None
     latency_provider: str | None = None
     score_options: Mapping[str, Any] = field(default_factory=dict)
@@ -484,7 +483,18 @@ class Verify(_TableStage):
     then ONNX Runtime against eager (``fxprune.verify.verify_onnx``)."""
 
     name = "verify"
-    requires = ("gm", "pruned", "work", "example", "eager", "changed", "options")
+    requires = (
+        "gm",
+        "pruned",
+        "work",
+        "example",
+        "eager",
+        "changed",
+        "options",
+        "latency_model",
+        "dep",
+        "kept",
+    )
     provides = ("changed", "verification")
 
     def run(self, state: CompileState) -> None:
@@ -500,8 +510,14 @@ class Verify(_TableStage):
             on_cpu = all(t.device.type == "cpu" for t in example)
             state.verification = verify_onnx(
                 state.pruned, example, state.gm, rtol=o.rtol, latency_runs=o.latency_runs,
+                latency_threads=o.latency_threads, provider=o.latency_provider,
                 eager_outputs=state.eager if on_cpu else None, shapes_propagated=True, table=self.ops,
             )  # fmt: skip
+            v, model = state.verification, state.latency_model
+            if model is not None and v.latency is not None:  # the tables' prediction beside the measurement
+                sizes = {g.id: g.size for g in state.dep.groups} | {g: len(k) for g, k in state.kept.items()}
+                latency = dataclasses.replace(v.latency, predicted_ms=model.predict_ms(sizes))
+                state.verification = dataclasses.replace(v, latency=latency)
 
 
 class Result(Stage[CompileState]):
@@ -792,12 +808,13 @@ def _report(r: CompileResult) -> str:
             f"(rel {v.max_rel_error:.3g}, tol {v.rtol:g}) -> {'PASS' if v.passed else 'FAIL'}"
             + (f"; {v.error}" if v.error else "")
         )
-        if v.ort_ms_before is not None and v.ort_ms_after is not None:
-            lines.append(f"latency ORT {v.ort_ms_before:.2f} ms -> {v.ort_ms_after:.2f} ms")
+        if v.latency is not None:
+            lines.append(f"latency {v.latency.summary()}")
     if r.latency_model is not None:
         m = r.latency_model
         lines.append(
-            f"latency target {r.target_latency_ms:.3f} ms, predicted {r.predicted_latency_ms:.3f} ms; {m.summary()}"
+            f"latency target {r.target_latency_ms:.3f} ms, predicted {r.predicted_latency_ms:.3f} ms "
+            f"({r.predicted_latency_ms / m.full_ms:.3f} of the original); {m.summary()}"
         )
     lines.append("timings " + ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items()))
     lines.append("")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import io
 import logging
+import math
+import os
 import statistics
 import time
 import warnings
@@ -21,9 +23,112 @@ from fxprune.onnx_writer import Unsupported, write_onnx
 from fxprune.passes.family import OpTable
 from fxprune.trace import detached_caches, fold_parametrizations, is_container_call, mha_slow_path
 
-__all__ = ["Verification", "export_onnx", "flatten_outputs", "masked_model", "ort_session", "verify_onnx"]
+__all__ = [
+    "LatencyReport",
+    "LatencyStats",
+    "Verification",
+    "default_threads",
+    "export_onnx",
+    "flatten_outputs",
+    "latency_report",
+    "masked_model",
+    "median_ci",
+    "ort_provider",
+    "ort_session",
+    "session_provider",
+    "time_interleaved",
+    "verify_onnx",
+]
 
 log = logging.getLogger(__name__)
+
+
+def _quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(Q1, median, Q3) of ``xs`` by linear interpolation between order statistics (``numpy.percentile``'s
+    default; ``statistics.quantiles(method="inclusive")``). One value is its own three quartiles."""
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _ms(x: float) -> str:
+    """Milliseconds with two decimals, more below 0.1 ms so that a small model's figure keeps two digits."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.3f}" if x >= 0.01 else f"{x:.2g}"
+
+
+@dataclass(frozen=True)
+class LatencyStats:
+    """The spread of one model's timed runs: median and quartiles (ms) of ``runs`` runs."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    runs: int
+
+    @property
+    def iqr_ms(self) -> float:
+        """The interquartile range ``q3_ms - q1_ms``: where the middle half of the runs fell."""
+        return self.q3_ms - self.q1_ms
+
+    @classmethod
+    def of(cls, times_ms: Sequence[float]) -> LatencyStats:
+        """The statistics of ``times_ms`` (at least one run).
+
+        Raises:
+            InputError: ``times_ms`` is empty.
+        """
+        if not times_ms:
+            raise InputError("LatencyStats.of(times_ms) needs at least one timed run; got none")
+        q1, med, q3 = _quartiles(list(times_ms))
+        return cls(med, q1, q3, len(times_ms))
+
+
+@dataclass(frozen=True)
+class LatencyReport:
+    """ONNX Runtime latency of the original (``before``) and the compiled model (``after``), timed
+    interleaved in the same rounds (``time_interleaved``) after ``warmup`` untimed rounds, in sessions at the
+    ``"all"`` optimisation level with ``threads`` intra-op threads on ``provider`` (``"cpu"`` or
+    ``"cuda"``).
+
+    ``ratio`` is the median over rounds of the paired ratio ``after[r] / before[r]`` (both timed in round
+    ``r``, so load that drifts between rounds cancels), with its quartiles ``ratio_q1``/``ratio_q3``; it is
+    not ``after.median_ms / before.median_ms``, though close to it on a quiet machine. ``before`` and the
+    ratio are None when the original model could not be exported or timed (the compiled one was then
+    timed alone). ``predicted_ms``: the compiled model's latency as a latency cost model predicts it, when
+    one filled it in (else None).
+    """
+
+    before: LatencyStats | None
+    after: LatencyStats
+    threads: int
+    provider: str
+    warmup: int
+    ratio: float | None
+    ratio_q1: float | None
+    ratio_q3: float | None
+    predicted_ms: float | None = None
+
+    def summary(self) -> str:
+        """One line, e.g. ``ORT (cpu, 1 thread): 1.16 ms [IQR 1.12-1.20] -> 0.90 ms [0.88-0.93], ratio
+        0.78 [0.76-0.80], 60 interleaved runs`` (``[a-b]``: the quartiles); the compiled model alone when
+        ``before`` is None; ``; predicted 0.91 ms`` appended when ``predicted_ms`` is set."""
+        a = self.after
+        head = f"ORT ({self.provider}, {self.threads} thread{'s' if self.threads != 1 else ''}): "
+        if self.before is None:
+            line = f"{head}{_ms(a.median_ms)} ms [IQR {_ms(a.q1_ms)}-{_ms(a.q3_ms)}], {a.runs} runs"
+        else:
+            b = self.before
+            line = (
+                f"{head}{_ms(b.median_ms)} ms [IQR {_ms(b.q1_ms)}-{_ms(b.q3_ms)}] -> {_ms(a.median_ms)} ms "
+                f"[{_ms(a.q1_ms)}-{_ms(a.q3_ms)}]"
+            )
+            if self.ratio is not None:
+                line += f", ratio {self.ratio:.2f} [{self.ratio_q1:.2f}-{self.ratio_q3:.2f}]"
+            line += f", {a.runs} interleaved runs"
+        if self.predicted_ms is not None:
+            line += f"; predicted {_ms(self.predicted_ms)} ms"
+        return line
 
 
 @dataclass(frozen=True)
@@ -32,6 +137,8 @@ class Verification:
 
     ``max_abs_error`` is the largest |ORT - eager| over all outputs; ``max_rel_error`` divides it by
     max |eager output|. ``passed`` is ``max_abs_error <= rtol * max|output|`` (``rtol`` recorded).
+    ``latency``: the timing (``LatencyReport``) when it was asked for and ran; ``ort_ms_before`` and
+    ``ort_ms_after`` are its medians (kept for callers that read them).
     """
 
     passed: bool
@@ -43,6 +150,7 @@ class Verification:
     ort_ms_before: float | None
     ort_ms_after: float | None
     error: str | None = None
+    latency: LatencyReport | None = None
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -142,19 +250,73 @@ _ORT_LEVELS = {
 }
 
 
+#: ``ort_provider``'s names -> ONNX Runtime's execution providers, in priority order
+_ORT_PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+
+
+def ort_provider(requested: str | None) -> str:
+    """The execution provider a session runs on: ``"cpu"`` or ``"cuda"``.
+
+    Cases:
+        1. ``requested="cpu"``: ``"cpu"``.
+        2. ``requested="cuda"``: ``"cuda"`` when ``onnxruntime.get_available_providers()`` lists
+           ``CUDAExecutionProvider`` (``onnxruntime-gpu``); else an ``InputError``.
+        3. ``requested=None`` (auto): ``"cuda"`` when torch sees a GPU (``torch.cuda.is_available()``) and
+           ONNX Runtime has the CUDA provider, else ``"cpu"``.
+
+    Raises:
+        InputError: ``requested`` is none of these, or ``"cuda"`` without ONNX Runtime's CUDA provider.
+    """
+    import onnxruntime as ort
+
+    if requested not in (None, "cpu", "cuda"):
+        raise InputError(f"provider={requested!r}: choose 'cpu', 'cuda' or None (CUDA when available)")
+    available = ort.get_available_providers()
+    has_cuda = "CUDAExecutionProvider" in available
+    if requested == "cuda" and not has_cuda:
+        raise InputError(
+            f"provider='cuda', but this ONNX Runtime has no CUDAExecutionProvider (it has "
+            f"{', '.join(available)}). Fix: install onnxruntime-gpu built for your CUDA version, or pass "
+            "provider='cpu' (or None: CUDA when available)"
+        )
+    if requested is not None:
+        return requested
+    return "cuda" if has_cuda and torch.cuda.is_available() else "cpu"
+
+
+def default_threads() -> int:
+    """The CPUs this process may run on (``os.sched_getaffinity``; ``os.cpu_count()`` where the platform
+    lacks it): the intra-op thread count latencies are timed with unless told otherwise."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def ort_session(
     onnx_bytes: bytes,
     optimization: str = "all",
     externals: Mapping[str, np.ndarray] | None = None,
     threads: int | None = None,
+    provider: str | None = None,
 ) -> Any:
-    """A CPU ONNX Runtime session. ``optimization`` is the graph optimisation level: ``"all"`` (ORT's
+    """An ONNX Runtime session. ``optimization`` is the graph optimisation level: ``"all"`` (ORT's
     default, as deployed: with layout transformations), ``"extended"``, ``"basic"`` (constant folding,
     redundant-node elimination and semantics-preserving fusions only) or ``"none"``. ``externals``: the
     initializers ``fxprune.onnx_writer.write_onnx(..., external=True)`` left out of the model.
-    ``threads``: intra-op threads (default: ONNX Runtime's, one per physical core)."""
+    ``threads``: intra-op threads (default: ONNX Runtime's, one per physical core). ``provider``:
+    ``"cpu"``, ``"cuda"`` or None (``ort_provider``: CUDA when torch sees a GPU and ONNX Runtime has the
+    CUDA provider, else CPU). ``session.get_providers()[0]`` says where it runs: ONNX Runtime falls back
+    to the CPU when its CUDA provider fails to load, which is reported (a warning) on auto.
+
+    Raises:
+        InputError: an unknown ``provider``, or ``provider="cuda"`` where ONNX Runtime cannot run CUDA.
+    """
     import onnxruntime as ort
 
+    name = ort_provider(provider)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if threads is not None:
@@ -164,7 +326,21 @@ def ort_session(
         opts.add_external_initializers(
             list(externals), [ort.OrtValue.ortvalue_from_numpy(a) for a in externals.values()]
         )
-    return ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(onnx_bytes, opts, providers=_ORT_PROVIDERS[name])
+    if name == "cuda" and session_provider(sess) != "cuda":
+        if provider == "cuda":
+            raise InputError(
+                "provider='cuda', but ONNX Runtime could not load its CUDA provider and fell back to the CPU. "
+                "Fix: install the CUDA and cuDNN versions your onnxruntime-gpu was built for, or pass "
+                "provider='cpu'"
+            )
+        log.warning("ONNX Runtime could not load its CUDA provider; the session runs on the CPU")
+    return sess
+
+
+def session_provider(sess: Any) -> str:
+    """``"cuda"`` when ONNX Runtime session ``sess`` runs on its CUDA provider, else ``"cpu"``."""
+    return "cuda" if sess.get_providers()[:1] == ["CUDAExecutionProvider"] else "cpu"
 
 
 def _ort_run(sess: Any, example: Sequence[torch.Tensor]) -> list[np.ndarray]:
@@ -172,14 +348,109 @@ def _ort_run(sess: Any, example: Sequence[torch.Tensor]) -> list[np.ndarray]:
     return sess.run(None, feeds)
 
 
-def _latency_ms(sess: Any, example: Sequence[torch.Tensor], runs: int) -> float:
-    _ort_run(sess, example)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        _ort_run(sess, example)
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+#: two-sided 95 % normal quantile, for the order-statistic confidence interval of a median
+_Z95 = 1.959963984540054
+
+
+def median_ci(times: Sequence[float]) -> tuple[float, float]:
+    """A distribution-free 95 % confidence interval of the median of ``times``: the order statistics
+    ``x_(j) <= median <= x_(k)`` (1-based ranks, sorted sample of size ``n``) with
+
+        j = max(1, floor((n - 1.96 sqrt(n)) / 2)),   k = min(n, ceil(1 + (n + 1.96 sqrt(n)) / 2))
+
+    (the normal approximation of the binomial count of samples below the median; Conover, *Practical
+    Nonparametric Statistics*, 3.2). It assumes nothing about the shape of the distribution, so the long
+    right tail of timings (a preempted run) widens it only by a rank or two. E.g. ``n = 15``: ``[x_(3),
+    x_(13)]``; ``n = 100``: ``[x_(40), x_(61)]``. Empty ``times``: ``(nan, nan)``.
+    """
+    n = len(times)
+    if n == 0:
+        return math.nan, math.nan
+    xs = sorted(times)
+    half = _Z95 * math.sqrt(n)
+    j = max(1, math.floor((n - half) / 2))
+    k = min(n, math.ceil(1 + (n + half) / 2))
+    return xs[j - 1], xs[k - 1]
+
+
+def _stable(times: Sequence[float], rel_ci: float) -> bool:
+    """Whether both ends of ``median_ci(times)`` lie within ``rel_ci`` x median of the median."""
+    lo, hi = median_ci(times)
+    med = statistics.median(times)
+    return max(med - lo, hi - med) <= rel_ci * abs(med)
+
+
+def time_interleaved(
+    sessions: Sequence[Any],
+    example: Sequence[torch.Tensor],
+    *,
+    warmup: int = 3,
+    min_runs: int = 15,
+    max_runs: int = 400,
+    max_seconds: float = 2.0,
+    rel_ci: float = 0.01,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[list[float]]:
+    """Time ONNX Runtime ``sessions`` on ``example`` interleaved; ``times[s][r]``: session ``s``'s run in
+    round ``r``, in milliseconds.
+
+    A round runs every session once, in an order rotated by one each round (round ``r``, warm-up rounds
+    counted, starts with session ``r mod len(sessions)``), so no session is always first after the pause between rounds, and
+    load that comes and goes hits every session alike: the per-round ratio ``times[1][r] / times[0][r]``
+    compares runs made moments apart. The inputs are converted to numpy once, outside the timed region;
+    a timed run is ``session.run(None, feeds)`` from host memory, as a numpy caller deploys it (on CUDA
+    that includes the copies to and from the device).
+
+    Cases:
+        1. ``warmup`` untimed rounds first (ONNX Runtime allocates its arenas and, on CUDA, picks kernels
+           on the first runs).
+        2. Then timed rounds until ``max_runs`` rounds are done, or at least ``min_runs`` are and either
+           ``max_seconds`` have passed since the first timed round or every session's median is stable:
+           both ends of its distribution-free 95 % confidence interval (``median_ci``) lie within
+           ``rel_ci`` (default 1 %) of it. ``max_runs`` below ``min_runs`` counts as ``min_runs``.
+
+    ``clock`` (seconds; default ``time.perf_counter``) is read around every run; a test passes a fake.
+
+    Raises:
+        InputError: no sessions, a negative ``warmup`` or a ``min_runs`` below 1.
+    """
+    if not sessions or warmup < 0 or min_runs < 1:
+        raise InputError(
+            f"time_interleaved needs at least one session, warmup >= 0 and min_runs >= 1; got "
+            f"{len(sessions)} sessions, warmup={warmup}, min_runs={min_runs}"
+        )
+    arrays = [t.detach().cpu().numpy() for t in example]
+    feeds = [{i.name: a for i, a in zip(s.get_inputs(), arrays, strict=False)} for s in sessions]
+    n = len(sessions)
+    max_runs = max(max_runs, min_runs)
+    times: list[list[float]] = [[] for _ in sessions]
+    for r in range(warmup):
+        for k in range(n):
+            s = (r + k) % n
+            sessions[s].run(None, feeds[s])
+    start = clock()
+    for r in range(max_runs):
+        for k in range(n):
+            s = (warmup + r + k) % n  # the rotation goes on from the warm-up rounds
+            t = clock()
+            sessions[s].run(None, feeds[s])
+            times[s].append((clock() - t) * 1e3)
+        if r + 1 >= min_runs and (clock() - start >= max_seconds or all(_stable(ts, rel_ci) for ts in times)):
+            break
+    return times
+
+
+def latency_report(
+    times: Sequence[Sequence[float]], *, threads: int, provider: str, warmup: int
+) -> LatencyReport:
+    """The ``LatencyReport`` of ``time_interleaved``'s ``times``: ``[before, after]`` (paired by round),
+    or ``[after]`` alone (the original could not be timed: ``before`` and the ratio are None)."""
+    after = LatencyStats.of(times[-1])
+    if len(times) == 1:
+        return LatencyReport(None, after, threads, provider, warmup, None, None, None)
+    ratios = [a / b for b, a in zip(times[0], times[-1], strict=True) if b > 0]
+    q1, med, q3 = _quartiles(ratios) if ratios else (None, None, None)
+    return LatencyReport(LatencyStats.of(times[0]), after, threads, provider, warmup, med, q1, q3)
 
 
 def _compare(got: list[np.ndarray], ref: list[np.ndarray]) -> tuple[float, float, str | None]:
@@ -208,7 +479,9 @@ def verify_onnx(
     *,
     rtol: float = 1e-4,
     opset: int = 18,
-    latency_runs: int = 10,
+    latency_runs: int = 15,
+    latency_threads: int | None = None,
+    provider: str | None = None,
     eager_outputs: Any = None,
     shapes_propagated: bool = False,
     table: OpTable | None = None,
@@ -223,11 +496,29 @@ def verify_onnx(
     folding, redundant-node elimination and semantics-preserving fusions such as Conv+BatchNorm, no layout
     transformations); its session builds about a third faster than at the default level, and runs with
     torch's thread count (``torch.get_num_threads()``: ONNX Runtime's own pool, one thread per core and
-    spinning, made a one-off check several times slower on a busy machine). Latencies are
-    timed in sessions at the default level (``"all"``), as deployed, built only when ``latency_runs`` > 0.
+    spinning, made a one-off check several times slower on a busy machine), always on the CPU.
+
+    Latency (``latency_runs`` > 0; 0 skips it): original and pruned are timed *interleaved*
+    (``time_interleaved``: 3 untimed warm-up rounds, then rounds of one run each in alternating order,
+    at least ``latency_runs`` of them, until both medians are stable to 1 % or 2 s have passed, at most
+    400) in sessions at the default level (``"all"``, as deployed) with ``latency_threads`` intra-op
+    threads (default ``default_threads()``: the CPUs this process may use) on ``provider`` (``"cpu"``,
+    ``"cuda"``, or None: CUDA when available, ``ort_provider``). ``latency`` reports medians, quartiles
+    and the median per-round ratio (``LatencyReport``); ``ort_ms_before``/``ort_ms_after`` are the
+    medians. Should the original fail to export or run, the pruned model is timed alone.
     ``eager_outputs``: ``pruned(*example)`` on the CPU if the caller already has it (saves one forward);
     ``shapes_propagated``: the caller has just run ``fxprune.trace.shape_propagate(pruned, example)``.
     """
+    if latency_runs < 0:
+        raise InputError(
+            f"latency_runs={latency_runs}: pass the minimum number of timed rounds, or 0 to skip timing"
+        )
+    if latency_threads is not None and (not isinstance(latency_threads, int) or latency_threads < 1):
+        raise InputError(
+            f"latency_threads={latency_threads!r}: pass a thread count >= 1, or None for all CPUs"
+        )
+    if latency_runs:
+        ort_provider(provider)  # an unusable provider is the caller's error, before any work
     example = tuple(t.detach().cpu() for t in example)
     pruned = pruned.cpu()
     eager = pruned(*example) if eager_outputs is None else eager_outputs
@@ -238,7 +529,7 @@ def verify_onnx(
             blob, externals = write_onnx(
                 pruned, None if shapes_propagated else example, external=True, table=table
             )
-            sess = ort_session(blob, "basic", externals, threads=torch.get_num_threads())
+            sess = ort_session(blob, "basic", externals, threads=torch.get_num_threads(), provider="cpu")
             abs_err, scale, why = _compare(_ort_run(sess, example), ref)
             if why is None and abs_err <= rtol * max(scale, 1e-12):
                 outcome = (blob, externals, "fxprune", abs_err, scale)
@@ -252,7 +543,7 @@ def verify_onnx(
     if outcome is None:
         try:
             blob, exporter = export_onnx(pruned, example, opset, exporter="torchscript")  # or dynamo
-            sess = ort_session(blob, "basic", threads=torch.get_num_threads())
+            sess = ort_session(blob, "basic", threads=torch.get_num_threads(), provider="cpu")
             got = _ort_run(sess, example)
         except Exception as exc:
             return Verification(False, float("inf"), float("inf"), rtol, "none", opset, None, None, str(exc))
@@ -262,25 +553,58 @@ def verify_onnx(
         outcome = (blob, {}, exporter, abs_err, scale)
     blob, externals, exporter, abs_err, scale = outcome
     rel = abs_err / scale if scale > 0 else abs_err
-    ms_after = None
+    passed = abs_err <= rtol * max(scale, 1e-12)
+    latency = None
     if latency_runs:
-        try:
-            ms_after = _latency_ms(ort_session(blob, "all", externals), example, latency_runs)
-        except Exception as exc:  # the check passed at "basic"; only the deployed-level timing failed
-            log.warning("could not time the compiled model in ONNX Runtime: %s", exc)
-    ms_before = None
-    if original is not None and latency_runs:
-        try:
-            ms_before = _latency_ms(
-                ort_session(export_onnx(original.cpu(), example, opset, table=table)[0]),
-                example,
-                latency_runs,
-            )
-        except Exception as exc:  # the original may use ops the exporter lacks; that is not our failure
-            log.warning("could not time the original model in ONNX Runtime: %s", exc)
+        latency = _time_models(blob, externals, original, example, opset, table, latency_runs,
+                               latency_threads or default_threads(), provider)  # fmt: skip
     return Verification(
-        abs_err <= rtol * max(scale, 1e-12), abs_err, rel, rtol, exporter, opset, ms_before, ms_after
-    )
+        passed, abs_err, rel, rtol, exporter, opset,
+        None if latency is None or latency.before is None else latency.before.median_ms,
+        None if latency is None else latency.after.median_ms,
+        latency=latency,
+    )  # fmt: skip
+
+
+def _time_models(
+    blob: bytes,
+    externals: Mapping[str, np.ndarray],
+    original: torch.nn.Module | None,
+    example: tuple[torch.Tensor, ...],
+    opset: int,
+    table: OpTable | None,
+    min_runs: int,
+    threads: int,
+    provider: str | None,
+) -> LatencyReport | None:
+    """``verify_onnx``'s timing: original (when it exports and runs) and pruned interleaved, or the
+    pruned one alone; None (with a warning) when the pruned one cannot be timed. Provider errors raise."""
+    try:
+        after = ort_session(blob, "all", externals, threads=threads, provider=provider)
+    except InputError:
+        raise
+    except Exception as exc:  # the check passed at "basic"; only the deployed-level session failed
+        log.warning("could not time the compiled model in ONNX Runtime: %s", exc)
+        return None
+    sessions = [after]
+    if original is not None:
+        try:
+            before = ort_session(export_onnx(original.cpu(), example, opset, table=table)[0], "all",
+                                 threads=threads, provider=provider)  # fmt: skip
+            before.run(None, {i.name: t.numpy() for i, t in zip(before.get_inputs(), example, strict=False)})
+            sessions.insert(0, before)
+        except InputError:
+            raise
+        except Exception as exc:  # the original may use ops the exporter lacks; that is not our failure
+            log.warning("could not time the original model in ONNX Runtime (timing the compiled one alone): "
+                        "%s", exc)  # fmt: skip
+    warmup = 3
+    try:
+        times = time_interleaved(sessions, example, warmup=warmup, min_runs=min_runs)
+    except Exception as exc:
+        log.warning("could not time the models in ONNX Runtime: %s", exc)
+        return None
+    return latency_report(times, threads=threads, provider=session_provider(after), warmup=warmup)
 
 
 def masked_model(

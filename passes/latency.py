@@ -47,6 +47,7 @@ from fxprune.passes.cost import CostModel
 
 from fxprune.data import META_FLOPS, META_VALUE, ChannelGroup, TensorValue
 from fxprune.errors import InputError, TargetError
+from fxprune.verify import ort_session
 
 __all__ = [
     "CACHE_ENV",
@@ -60,9 +61,7 @@ __all__ = [
     "alignment_from",
     "build_latency_model",
     "cache_dir",
-    "default_threads",
     "group_alignment",
-    "ort_provider",
     "probe",
     "probe_times",
     "resolve_latency_target",
@@ -131,13 +130,8 @@ class Runtime:
         )
 
     def session(self, blob: bytes) -> Any:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = self.threads
-        opts.inter_op_num_threads = 1
-        return ort.InferenceSession(blob, opts, providers=self.providers())
+        """A session at ONNX Runtime's default (deployed) optimisation level on this runtime."""
+        return ort_session(blob, "all", threads=self.threads, provider=self.provider)
 
 
 def _time_session(sess: Any, feeds: Mapping[str, np.ndarray], min_runs: int = 5, min_ms: float = 30.0,
@@ -471,32 +465,6 @@ def _signature(gm: fx.GraphModule, node: fx.Node) -> tuple[OpSignature, str] | N
             sig = OpSignature("linear", m.in_features, m.out_features, 1, (), (), (), (), shape, value.dtype)
             return sig, f"{node.target}.weight"
     return None
-
-
-def default_threads() -> int:
-    """The CPUs this process may run on: the intra-op thread count latency is measured with by default."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def ort_provider(requested: str | None) -> str:
-    """``"cuda"`` or ``"cpu"``: ``requested``, or with ``None`` the CUDA EP when torch sees a GPU and ONNX
-    Runtime has the CUDA EP, else the CPU EP. An explicit ``"cuda"`` without the EP is an ``InputError``."""
-    import onnxruntime as ort
-
-    has_ep = "CUDAExecutionProvider" in ort.get_available_providers()
-    if requested is None:
-        return "cuda" if has_ep and torch.cuda.is_available() else "cpu"
-    if requested not in ("cpu", "cuda"):
-        raise InputError(f"latency_provider={requested!r}: choose 'cpu', 'cuda' or None (CUDA when present)")
-    if requested == "cuda" and not has_ep:
-        raise InputError(
-            "latency_provider='cuda' but this ONNX Runtime has no CUDAExecutionProvider; install "
-            "onnxruntime-gpu, or pass latency_provider='cpu'"
-        )
-    return requested
 
 
 def time_ms(sess: Any, example: Sequence[torch.Tensor]) -> float:

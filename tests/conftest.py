@@ -180,7 +180,9 @@ def latency_cache(tmp_path_factory: pytest.TempPathFactory) -> object:
     is measured in tests/test_latency.py."""
     import os
 
-    from fxprune.passes.latency import CACHE_ENV, Runtime, TableCache, default_threads
+    from fxprune.passes.latency import CACHE_ENV, Runtime, TableCache
+
+    from fxprune.verify import default_threads
 
     path = tmp_path_factory.mktemp("fxprune-cache")
     os.environ[CACHE_ENV] = str(path)  # subprocesses (CLI, torchrun) inherit it

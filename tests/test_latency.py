@@ -22,9 +22,7 @@ from fxprune.passes.latency import (
     TableCache,
     alignment_from,
     build_latency_model,
-    default_threads,
     group_alignment,
-    ort_provider,
     probe,
     probe_times,
     resolve_latency_target,
@@ -35,6 +33,7 @@ import fxprune
 from fxprune.data import ChannelGroup
 from fxprune.errors import InputError, TargetError
 from fxprune.select import select
+from fxprune.verify import default_threads, ort_provider
 
 
 def _times(align: int, block: int, slow: float) -> dict[str, dict[int, float]]:
@@ -118,7 +117,7 @@ def test_provider_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(InputError, match="onnxruntime-gpu"):
         ort_provider("cuda")
-    with pytest.raises(InputError, match="latency_provider"):
+    with pytest.raises(InputError, match="provider='tpu'"):
         ort_provider("tpu")
 
 
