@@ -97,11 +97,15 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks of unexpected errors")
 
     c = sub.add_parser("compile", parents=[common], help="prune a model and write deployable artefacts")
-    c.add_argument(
-        "--target-flops",
-        type=float,
-        required=True,
-        help="fraction of FLOPs to keep (0, 1], or absolute count",
+    target = c.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--target-flops", type=float, help="fraction of FLOPs to keep (0, 1], or absolute count"
+    )
+    target.add_argument(
+        "--target-latency",
+        metavar="T",
+        help="instead: fraction (0, 1] of the original's ONNX Runtime latency, or milliseconds such as 3.5ms "
+        "(per-op latency tables are measured once per machine and cached)",
     )
     c.add_argument("--out", required=True, help="output directory (created)")
     c.add_argument("--score", default=None, help="scoring pass (default: fxprune.compile's default)")
@@ -133,7 +137,18 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="ONNX Runtime intra-op threads for the timing (default: every CPU this process may use)",
     )
-    c.add_argument("--round-to", type=int, default=1, help="kept channel counts are multiples of N")
+    c.add_argument(
+        "--round-to",
+        type=int,
+        default=None,
+        help="kept channel counts are multiples of N (default: the runtime's measured alignment; 1: any)",
+    )
+    c.add_argument(
+        "--latency-provider",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="ONNX Runtime provider for the latency tables and timing (default: cuda when present, else cpu)",
+    )
 
     i = sub.add_parser("inspect", parents=[common], help="show channel groups, couplings and pinned channels")
     i.add_argument("--format", choices=("text", "dot", "html", "json"), default="text")
@@ -274,6 +289,7 @@ def _compile(args: argparse.Namespace) -> int:
 
 def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float) -> int:
     import fxprune
+    from fxprune.passes.latency import resolve_latency_target
     from fxprune.plot import layer_widths, write_plots
     from fxprune.select import resolve_target
     from fxprune.specs import load_data, load_spec
@@ -290,7 +306,14 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
         example = spec.example_input
     # argument errors before any heavy work: does the model run, is the target reachable in form
     flops = fxprune.count_flops(spec.model.eval(), example) if _runs(spec.model, example) else 0
-    resolve_target(args.target_flops, max(flops, 1))
+    if args.target_latency is not None:
+        text: str = args.target_latency
+        target_latency: float | str = (
+            float(text) if text.replace(".", "", 1).isdigit() else text
+        )  # or "3.5ms"
+        resolve_latency_target(target_latency, None)
+    else:
+        resolve_target(args.target_flops, max(flops, 1))
     epochs = args.epochs if args.epochs is not None else (5 if args.data == "digits" else 0)
     source = "as built (untrained)"
     training = data is not None and bool(epochs)
@@ -301,6 +324,7 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
     before = _evaluate(spec.model, data) if data is not None else {}
     kwargs: dict[str, Any] = {
         "latency_runs": args.latency_runs, "latency_threads": args.latency_threads, "round_to": args.round_to,
+        "latency_provider": args.latency_provider,
         "progress": not args.quiet,
     }  # fmt: skip
     if args.score:
@@ -312,6 +336,8 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
     with steps.step("compile"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            if args.target_latency is not None:
+                kwargs["target_latency"] = target_latency
             result = fxprune.compile(spec.model, example, args.target_flops, **kwargs)
         except fxprune.VerificationError as exc:  # write the artefacts anyway; the exit code reports it
             assert isinstance(exc.result, fxprune.CompileResult)
@@ -329,7 +355,8 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
         v = result.verification
         report = {
             "spec": args.spec, "data": args.data, "model_source": source, "score": result.score,
-            "target_flops": args.target_flops, "flops_before": result.flops_before,
+            "target_flops": args.target_flops, "target_latency": args.target_latency,
+            "predicted_latency_ms": result.predicted_latency_ms, "flops_before": result.flops_before,
             "flops_after": result.flops_after, "flops_ratio": result.flops_ratio,
             "params_before": result.params_before, "params_after": result.params_after,
             "params_ratio": result.params_ratio, "metrics_before": before, "metrics_after": after,
@@ -353,7 +380,8 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
         table = _table(rows)
         md = [
             f"# fxprune compile {args.spec}", "",
-            f"target FLOPs {args.target_flops}, data {args.data or 'none'}, model {source}", "",
+            f"target {'FLOPs ' + str(args.target_flops) if args.target_latency is None else 'latency ' + args.target_latency}, "
+            f"data {args.data or 'none'}, model {source}", "",
             "```", table, "```", "", "![kept channels per layer](kept_channels.png)", "",
             "## layers (output channels kept / original)", "",
             *[f"{i}. `{n}`: {a} / {b}" for i, (n, b, a) in enumerate(layers)], "",

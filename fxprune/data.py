@@ -6,8 +6,10 @@ Metadata keys written into ``node.meta`` are the module constants ``META_*`` bel
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = [
@@ -24,11 +26,19 @@ __all__ = [
     "PrunePlan",
     "Site",
     "TensorValue",
+    "cache_dir",
     "drop_metadata",
     "flatten_structure",
     "output_differences",
     "output_signature",
 ]
+
+
+def cache_dir() -> Path:
+    """fxprune's cache on disk (trained demo weights, latency tables): ``$FXPRUNE_CACHE``, else
+    ``~/.cache/fxprune``."""
+    return Path(os.environ.get("FXPRUNE_CACHE") or Path.home() / ".cache" / "fxprune")
+
 
 #: ``TensorValue`` (or a tuple of them / None) describing a node's output, written by shape propagation.
 META_VALUE = "fxprune.value"

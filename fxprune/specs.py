@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fxprune.data import cache_dir as data_cache_dir
 from fxprune.errors import InputError
 
 __all__ = ["Dataset", "ModelSpec", "SpecError", "cache_dir", "load_data", "load_spec"]
@@ -224,5 +224,6 @@ def load_data(arg: str) -> Dataset:
 
 
 def cache_dir() -> Path:
-    """Where trained weights are cached: ``$FXPRUNE_CACHE`` or ``~/.cache/fxprune``."""
-    return Path(os.environ.get("FXPRUNE_CACHE") or Path.home() / ".cache" / "fxprune")
+    """Where trained weights are cached: ``fxprune.data.cache_dir()`` (``$FXPRUNE_CACHE`` or
+    ``~/.cache/fxprune``)."""
+    return data_cache_dir()

@@ -15,7 +15,8 @@ when asked for), at the deployed thread count:
   as a one-op ONNX model at the shapes of the example and timed at a grid of kept counts (at most 4 per
   pruned dim, multiples of the block). A signature (op type, channels, kernel, stride, padding, dilation,
   groups, input shape, dtype) and its timings are cached in a JSON file per runtime fingerprint
-  (``cache_dir()``), shared by every model with that op.
+  (``cache_dir()``: ``~/.cache/fxprune/latency`` or ``$FXPRUNE_CACHE/latency``), shared by every model
+  with that op.
 * **The model**: each op's latency is ``t0 + t1 Bi + t2 Bo + t3 Bi Bo`` in the blocks ``B = ceil(c / block)``
   of its kept input and output counts (least squares over its table: step-shaped in the counts), times the
   probe's penalty where a count is unaligned. Ops with FLOPs but no table (matmuls of attention) cost the
@@ -44,10 +45,11 @@ import numpy as np
 import torch
 import torch.fx as fx
 from fxprune.passes.cost import CostModel
+from fxprune.passes.runtime import ort_session
 
 from fxprune.data import META_FLOPS, META_VALUE, ChannelGroup, TensorValue
+from fxprune.data import cache_dir as data_cache_dir
 from fxprune.errors import InputError, TargetError
-from fxprune.verify import ort_session
 
 __all__ = [
     "CACHE_ENV",
@@ -69,8 +71,8 @@ __all__ = [
     "time_point",
 ]
 
-#: environment variable naming the cache directory (default ``~/.cache/fxprune``)
-CACHE_ENV = "FXPRUNE_CACHE_DIR"
+#: environment variable naming fxprune's cache directory (``fxprune.data.cache_dir``); tables go in ``latency/``
+CACHE_ENV = "FXPRUNE_CACHE"
 
 #: a count is on the fast path when no larger count of the probe range is this much faster
 _FAST = 1.25
@@ -82,8 +84,9 @@ _PROBE_DW_HW, _PROBE_DENSE_HW = 112, 28
 
 
 def cache_dir() -> Path:
-    """Where latency tables are kept: ``$FXPRUNE_CACHE_DIR``, else ``~/.cache/fxprune``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "fxprune")
+    """Where latency tables are kept: ``latency/`` in fxprune's cache (``$FXPRUNE_CACHE``, else
+    ``~/.cache/fxprune``)."""
+    return data_cache_dir() / "latency"
 
 
 def _cpu_name() -> str:

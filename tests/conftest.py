@@ -180,14 +180,24 @@ def latency_cache(tmp_path_factory: pytest.TempPathFactory) -> object:
     is measured in tests/test_latency.py."""
     import os
 
-    from fxprune.passes.latency import CACHE_ENV, Runtime, TableCache
-
-    from fxprune.verify import default_threads
+    from fxprune.passes.latency import CACHE_ENV
 
     path = tmp_path_factory.mktemp("fxprune-cache")
     os.environ[CACHE_ENV] = str(path)  # subprocesses (CLI, torchrun) inherit it
+    seed_probe(path)
+    return path
+
+
+def seed_probe(root: object) -> None:
+    """Write ``synthetic_probe()`` as the measured probe of every CPU thread count a test may use into the
+    fxprune cache at ``root`` (a test that points ``$FXPRUNE_CACHE`` elsewhere seeds it too)."""
+    from pathlib import Path
+
+    from fxprune.passes.latency import Runtime, TableCache
+
+    from fxprune.verify import default_threads
+
     for threads in sorted({1, 2, default_threads()}):
-        cache = TableCache(Runtime("cpu", threads))
+        cache = TableCache(Runtime("cpu", threads), directory=Path(str(root)) / "latency")
         cache.data["probe"] = synthetic_probe()
         cache.save()
-    return path

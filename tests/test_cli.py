@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import seed_probe
 
 import fxprune
 from fxprune.cli import main
@@ -43,6 +44,7 @@ def _run(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess[s
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     if cache is not None:
         env["FXPRUNE_CACHE"] = str(cache)
+        seed_probe(cache)
     return subprocess.run(
         [sys.executable, "-m", "fxprune.cli", *args], capture_output=True, text=True, env=env, timeout=300
     )
@@ -207,6 +209,7 @@ def test_cli_progress_lines_on_a_log_and_none_with_quiet(
 
     monkeypatch.setattr(masking, "LINE_INTERVAL_S", 0.0)  # a line per step (the throttle is tested elsewhere)
     monkeypatch.setenv("FXPRUNE_CACHE", str(tmp_path / "cache"))
+    seed_probe(tmp_path / "cache")
     g = torch.Generator().manual_seed(0)
     np.savez(tmp_path / "d.npz", x=torch.randn(40, 3, 16, 16, generator=g).numpy(), y=np.arange(40) % 10)
     argv = ["compile", "models_zoo:residual", "--data", str(tmp_path / "d.npz"), "--epochs", "2",
