@@ -22,11 +22,12 @@ FLOPs of every model are counted by ``fxprune.count_flops`` (``torch.utils.flop_
 (a), (b) and (c) are exported with ``fxprune.verify.export_onnx`` (``exporter="auto"``: fxprune's writer for
 its GraphModules, torch's TorchScript exporter for the original and Torch-Pruning's model, as a user would
 deploy each; the exporter is recorded), checked once against eager (max abs error / max |output|), and timed
-interleaved in ONNX Runtime (CPU EP, ``"all"`` optimisation level, ``intra_op_num_threads = T``): ``--warmup``
-runs each, then rounds in which every session runs once in a fresh random order, at least ``--runs``
-rounds and more until ``--seconds`` have passed (at most ``--max-runs``). Per session: median and
-interquartile range (IQR) of its times; per pruned model: the median and IQR of the per-round paired ratios
-``t_pruned / t_original`` (the measured latency ratio), and latency ratio / FLOPs ratio.
+interleaved in ONNX Runtime (CPU EP, or ``--provider cuda``; ``"all"`` optimisation level,
+``intra_op_num_threads = T``) by ``fxprune.verify.time_interleaved`` (``interleaved``): ``--warmup`` rounds,
+then rounds in which every session runs once (the order rotated by one each round), at least ``--runs``
+rounds, until ``--seconds`` have passed or every median is stable (at most ``--max-runs``). Per session:
+median and interquartile range (IQR) of its times; per pruned model: the median and IQR of the per-round
+paired ratios ``t_pruned / t_original`` (the measured latency ratio), and latency ratio / FLOPs ratio.
 
 Acceptance (issue 14), per model and thread count:
 - (a): measured latency ratio <= 1.10 x its FLOPs ratio;
@@ -48,7 +49,6 @@ import inspect
 import json
 import os
 import platform
-import random
 import shutil
 import sys
 import tempfile
@@ -84,38 +84,45 @@ VARIANTS = ("flops", "latency", "tp")
 
 def interleaved(
     sessions: Sequence[Any],
-    feeds: Sequence[dict[str, np.ndarray]],
+    example: Sequence[Any],
     *,
     warmup: int = 5,
     min_runs: int = 30,
     max_runs: int = 1000,
     seconds: float = 10.0,
-    seed: int = 0,
-) -> np.ndarray:
-    """Per-round run times (ms) of ONNX Runtime sessions timed interleaved: ``rounds x len(sessions)``.
+) -> tuple[np.ndarray, str]:
+    """Per-round run times (ms) of ONNX Runtime sessions timed interleaved, ``rounds x len(sessions)``, and
+    the name of the timer.
 
-    Each session first runs ``warmup`` times (round robin). Then every round runs each session once, in a
-    fresh random order (``seed``), so drift in the machine's load and position effects (cache state left
-    by the previous session) fall on every session alike and a row's times are paired. Rounds continue
-    until at least ``min_runs`` are done and ``seconds`` have passed since the first, or ``max_runs`` are
-    done. ``feeds[i]`` is the input dict of ``sessions[i]``.
+    ``fxprune.verify.time_interleaved`` where the installed fxprune has it (``warmup`` untimed rounds, then
+    rounds in an order rotated by one each round, at least ``min_runs``, until ``seconds`` have passed or
+    every session's median is stable, at most ``max_runs``); else this bench's loop: the same rounds and
+    rotation, stopping after ``seconds`` (at least ``min_runs``, at most ``max_runs`` rounds). A row's
+    times were taken moments apart, so per-row ratios cancel load that drifts between rounds.
     """
-    for _ in range(warmup):
-        for s, f in zip(sessions, feeds, strict=True):
-            s.run(None, f)
-    rng = random.Random(seed)
-    order = list(range(len(sessions)))
+    from fxprune import verify
+
+    if hasattr(verify, "time_interleaved"):
+        times = verify.time_interleaved(
+            sessions, example, warmup=warmup, min_runs=min_runs, max_runs=max_runs, max_seconds=seconds
+        )
+        return np.array(times, dtype=float).T, "fxprune.verify.time_interleaved"
+    feeds = [feeds_for(s, example) for s in sessions]
+    n = len(sessions)
+    for r in range(warmup):
+        for k in range(n):
+            sessions[(r + k) % n].run(None, feeds[(r + k) % n])
     rows: list[list[float]] = []
     start = time.perf_counter()
     while len(rows) < max_runs and (len(rows) < min_runs or time.perf_counter() - start < seconds):
-        rng.shuffle(order)
-        row = [0.0] * len(sessions)
-        for i in order:
+        row = [0.0] * n
+        for k in range(n):
+            i = (warmup + len(rows) + k) % n
             t = time.perf_counter()
             sessions[i].run(None, feeds[i])
             row[i] = (time.perf_counter() - t) * 1e3
         rows.append(row)
-    return np.array(rows)
+    return np.array(rows), "bench/latency.py"
 
 
 def spread(values: np.ndarray) -> dict[str, float]:
@@ -136,10 +143,15 @@ def ort_error(sess: Any, feeds: dict[str, np.ndarray], eager: Any) -> float:
     return float(np.max(np.abs(got - ref)) / max(float(np.max(np.abs(ref))), 1e-12))
 
 
-def make_session(blob: bytes, threads: int) -> Any:
-    """A CPU ONNX Runtime session at the ``"all"`` optimisation level with ``threads`` intra-op threads."""
+def make_session(blob: bytes, threads: int, provider: str = "cpu") -> Any:
+    """An ONNX Runtime session at the ``"all"`` optimisation level with ``threads`` intra-op threads on
+    ``provider`` (``"cpu"`` or ``"cuda"``; an fxprune without ``ort_session(provider=)``: the CPU only)."""
     from fxprune.verify import ort_session
 
+    if "provider" in inspect.signature(ort_session).parameters:
+        return ort_session(blob, "all", threads=threads, provider=provider)
+    if provider != "cpu":
+        raise RuntimeError(f"provider={provider!r}: this fxprune's ort_session has no provider= (CPU only)")
     return ort_session(blob, "all", threads=threads)
 
 
@@ -157,9 +169,9 @@ def need(params: set[str], *names: str) -> None:
     """Raise a clear error if the installed ``fxprune.compile`` lacks one of ``names``."""
     missing = [n for n in names if n not in params]
     if missing:
+        where = Path(inspect.getfile(__import__("fxprune"))).parent
         raise RuntimeError(
-            f"fxprune.compile has no {', '.join(m + '=' for m in missing)} (issue 14's latency tables "
-            f"are not in this checkout: {Path(inspect.getfile(__import__('fxprune'))).parent})"
+            f"no {', '.join(m + '=' for m in missing)} in fxprune.compile ({where}: before issue 14)"
         )
 
 
@@ -214,8 +226,14 @@ def tp_prune(model: Any, x: Any, ratio: float) -> Any:
     import coverage as cov
 
     m = copy.deepcopy(model)
-    pruner = tp.pruner.MetaPruner(m, x, importance=tp.importance.MagnitudeImportance(p=2), pruning_ratio=ratio,
-                                  global_pruning=True, ignored_layers=cov._classifier(m))  # fmt: skip
+    pruner = tp.pruner.MetaPruner(
+        m,
+        x,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        global_pruning=True,
+        ignored_layers=cov._classifier(m),
+    )
     pruner.step()
     return m.eval()
 
@@ -241,8 +259,12 @@ def run_tp(model: Any, x: Any, base_flops: int, target: float, tol: float, steps
                 break
             lo, hi = (mid, hi) if f > target else (lo, mid)
     except Exception as exc:
-        return {"ok": False, "seconds": time.perf_counter() - t, "error": f"{type(exc).__name__}: {exc}"[:400],
-                "runs": tried}  # fmt: skip
+        return {
+            "ok": False,
+            "seconds": time.perf_counter() - t,
+            "error": f"{type(exc).__name__}: {exc}"[:400],
+            "runs": tried,
+        }
     assert best is not None
     return {"ok": True, "model": best[2], "ratio": best[0], "seconds": time.perf_counter() - t, "runs": tried}
 
@@ -274,17 +296,20 @@ def bench_model(name: str, threads: int, args: argparse.Namespace, params: set[s
     }
     a = v["flops"]
     tp_target = (fxprune.count_flops(a["model"], (x,)) / base_flops) if a["ok"] else args.flops
-    v["tp"] = run_tp(model, x, base_flops, tp_target, args.tp_tol, args.tp_steps) if not args.no_tp else {
-        "ok": False, "error": "--no-tp"}  # fmt: skip
+    v["tp"] = (
+        run_tp(model, x, base_flops, tp_target, args.tp_tol, args.tp_steps)
+        if not args.no_tp
+        else {"ok": False, "error": "--no-tp"}
+    )
     # export, check, time
     names = ["original", *(k for k in VARIANTS if v[k]["ok"])]
     models = {"original": model, **{k: v[k]["model"] for k in names[1:]}}
-    sessions, feeds, exporters = [], [], {}
+    sessions, exporters = [], {}
     with torch.no_grad():
         for k in list(names):
             try:
                 blob, exporters[k] = export_onnx(models[k], (x,))
-                sess = make_session(blob, threads)
+                sess = make_session(blob, threads, args.provider)
                 f = feeds_for(sess, (x,))
                 err = ort_error(sess, f, models[k](x))
             except Exception as exc:
@@ -294,18 +319,28 @@ def bench_model(name: str, threads: int, args: argparse.Namespace, params: set[s
                 names.remove(k)
                 continue
             sessions.append(sess)
-            feeds.append(f)
             (v[k] if k != "original" else row).update({"exporter": exporters[k], "ort_rel_error": err})
     t = time.perf_counter()
-    times = interleaved(sessions, feeds, warmup=args.warmup, min_runs=args.runs, max_runs=args.max_runs,
-                        seconds=args.seconds)  # fmt: skip
-    row["timing"] = {"rounds": len(times), "seconds": time.perf_counter() - t, "warmup": args.warmup}
+    times, timer = interleaved(
+        sessions, (x,), warmup=args.warmup, min_runs=args.runs, max_runs=args.max_runs, seconds=args.seconds
+    )
+    row["timing"] = {
+        "rounds": len(times),
+        "seconds": time.perf_counter() - t,
+        "warmup": args.warmup,
+        "timer": timer,
+        "provider": sessions[0].get_providers()[0],
+    }
     row["original_ms"] = spread(times[:, 0])
     for i, k in enumerate(names[1:], start=1):
         flops_ratio = fxprune.count_flops(models[k], (x,)) / base_flops
         ratio = spread(times[:, i] / times[:, 0])
-        v[k].update(flops_ratio=flops_ratio, ms=spread(times[:, i]), latency_ratio=ratio,
-                    latency_over_flops=ratio["median"] / flops_ratio)  # fmt: skip
+        v[k].update(
+            flops_ratio=flops_ratio,
+            ms=spread(times[:, i]),
+            latency_ratio=ratio,
+            latency_over_flops=ratio["median"] / flops_ratio,
+        )
     lat = v["latency"]
     if lat.get("latency_ratio") and lat.get("predicted_ms") is not None:
         lat["predicted_ratio"] = lat["predicted_ms"] / row["original_ms"]["median"]
@@ -353,8 +388,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     ]
     for r in rows:
         o = r["original_ms"]
-        lines.append(f"| {r['model']} | {r['threads']} | original | 1 | 1 | 1 | {o['median']:.2f} "
-                     f"[{o['q1']:.2f}, {o['q3']:.2f}] | | | | {r.get('exporter', '')} | |")  # fmt: skip
+        lines.append(
+            f"| {r['model']} | {r['threads']} | original | 1 | 1 | 1 | {o['median']:.2f} "
+            f"[{o['q1']:.2f}, {o['q3']:.2f}] | | | | {r.get('exporter', '')} | |"
+        )
         acc = r["acceptance"]
         for k in VARIANTS:
             d = r["variants"][k]
@@ -369,8 +406,10 @@ def table(rows: list[dict[str, Any]]) -> str:
                     f"{_mark(acc['flops_latency_within_1.10'])}; tables {_mark(acc['first_tables_le_60s'])}"
                 )
             elif k == "latency":
-                verdict = (f"{_mark(acc['latency_in_band'])}; predicted {_mark(acc['prediction_within_10pct'])}; "
-                           f"tables {_mark(acc['second_tables_le_5s'])}")  # fmt: skip
+                verdict = (
+                    f"{_mark(acc['latency_in_band'])}; predicted {_mark(acc['prediction_within_10pct'])}; "
+                    f"tables {_mark(acc['second_tables_le_5s'])}"
+                )
             else:
                 verdict = ""
             err = d.get("prediction_error")
@@ -433,6 +472,9 @@ def main() -> None:
     ap.add_argument("--tp-tol", type=float, default=0.005, help="Torch-Pruning FLOPs ratio tolerance")
     ap.add_argument("--tp-steps", type=int, default=10, help="at most this many Torch-Pruning runs")
     ap.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    ap.add_argument(
+        "--provider", default="cpu", help="ONNX Runtime provider of the timed sessions: cpu or cuda"
+    )
     ap.add_argument("--cache", default=None, help="latency table cache (default: a fresh temporary one)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "latency.json")
     args = ap.parse_args()
@@ -449,16 +491,23 @@ def main() -> None:
             for threads in args.threads:
                 rows.append(bench_model(name, threads, args, params))
                 print(table(rows[-1:]).split("\n", 2)[2], flush=True)
-                result = {"environment": env, "config": {k: str(a) for k, a in vars(args).items()}, "rows": rows,
-                          "summary": summary(rows), "load_start": list(load0)}  # fmt: skip
+                result = {
+                    "environment": env,
+                    "config": {k: str(a) for k, a in vars(args).items()},
+                    "rows": rows,
+                    "summary": summary(rows),
+                    "load_start": list(load0),
+                }
                 args.out.write_text(json.dumps(result, indent=1))
         result.update(load_end=list(os.getloadavg()), wall_seconds=time.perf_counter() - t0)
         args.out.write_text(json.dumps(result, indent=1))
         print()
         print(table(rows))
         print(json.dumps(result["summary"], indent=1))
-        print(f"load average {load0[0]:.2f} -> {result['load_end'][0]:.2f}; wall {result['wall_seconds']:.0f} s; "
-              f"wrote {args.out}")  # fmt: skip
+        print(
+            f"load average {load0[0]:.2f} -> {result['load_end'][0]:.2f}; "
+            f"wall {result['wall_seconds']:.0f} s; wrote {args.out}"
+        )
     finally:
         if args.cache is None:
             shutil.rmtree(cache, ignore_errors=True)

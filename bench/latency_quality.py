@@ -15,10 +15,11 @@ fine-tuning, ``latency_runs=0``, ``latency_threads=T``:
 - ``target_flops=F`` for each ``F`` of ``--flops`` (the FLOPs-targeted curve).
 
 Every pruned model and the original are exported (``fxprune.verify.export_onnx``) and timed in one
-interleaved loop (``bench/latency.py``'s ``interleaved``: ONNX Runtime CPU EP, ``"all"`` optimisation level,
-``T`` intra-op threads, **batch 1** (one 3x32x32 test image; ``bench/quality.py`` deploys nothing, so batch 1
-as in issue 14), warm-up, then rounds in a random order per round); a model's measured latency ratio is the
-median of its per-round paired ratios to the original. Accuracy is on the held-out test split (450 images).
+interleaved loop (``bench/latency.py``'s ``interleaved``, i.e. ``fxprune.verify.time_interleaved``: ONNX
+Runtime CPU EP, ``"all"`` optimisation level, ``T`` intra-op threads, **batch 1**: one 3x32x32 test image,
+since ``bench/quality.py`` deploys nothing, as in issue 14; warm-up, then rounds in a rotating order); a
+model's measured latency ratio is the median of its per-round paired ratios to the original. Accuracy is on
+the held-out test split (450 images).
 
 Comparison: the FLOPs-targeted points (measured latency ratio, accuracy), sorted by latency, are linearly
 interpolated at each latency-targeted model's measured latency ratio (no extrapolation: outside the curve's
@@ -116,32 +117,40 @@ def bench_model(name: str, args: argparse.Namespace, data: Any, calib: list[Any]
         t = time.perf_counter()
         try:
             lat.need(params, *kw)
-            r = first if kind == "flops" and target == args.flops[0] else fxprune.compile(
-                model, x1, **kw, **common, scores=first.scores, **options)  # fmt: skip
+            r = (
+                first
+                if kind == "flops" and target == args.flops[0]
+                else fxprune.compile(model, x1, **kw, **common, scores=first.scores, **options)
+            )
         except Exception as exc:
             entries.append({"kind": kind, "target": target, "error": f"{type(exc).__name__}: {exc}"[:400]})
             continue
         secs = score_seconds if r is first else time.perf_counter() - t
-        entries.append({"kind": kind, "target": target, "seconds": secs,
-                        "flops_ratio": r.flops_ratio, "predicted_ms": lat.predicted_ms(r),
-                        "table_seconds": r.timings.get("latency")})  # fmt: skip
+        entries.append(
+            {
+                "kind": kind,
+                "target": target,
+                "seconds": secs,
+                "flops_ratio": r.flops_ratio,
+                "predicted_ms": lat.predicted_ms(r),
+                "table_seconds": r.timings.get("latency"),
+            }
+        )
         pruned.append(r.graph_module)
     ok = [e for e in entries if "error" not in e]
     # accuracy on the test split
     y = data.y_test
     hits = [correct(model, data.x_test, y)] + [correct(m, data.x_test, y) for m in pruned]
     # ORT latency, all models in one interleaved loop, batch 1
-    sessions, feeds = [], []
+    sessions = []
     with torch.no_grad():
         for m in [model, *pruned]:
-            blob, _ = export_onnx(m, (x1,))
-            sess = lat.make_session(blob, args.threads)
-            sessions.append(sess)
-            feeds.append(lat.feeds_for(sess, (x1,)))
+            sessions.append(lat.make_session(export_onnx(m, (x1,))[0], args.threads))
     load = os.getloadavg()
     t = time.perf_counter()
-    times = lat.interleaved(sessions, feeds, warmup=args.warmup, min_runs=args.runs, max_runs=args.max_runs,
-                            seconds=args.seconds)  # fmt: skip
+    times, timer = lat.interleaved(
+        sessions, (x1,), warmup=args.warmup, min_runs=args.runs, max_runs=args.max_runs, seconds=args.seconds
+    )
     row: dict[str, Any] = {
         "model": name,
         "acc_full": float(hits[0].mean()),
@@ -151,7 +160,7 @@ def bench_model(name: str, args: argparse.Namespace, data: Any, calib: list[Any]
             "seconds": time.perf_counter() - t,
             "load_before": list(load),
             "load_after": list(os.getloadavg()),
-        },  # fmt: skip
+        },
         "score_seconds": score_seconds,
         "score": first.score,
         "compensate": args.compensate,
@@ -175,8 +184,12 @@ def bench_model(name: str, args: argparse.Namespace, data: Any, calib: list[Any]
         else:
             j, k, w = br
             mix = (1 - w) * hits[j] + w * hits[k]
-            c.update(flops_between=[ok[j - 1]["target"], ok[k - 1]["target"]], weight=w,
-                     acc_flops_interpolated=float(mix.mean()), **paired_bootstrap(hits[i], mix))  # fmt: skip
+            c.update(
+                flops_between=[ok[j - 1]["target"], ok[k - 1]["target"]],
+                weight=w,
+                acc_flops_interpolated=float(mix.mean()),
+                **paired_bootstrap(hits[i], mix),
+            )
         comparisons.append(c)
     row["entries"] = entries
     row["comparisons"] = comparisons
@@ -205,7 +218,8 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | original | 1 | 1 ({r['original_ms']['median']:.3f} ms) | | {r['acc_full']:.3f} | |"
+            f"| {r['model']} | original | 1 | 1 ({r['original_ms']['median']:.3f} ms) | | "
+            f"{r['acc_full']:.3f} | |"
         )
         for e in r["entries"]:
             tgt = f"{e['kind']} {e['target']}"
@@ -213,30 +227,43 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
                 print(f"| {r['model']} | {tgt} | | | | | {e['error'][:80]} |")
                 continue
             lr = e["latency_ratio"]
-            print(f"| {r['model']} | {tgt} | {e['flops_ratio']:.3f} | {lr['median']:.3f} [{lr['q1']:.3f}, "
-                  f"{lr['q3']:.3f}] | {_f(e.get('predicted_ratio'))} | {e['acc']:.3f} | {e['seconds']:.1f} |")  # fmt: skip
-    print("\n| model | target_latency | measured latency ratio | acc | FLOPs-targeted acc there (between) "
-          "| difference | 95% paired bootstrap | share > 0 |")  # fmt: skip
+            print(
+                f"| {r['model']} | {tgt} | {e['flops_ratio']:.3f} | {lr['median']:.3f} [{lr['q1']:.3f}, "
+                f"{lr['q3']:.3f}] | {_f(e.get('predicted_ratio'))} | {e['acc']:.3f} | {e['seconds']:.1f} |"
+            )
+    print(
+        "\n| model | target_latency | measured latency ratio | acc | FLOPs-targeted acc there (between) "
+        "| difference | 95% paired bootstrap | share > 0 |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         for c in r["comparisons"]:
             if "error" in c:
-                print(f"| {r['model']} | {c['target_latency']} | {c['latency_ratio']:.3f} | {c['acc']:.3f} | "
-                      f"{c['error']} | | | |")  # fmt: skip
+                print(
+                    f"| {r['model']} | {c['target_latency']} | {c['latency_ratio']:.3f} | {c['acc']:.3f} | "
+                    f"{c['error']} | | | |"
+                )
                 continue
             lo, hi = c["ci"]
             a, b = c["flops_between"]
-            print(f"| {r['model']} | {c['target_latency']} | {c['latency_ratio']:.3f} | {c['acc']:.3f} | "
-                  f"{c['acc_flops_interpolated']:.3f} ({a}..{b}) | {c['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] "
-                  f"| {c['share_above']:.2f} |")  # fmt: skip
+            print(
+                f"| {r['model']} | {c['target_latency']} | {c['latency_ratio']:.3f} | {c['acc']:.3f} | "
+                f"{c['acc_flops_interpolated']:.3f} ({a}..{b}) | {c['difference']:+.3f} | "
+                f"[{lo:+.3f}, {hi:+.3f}] | {c['share_above']:.2f} |"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=list(DIGITS_MODELS))
     ap.add_argument("--latency", nargs="*", type=float, default=[0.5, 0.3], help="target_latency values")
-    ap.add_argument("--flops", nargs="*", type=float, default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
-                    help="target_flops grid (the first also computes the shared scores)")  # fmt: skip
+    ap.add_argument(
+        "--flops",
+        nargs="*",
+        type=float,
+        default=[0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+        help="target_flops grid (the first also computes the shared scores)",
+    )
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (latency_threads)")
     ap.add_argument("--score", default="auto")
     ap.add_argument("--compensate", default=None, help="default: fxprune's (lsq with data)")
@@ -256,8 +283,16 @@ def main() -> None:
     for name in args.models:
         rows.append(bench_model(name, args, data, calib))
         print_tables(rows[-1:])
-        args.out.write_text(json.dumps({"config": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                        "summary": summary(rows)}, indent=1))  # fmt: skip
+        args.out.write_text(
+            json.dumps(
+                {
+                    "config": {k: str(v) for k, v in vars(args).items()},
+                    "rows": rows,
+                    "summary": summary(rows),
+                },
+                indent=1,
+            )
+        )
     print_tables(rows)
     print(json.dumps(summary(rows), indent=1))
     print(f"wrote {args.out}")
