@@ -148,11 +148,12 @@ def make_session(blob: bytes, threads: int, provider: str = "cpu") -> Any:
     ``provider`` (``"cpu"`` or ``"cuda"``; an fxprune without ``ort_session(provider=)``: the CPU only)."""
     from fxprune.verify import ort_session
 
+    kw: dict[str, Any] = {}
     if "provider" in inspect.signature(ort_session).parameters:
-        return ort_session(blob, "all", threads=threads, provider=provider)
-    if provider != "cpu":
+        kw["provider"] = provider
+    elif provider != "cpu":
         raise RuntimeError(f"provider={provider!r}: this fxprune's ort_session has no provider= (CPU only)")
-    return ort_session(blob, "all", threads=threads)
+    return ort_session(blob, "all", threads=threads, **kw)
 
 
 # --- the tools ---------------------------------------------------------------------------------------------
@@ -195,7 +196,7 @@ def run_fxprune(model: Any, x: Any, threads: int, params: set[str], **target: An
 
     t = time.perf_counter()
     # without latency_threads= (an fxprune before issue 14) (a) still runs, as the old defaults: recorded
-    extra = {"latency_threads": threads} if "latency_threads" in params else {}
+    extra: dict[str, Any] = {"latency_threads": threads} if "latency_threads" in params else {}
     try:
         need(params, *target)
         r = fxprune.compile(model, x, **target, **extra, latency_runs=0, verify=False, progress=False)
@@ -487,23 +488,26 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         rows: list[dict[str, Any]] = []
         t0, load0 = time.perf_counter(), os.getloadavg()
+        config = {k: str(a) for k, a in vars(args).items()}
+        result: dict[str, Any] = {
+            "environment": env,
+            "config": config,
+            "rows": rows,
+            "load_start": list(load0),
+        }
         for name in args.models.split(","):
             for threads in args.threads:
                 rows.append(bench_model(name, threads, args, params))
                 print(table(rows[-1:]).split("\n", 2)[2], flush=True)
-                result = {
-                    "environment": env,
-                    "config": {k: str(a) for k, a in vars(args).items()},
-                    "rows": rows,
-                    "summary": summary(rows),
-                    "load_start": list(load0),
-                }
-                args.out.write_text(json.dumps(result, indent=1))
+                result["summary"] = summary(rows)
+                args.out.write_text(
+                    json.dumps(result, indent=1)
+                )  # after every row: a long run leaves results
         result.update(load_end=list(os.getloadavg()), wall_seconds=time.perf_counter() - t0)
         args.out.write_text(json.dumps(result, indent=1))
         print()
         print(table(rows))
-        print(json.dumps(result["summary"], indent=1))
+        print(json.dumps(summary(rows), indent=1))
         print(
             f"load average {load0[0]:.2f} -> {result['load_end'][0]:.2f}; "
             f"wall {result['wall_seconds']:.0f} s; wrote {args.out}"

@@ -81,7 +81,7 @@ def interpolate(points: list[tuple[float, int]], at: float) -> tuple[int, int, f
     return None
 
 
-def paired_bootstrap(ours: np.ndarray, mix: np.ndarray, seed: int = 0) -> dict[str, float]:
+def paired_bootstrap(ours: np.ndarray, mix: np.ndarray, seed: int = 0) -> dict[str, Any]:
     """Mean of ``ours - mix`` over the test samples, its 95% bootstrap interval, and the share of resamples
     where it is > 0 (``ours``: 0/1 correctness; ``mix``: the interpolated correctness in [0, 1])."""
     d = ours.astype(float) - mix
