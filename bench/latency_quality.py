@@ -1,6 +1,6 @@
 """Accuracy at equal measured latency: fxprune's target_latency against target_flops on the digits nets.
 
-    python bench/latency_quality.py [--models resnet20 mobilenetv2 densenet] [--latency 0.5 0.3]
+    python bench/latency_quality.py [--models resnet20 mobilenetv2 densenet] [--latency 0.7 0.5 0.3]
                                     [--flops 0.9 0.8 0.7 0.6 0.5 0.4 0.3 0.2 0.1] [--threads 1]
                                     [--out bench/results/latency_quality.json]
 
@@ -9,9 +9,10 @@ Issue 14's quality acceptance. For each models_zoo digits net of ``bench/quality
 ``--calib-batches`` of 64 training samples, seed 7, as ``bench/quality.py``): one ``fxprune.compile`` per
 target, the scores computed once (``scores=``) and shared by all, with fxprune's defaults otherwise (score
 ``auto`` = fisher with labelled data, compensation ``lsq``; ``--score``, ``--compensate`` override), no
-fine-tuning, ``latency_runs=0``, ``latency_threads=T``:
+fine-tuning, ``latency_runs=0``, ``latency_threads=T``, ``latency_provider="cpu"``:
 
-- ``target_latency=L`` for each ``L`` of ``--latency`` (the latency-targeted models);
+- ``target_latency=L`` for each ``L`` of ``--latency`` (the latency-targeted models; a target the compile
+  finds unreachable, as fixed per-run overheads can make it on these 32x32 nets, is recorded as its error);
 - ``target_flops=F`` for each ``F`` of ``--flops`` (the FLOPs-targeted curve).
 
 Every pruned model and the original are exported (``fxprune.verify.export_onnx``) and timed in one
@@ -105,6 +106,8 @@ def bench_model(name: str, args: argparse.Namespace, data: Any, calib: list[Any]
     params = set(inspect.signature(fxprune.compile).parameters)
     if "latency_threads" in params:
         options["latency_threads"] = args.threads
+    if "latency_provider" in params:
+        options["latency_provider"] = "cpu"
     common = {"score": args.score, "data": calib, "verify": False, "progress": False, "latency_runs": 0}
     t = time.perf_counter()
     first = fxprune.compile(model, x1, args.flops[0], **common, **options)
@@ -132,7 +135,7 @@ def bench_model(name: str, args: argparse.Namespace, data: Any, calib: list[Any]
                 "target": target,
                 "seconds": secs,
                 "flops_ratio": r.flops_ratio,
-                "predicted_ms": lat.predicted_ms(r),
+                **{k: f for k, f in lat.latency_figures(r).items() if k != "summary"},
                 "table_seconds": r.timings.get("latency"),
             }
         )
@@ -169,8 +172,6 @@ def bench_model(name: str, args: argparse.Namespace, data: Any, calib: list[Any]
         e["acc"] = float(hits[i].mean())
         e["ms"] = lat.spread(times[:, i])
         e["latency_ratio"] = lat.spread(times[:, i] / times[:, 0])
-        if e["predicted_ms"] is not None:
-            e["predicted_ratio"] = e["predicted_ms"] / row["original_ms"]["median"]
     curve = [(e["latency_ratio"]["median"], i) for i, e in enumerate(ok, start=1) if e["kind"] == "flops"]
     comparisons = []
     for i, e in enumerate(ok, start=1):
@@ -256,7 +257,7 @@ def print_tables(rows: list[dict[str, Any]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", nargs="*", default=list(DIGITS_MODELS))
-    ap.add_argument("--latency", nargs="*", type=float, default=[0.5, 0.3], help="target_latency values")
+    ap.add_argument("--latency", nargs="*", type=float, default=[0.7, 0.5, 0.3], help="target_latency values")
     ap.add_argument(
         "--flops",
         nargs="*",
