@@ -80,8 +80,8 @@ def _row(
     first: float | None,
     second: float | None,
 ) -> dict[str, dict[str, Any]]:
-    a: dict[str, Any] = {"flops_ratio": flops_a, "table_seconds": first}
-    b: dict[str, Any] = {"prediction_error": err, "table_seconds": second}
+    a: dict[str, Any] = {"flops_ratio": flops_a, "table_seconds": 1e9}  # the probe: not an acceptance
+    b: dict[str, Any] = {"prediction_error": err, "table_seconds": first, "again": {"table_seconds": second}}
     if ratio_a is not None:
         a["latency_ratio"] = {"median": ratio_a}
     if ratio_b is not None:
