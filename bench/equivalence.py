@@ -156,7 +156,7 @@ def _record(model: torch.nn.Module, x: torch.Tensor, opts: dict[str, Any]) -> di
     import fxprune
 
     try:
-        r = fxprune.compile(model, x, 0.5, latency_runs=0, progress=False, **opts)
+        r = fxprune.compile(model, x, 0.5, latency_runs=0, progress=False, **{**EXTRA, **opts})
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}", "timings": {}, "verify": None}
     with torch.no_grad():
@@ -203,14 +203,26 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
+#: options every compile gets (``--round-to``)
+EXTRA: dict[str, Any] = {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--save", required=True, help="directory for this checkout's records")
     ap.add_argument("--compare", default=None, help="directory of an earlier --save to compare against")
     ap.add_argument("--models", default=",".join(TORCHVISION), help="the torchvision models of the fast set")
     ap.add_argument("--set", default="fast", choices=("fast", "core", "coverage", "all"))
+    ap.add_argument(
+        "--round-to",
+        type=int,
+        default=None,
+        help="pass round_to=N to every compile (1: any kept count, as before the measured default)",
+    )
     ap.add_argument("--all-models", action="store_true", help="the coverage set includes coverage.HEAVY")
     args = ap.parse_args()
+    if args.round_to is not None:
+        EXTRA["round_to"] = args.round_to
     torch.set_num_threads(1)
     out = Path(args.save)
     out.mkdir(parents=True, exist_ok=True)

@@ -73,8 +73,9 @@ def dependency_graph(
 def compile(  # noqa: A001 - the product's name for it
     model: torch.nn.Module,
     example_input: Any,
-    target_flops: float,
+    target_flops: float | None = None,
     *,
+    target_latency: float | str | None = None,
     score: str | type[ScorePass] = AUTO,
     data: Iterable[Any] | None = None,
     loss_fn: LossFn | None = None,
@@ -85,7 +86,7 @@ def compile(  # noqa: A001 - the product's name for it
     max_batches: int | None = None,
     scores: Mapping[int, GroupScore] | None = None,
     min_channels: int = 1,
-    round_to: int = 1,
+    round_to: int | None = None,
     cost_exponent: float | None = None,
     leaf_modules: Sequence[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
@@ -93,6 +94,8 @@ def compile(  # noqa: A001 - the product's name for it
     verify: bool = True,
     rtol: float = 1e-4,
     latency_runs: int = 10,
+    latency_threads: int | None = None,
+    latency_provider: str | None = None,
     pipeline: Pipeline[CompileState] | None = None,
     **score_options: Any,
 ) -> CompileResult:
@@ -102,6 +105,12 @@ def compile(  # noqa: A001 - the product's name for it
         model: any ``nn.Module`` that torch.fx can trace (never modified; compiled in eval mode).
         example_input: a tensor or tuple of tensors the model accepts; shapes come from it.
         target_flops: fraction of the original FLOPs in (0, 1], or an absolute FLOPs count (> 1).
+        target_latency: instead of ``target_flops``: a fraction in (0, 1] of the original's latency measured
+            in ONNX Runtime, or milliseconds as a string (``"3.5ms"``). Channels are then chosen by score per
+            millisecond saved, from per-op latency tables measured at this model's shapes
+            (``fxprune.passes.latency``: cached on disk per machine, runtime and op, so a second compile reuses
+            them); ``result.predicted_latency_ms`` is the tables' prediction, ``result.latency_model`` the
+            tables and how their sum compares with the measured whole (``.summary()``).
         score: name of the scoring pass (``fxprune.passes.scores.SCORES``), or a ``ScorePass`` subclass
             (``fxprune.passes.score``; your own score): ``influence`` (the retrained
             loss change), ``magnitude``, ``taylor``, ``fisher``, ``grad_norm``, ``sosp_h``, ``inf_cp``,
@@ -126,13 +135,21 @@ def compile(  # noqa: A001 - the product's name for it
         scores: reuse ``result.scores`` of an earlier compile of the same model and input (same groups)
             instead of scoring again: score once, then sweep targets or compensation methods.
         min_channels: every group keeps at least this many channels (never removed whole).
-        round_to: kept counts are multiples of this (or the original count).
+        round_to: kept counts are multiples of this (or the original count). Default ``None``: counts that
+            keep every tensor dim a multiple of the runtime's channel alignment, measured once per machine
+            (``fxprune.passes.latency.probe``; e.g. 4 for ONNX Runtime's blocked convolutions on x86 CPUs,
+            which are several times slower at other counts); when aligned counts cannot reach the target,
+            any count is allowed, with a warning. ``round_to=1``: any count.
         cost_exponent: priority = score / FLOPs_saved ** cost_exponent (default: the score's own).
         leaf_modules: module types or qualified names to keep opaque (their channels are pinned).
         concrete_args: passed to torch.fx to specialise non-tensor forward arguments.
         strict: raise ``UnsupportedOpError`` for an op without a rule instead of pinning its channels.
         verify: export to ONNX and compare ONNX Runtime with eager (``rtol`` x max |output|).
         latency_runs: ONNX Runtime timing runs for original and pruned (0 to skip timing).
+        latency_threads: ONNX Runtime intra-op threads for every latency measurement (tables and timing;
+            default: the CPUs this process may use), as the model will be deployed.
+        latency_provider: ``"cpu"``, ``"cuda"`` (ONNX Runtime's CUDA EP), or None: CUDA when a GPU and the
+            CUDA EP are present.
         pipeline: the stages to run (default ``fxprune.stages.COMPILE``); a pipeline built from it with a
             stage replaced, e.g. ``COMPILE.replace("select", MySelect())``. It must provide ``result``.
 
@@ -142,11 +159,11 @@ def compile(  # noqa: A001 - the product's name for it
             carries the result; the message says whether the original model fails the same check).
     """
     options = CompileOptions(
-        target_flops=target_flops, score=score, data=data, loss_fn=loss_fn, compensate=compensate,
+        target_flops=target_flops, target_latency=target_latency, score=score, data=data, loss_fn=loss_fn, compensate=compensate,
         device=device, seed=seed, progress=progress, max_batches=max_batches, scores=scores,
         min_channels=min_channels, round_to=round_to, cost_exponent=cost_exponent, leaf_modules=leaf_modules,
         concrete_args=concrete_args, strict=strict, verify=verify, rtol=rtol, latency_runs=latency_runs,
-        score_options=score_options,
+        latency_threads=latency_threads, latency_provider=latency_provider, score_options=score_options,
     )  # fmt: skip
     stages = COMPILE if pipeline is None else pipeline
     if not isinstance(stages, Pipeline) or "result" not in stages.provides:

@@ -61,6 +61,54 @@ def resolve_target(target_flops: float, total: int | None) -> float:
     return t
 
 
+def _lookahead(score: np.ndarray, saved: np.ndarray, cost_exponent: float) -> np.ndarray:
+    """Priorities of a group's steps when some save nothing (or less than nothing, measurement noise): step
+    ``i`` costs the scores of steps ``i..j`` over their saving, ``j`` the first step from ``i`` on after which
+    the saving so far is positive; steps with no such ``j`` get ``inf`` (they are never worth taking)."""
+    m = len(saved)
+    out = np.full(m, np.inf)
+    cum_score = np.concatenate([[0.0], np.cumsum(score)])
+    cum_saved = np.concatenate([[0.0], np.cumsum(saved)])
+    for i in range(m):
+        ahead = np.nonzero(cum_saved[i + 1 :] - cum_saved[i] > 0)[0]
+        if len(ahead):
+            j = i + int(ahead[0])
+            out[i] = (cum_score[j + 1] - cum_score[i]) / (cum_saved[j + 1] - cum_saved[i]) ** cost_exponent
+    return out
+
+
+def _refill(
+    ladders: Mapping[int, list[int]],
+    step: dict[int, int],
+    sizes: dict[int, int],
+    cumulative: Mapping[int, np.ndarray],
+    cost: Cost,
+    target: float,
+    cost_now: float,
+) -> float:
+    """Give back taken steps while the cost stays within ``target``, the most valuable (largest score sum)
+    first; returns the cost. Coarse steps (aligned counts) overshoot the target by up to a step of some
+    group, and a step-shaped cost can leave a group between two blocks, where its last step saved nothing."""
+    while True:
+        undone = False
+        last = {
+            gid: cumulative[gid][lad[0] - lad[step[gid]]] - cumulative[gid][lad[0] - lad[step[gid] - 1]]
+            for gid, lad in ladders.items()
+            if step[gid] > 0
+        }
+        for gid in sorted(last, key=lambda g: -last[g]):
+            step[gid] -= 1
+            sizes[gid] = ladders[gid][step[gid]]
+            c = cost.at(sizes)
+            if c <= target:
+                cost_now, undone = c, True
+            else:
+                step[gid] += 1
+                sizes[gid] = ladders[gid][step[gid]]
+        if not undone:
+            return cost_now
+
+
 def select(
     groups: Sequence[ChannelGroup],
     scores: Mapping[int, np.ndarray],
@@ -68,7 +116,7 @@ def select(
     target: float,
     *,
     min_channels: int = 1,
-    round_to: int = 1,
+    round_to: int | Mapping[int, int] = 1,
     cost_exponent: float = 1.0,
 ) -> Selection:
     """Remove the channels of least score per unit of cost saved until ``cost.at(sizes) <= target``.
@@ -79,14 +127,23 @@ def select(
     steps are ranked by ``cost.step_savings`` at the current sizes (FLOPs: linearised) and the cheapest steps
     covering half of the remaining excess are taken; the exact cost is then recomputed, so the last rounds
     take one step at a time and the result lands just under the target. A group whose steps save nothing
-    at the current sizes waits for a later round.
+    at the current sizes waits for a later round. ``round_to``: one step for every group, or a step per
+    group id (``passes.latency.group_alignment``).
+
+    A step-shaped cost (latency) has steps that save nothing until a later step of the same group saves a
+    block: such a step's priority is that of reaching the next step that saves, i.e. the scores of the
+    channels up to there over the saving up to there (a step that saves nothing would otherwise never be
+    taken, and the saving behind it never reached). When steps are coarse (a group's step above one
+    channel) or the cost is not FLOPs, the taken steps that still fit are given back at the end, the most
+    valuable first (``_refill``), so the result lands close under the target.
 
     Raises:
         TargetError: the target is below the cost left with every prunable group at its minimum.
     """
     sizes = dict(cost.group_sizes)
     prunable = [g for g in groups if g.prunable and g.id in scores]
-    ladders = {g.id: allowed_sizes(g.size, min_channels, round_to) for g in prunable}
+    steps = round_to if isinstance(round_to, Mapping) else {g.id: round_to for g in prunable}
+    ladders = {g.id: allowed_sizes(g.size, min_channels, steps.get(g.id, 1)) for g in prunable}
     order = {g.id: np.argsort(np.asarray(scores[g.id], dtype=np.float64), kind="stable") for g in prunable}
     step = {gid: 0 for gid in ladders}
 
@@ -131,7 +188,10 @@ def select(
             n = lad[0]
             hi, lo = ladder[:-1], ladder[1:]
             cs = cumulative[gid]
-            pri = np.maximum.accumulate((cs[n - lo] - cs[n - hi]) / saved**cost_exponent)
+            if (saved > 0).all():
+                pri = np.maximum.accumulate((cs[n - lo] - cs[n - hi]) / saved**cost_exponent)
+            else:
+                pri = np.maximum.accumulate(_lookahead(cs[n - lo] - cs[n - hi], saved, cost_exponent))
             cand_gid.append(np.full(len(pri), gid))
             cand_pri.append(pri)
             cand_save.append(saved)
@@ -152,6 +212,9 @@ def select(
                 break
         savings = {gid: m for gid, m in savings.items() if not depends[gid] & changed}
         flops = cost.at(sizes)
+    if flops <= target and (any(len(lad) > 1 and lad[0] - lad[1] > 1 for lad in ladders.values())
+                            or cost.unit != "FLOPs"):  # fmt: skip
+        flops = _refill(ladders, step, sizes, cumulative, cost, target, flops)
     kept = {}
     for gid, lad in ladders.items():
         k = lad[step[gid]]

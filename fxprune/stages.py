@@ -12,8 +12,9 @@ calibrate   work, example, options, method                      calib, score_pas
 trace       work, example, options                              gm
 dependency  gm, options                                         dep
 cost        gm, dep, options                                    flops_before, cost, target
+latency     gm, dep, cost, target, example, reduce, ...         budget, target, round_to, latency_model
 score       gm, dep, calib, score_pass, device, reduce, ...     scores
-select      dep, scores, cost, target, flops_before, ...        kept, indices, plan
+select      dep, scores, budget, target, round_to, ...          kept, indices, plan
 compensate  gm, dep, plan, kept, calib, method, device, ...     source, compensation
 rewrite     gm, source, dep, kept, indices                      pruned
 measure     gm, pruned, example                                 eager, flops_after, changed
@@ -56,10 +57,24 @@ from fxprune.inputs import check_runs, clones, count_params, prepare
 from fxprune.passes import op_table
 from fxprune.passes.canonical import CanonicalizePass
 from fxprune.passes.compensate import COMPENSATIONS, Compensation, compensate
+from fxprune.passes.cost import Cost as CostProtocol
 from fxprune.passes.cost import CostModel, CostPass
 from fxprune.passes.dependency import DependencyPass, DependencyResult
 from fxprune.passes.family import OpTable
-from fxprune.passes.masking import default_device
+from fxprune.passes.latency import (
+    Alignment,
+    LatencyModel,
+    Runtime,
+    TableCache,
+    build_latency_model,
+    default_threads,
+    group_alignment,
+    ort_provider,
+    probe,
+    resolve_latency_target,
+    time_ms,
+)
+from fxprune.passes.masking import default_device, progress
 from fxprune.passes.plan import Indices, build_plan, param_indices
 from fxprune.passes.rewrite import RewritePass
 from fxprune.passes.score import AUTO, GroupScore, ScoreContext, ScorePass, auto_score
@@ -68,7 +83,7 @@ from fxprune.passes.stats import Reduce, process_group_sum, process_rank
 from fxprune.pipeline import UNSET, Pipeline, PipelineState, Stage
 from fxprune.select import resolve_target, select
 from fxprune.trace import copy_graph_module, shape_propagate, trace
-from fxprune.verify import Verification, verify_onnx
+from fxprune.verify import Verification, export_onnx, verify_onnx
 
 __all__ = [
     "ANALYSE",
@@ -81,6 +96,7 @@ __all__ = [
     "Calibrate",
     "Compensate",
     "Cost",
+    "Latency",
     "Dependency",
     "Measure",
     "Options",
@@ -101,7 +117,8 @@ __all__ = [
 class CompileOptions:
     """``fxprune.compile``'s keyword arguments (documented there), as one frozen value."""
 
-    target_flops: float = 1.0
+    target_flops: float | None = None
+    target_latency: float | str | None = None
     score: str | type[ScorePass] = AUTO
     data: Any = None
     loss_fn: LossFn | None = None
@@ -112,7 +129,7 @@ class CompileOptions:
     max_batches: int | None = None
     scores: Mapping[int, GroupScore] | None = None
     min_channels: int = 1
-    round_to: int = 1
+    round_to: int | None = None
     cost_exponent: float | None = None
     leaf_modules: Sequence[type | str] = ()
     concrete_args: dict[str, Any] | None = None
@@ -120,6 +137,8 @@ class CompileOptions:
     verify: bool = True
     rtol: float = 1e-4
     latency_runs: int = 10
+    latency_threads: int | None = None
+    latency_provider: str | None = None
     score_options: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -146,6 +165,10 @@ class CompileState(PipelineState):
     flops_before: int = UNSET
     cost: CostModel = UNSET
     target: float = UNSET
+    # latency
+    budget: CostProtocol = UNSET
+    round_to: dict[int, int] = UNSET
+    latency_model: LatencyModel | None = UNSET
     # score, select
     scores: dict[int, GroupScore] = UNSET
     kept: dict[int, tuple[int, ...]] = UNSET
@@ -209,8 +232,26 @@ class Options(Stage[CompileState]):
 
     def run(self, state: CompileState) -> None:
         o = state.options
-        if o.min_channels < 1 or o.round_to < 1:
+        if o.min_channels < 1 or (o.round_to is not None and o.round_to < 1):
             raise InputError(f"min_channels and round_to must be >= 1, got {o.min_channels} and {o.round_to}")
+        if o.latency_threads is not None and (isinstance(o.latency_threads, bool) or o.latency_threads < 1):
+            raise InputError(
+                f"latency_threads={o.latency_threads!r}: pass a thread count >= 1, or None for all CPUs"
+            )
+        if (o.target_flops is None) == (o.target_latency is None):
+            raise TargetError(
+                "pass exactly one of target_flops (a fraction of the FLOPs, e.g. 0.5) and target_latency (a "
+                f"fraction of the measured latency, or e.g. '3.5ms'); got target_flops={o.target_flops!r}, "
+                f"target_latency={o.target_latency!r}"
+            )
+        if o.target_latency is not None:
+            resolve_latency_target(o.target_latency, None)
+            if process_group_sum() is not None:
+                raise InputError(
+                    "target_latency measures latency tables on each machine, which could give the processes "
+                    "of a torch.distributed group different plans; compile with target_flops under torchrun, "
+                    "or with target_latency in one process"
+                )
         if o.score != AUTO:
             get_score(o.score).check_options(dict(o.score_options))
         method = o.compensate if o.compensate is not None else ("lsq" if o.data is not None else "none")
@@ -218,7 +259,8 @@ class Options(Stage[CompileState]):
             raise InputError(
                 f"compensate={method!r} is not a method; choose one of {', '.join(COMPENSATIONS)}"
             )
-        resolve_target(o.target_flops, None)
+        if o.target_flops is not None:
+            resolve_target(o.target_flops, None)
         state.method, state.device = method, default_device(o.device)
         state.reduce = process_group_sum()
         state.progress = o.progress and process_rank() == 0
@@ -291,7 +333,48 @@ class Cost(Stage[CompileState]):
     def run(self, state: CompileState) -> None:
         state.flops_before = graph_flops(state.gm)
         state.cost = CostPass({g.id: g.size for g in state.dep.groups})(state.gm)
-        state.target = resolve_target(state.options.target_flops, state.flops_before)
+        t = state.options.target_flops
+        state.target = resolve_target(1.0 if t is None else t, state.flops_before)
+
+
+class Latency(_TableStage):
+    """Hardware-friendly kept counts and the latency budget (``fxprune.passes.latency``).
+
+    ``round_to``: per group, ``options.round_to`` when given, else the steps that keep every tensor dim a
+    group cuts at a multiple of the runtime's measured alignment (``latency.probe``, cached per machine).
+    With ``options.target_latency``: the per-op latency tables of the model (cached per op signature) and
+    the measured latency of the whole original, as the ``budget`` selection runs under (in ms) and the
+    ``target``; otherwise ``budget`` is the FLOPs cost model."""
+
+    name = "latency"
+    requires = ("gm", "dep", "cost", "target", "example", "reduce", "progress", "options")
+    provides = ("budget", "target", "round_to", "latency_model")
+
+    def run(self, state: CompileState) -> None:
+        o, groups = state.options, state.dep.groups
+        state.budget, state.latency_model = state.cost, None
+        if o.round_to is not None and o.target_latency is None:
+            state.round_to = {g.id: o.round_to for g in groups}
+            return
+        runtime = Runtime(ort_provider(o.latency_provider), o.latency_threads or default_threads())
+        cache = TableCache(runtime)
+        alignment = _same_on_every_rank(probe(runtime, cache), state.reduce)
+        state.round_to = (
+            group_alignment(groups, alignment) if o.round_to is None else {g.id: o.round_to for g in groups}
+        )
+        if o.target_latency is None:
+            return
+        example, table = state.example, self.ops
+
+        def measure_model() -> float:
+            blob, _ = export_onnx(state.gm, example, table=table)
+            return time_ms(runtime.session(blob), example)
+
+        model = build_latency_model(state.gm, groups, state.cost, example, runtime, measure_model=measure_model,
+                                    cache=cache, steps=lambda ops: progress(ops, state.progress, "latency tables"))  # fmt: skip
+        state.latency_model = model
+        state.budget = model.cost()
+        state.target = resolve_latency_target(o.target_latency, model.full_ms)
 
 
 class Score(Stage[CompileState]):
@@ -317,15 +400,28 @@ class Select(Stage[CompileState]):
     when a group is left with fewer than ``FEW_CHANNELS`` channels."""
 
     name = "select"
-    requires = ("dep", "scores", "cost", "target", "flops_before", "score_pass", "options")
+    requires = ("dep", "scores", "budget", "target", "round_to", "flops_before", "score_pass", "options")
     provides = ("kept", "indices", "plan")
 
     def run(self, state: CompileState) -> None:
         o, groups = state.options, state.dep.groups
         exponent = state.score_pass.cost_exponent if o.cost_exponent is None else o.cost_exponent
+        scores = {g: s.mean for g, s in state.scores.items()}
         with _absolute_target_hint(o.target_flops, state.flops_before):
-            chosen = select(groups, {g: s.mean for g, s in state.scores.items()}, state.cost, state.target,
-                            min_channels=o.min_channels, round_to=o.round_to, cost_exponent=exponent)  # fmt: skip
+            try:
+                chosen = select(groups, scores, state.budget, state.target, min_channels=o.min_channels,
+                                round_to=state.round_to, cost_exponent=exponent)  # fmt: skip
+            except TargetError:
+                if o.round_to is not None or all(r == 1 for r in state.round_to.values()):
+                    raise
+                # aligned counts cannot reach the target: any count may (the target keeps its meaning)
+                chosen = select(groups, scores, state.budget, state.target, min_channels=o.min_channels,
+                                round_to=1, cost_exponent=exponent)  # fmt: skip
+                warn(
+                    "the target cannot be reached with hardware-aligned channel counts (multiples of "
+                    f"{max(state.round_to.values())}); kept counts are not aligned, which the runtime may run "
+                    "slower. Pass round_to=1 to choose so from the start, or a higher target"
+                )
         state.kept = chosen.kept
         state.indices = param_indices(groups, chosen.kept)  # the plan's and the rewrite's, computed once
         state.plan = build_plan(groups, chosen.kept, state.indices)
@@ -415,7 +511,7 @@ class Result(Stage[CompileState]):
     name = "result"
     requires = (
         "work", "example", "gm", "pruned", "plan", "dep", "cost", "scores", "flops_before", "flops_after",
-        "target", "verification", "changed", "score_pass", "compensation", "calib", "options",
+        "target", "verification", "changed", "score_pass", "compensation", "calib", "options", "latency_model",
     )  # fmt: skip
     provides = ("result",)
 
@@ -430,7 +526,9 @@ class Result(Stage[CompileState]):
             flops_after=state.flops_after,
             params_before=count_params(state.work),
             params_after=count_params(state.pruned),
-            target_flops=state.target,
+            target_flops=None if state.options.target_latency is not None else state.target,
+            latency_model=state.latency_model,
+            target_latency_ms=state.target if state.options.target_latency is not None else None,
             verification=state.verification,
             timings=state.timings,
             cpu_timings=state.cpu_timings,
@@ -459,7 +557,7 @@ def compile_pipeline(table: OpTable | None = None) -> Pipeline[CompileState]:
     compensation roles, rewrite attribute fixes, ONNX translations) use ``table`` (default: the default
     op table, ``fxprune.passes.op_table.DEFAULT_TABLE``)."""
     return Pipeline(
-        (Prepare(), Options(), Calibrate(), Trace(table), Dependency(table), Cost(), Score(), Select(),
+        (Prepare(), Options(), Calibrate(), Trace(table), Dependency(table), Cost(), Latency(table), Score(), Select(),
          Compensate(table), Rewrite(table), Measure(), Verify(table), Result()),
         INPUTS,
     )  # fmt: skip
@@ -485,7 +583,8 @@ class CompileResult:
     flops_after: int
     params_before: int
     params_after: int
-    target_flops: float
+    #: the FLOPs selection aimed at (None when it aimed at ``target_latency_ms``)
+    target_flops: float | None
     verification: Verification | None
     timings: dict[str, float] = field(default_factory=dict)
     score: str = "magnitude"
@@ -493,6 +592,19 @@ class CompileResult:
     calibration: Calibration | None = None
     #: CPU seconds of the process per stage (``timings`` is wall time)
     cpu_timings: dict[str, float] = field(default_factory=dict)
+    #: the measured latency tables selection ran under (``target_latency``), else None
+    latency_model: LatencyModel | None = None
+    #: the latency selection aimed at, in ms (``target_latency``), else None
+    target_latency_ms: float | None = None
+
+    @property
+    def predicted_latency_ms(self) -> float | None:
+        """The latency model's prediction for the pruned model (ms), when selection ran under one."""
+        if self.latency_model is None:
+            return None
+        sizes = {g.id: g.size for g in self.dependency.groups}
+        sizes.update({g: len(k) for g, k in self.plan.kept.items()})
+        return self.latency_model.predict_ms(sizes)
 
     @property
     def flops_ratio(self) -> float:
@@ -521,14 +633,25 @@ class CompileResult:
 FEW_CHANNELS = 4
 
 
+def _same_on_every_rank(alignment: Alignment, reduce: Reduce | None) -> Alignment:
+    """Rank 0's alignment on every process of a distributed compile (each measured its own; the plans must
+    agree): a summing all-reduce of rank 0's numbers and zeros elsewhere."""
+    if reduce is None:
+        return alignment
+    mine = process_rank() == 0
+    t = torch.tensor([alignment.align, alignment.block] if mine else [0, 0], dtype=torch.float64)
+    reduce(t)
+    return Alignment(int(t[0]), int(t[1]), alignment.penalty)
+
+
 @contextmanager
-def _absolute_target_hint(target_flops: float, total: int) -> Iterator[None]:
+def _absolute_target_hint(target_flops: float | None, total: int) -> Iterator[None]:
     """An unreachable target above 1 was given as an absolute FLOPs count: say so, a fraction was likely
     meant (``target_flops=1.5`` is 1.5 FLOPs, not 150% or 1.5x smaller)."""
     try:
         yield
     except TargetError as exc:
-        if float(target_flops) <= 1.0:
+        if target_flops is None or float(target_flops) <= 1.0:
             raise
         raise TargetError(
             f"{exc}. Note: target_flops={target_flops!r} is above 1, so it is read as an absolute count of "
@@ -648,7 +771,12 @@ def _check_scores(scores: Mapping[int, GroupScore], dep: DependencyResult) -> di
 def _report(r: CompileResult) -> str:
     lines = [
         "# fxprune report",
-        f"FLOPs   {r.flops_before:>16,} -> {r.flops_after:>16,}  ({r.flops_ratio:.4f}; requested {r.target_flops / max(r.flops_before, 1):.4f})",
+        f"FLOPs   {r.flops_before:>16,} -> {r.flops_after:>16,}  ({r.flops_ratio:.4f}"
+        + (
+            f"; requested {r.target_flops / max(r.flops_before, 1):.4f})"
+            if r.target_flops is not None
+            else ")"
+        ),
         f"params  {r.params_before:>16,} -> {r.params_after:>16,}  ({r.params_ratio:.4f})",
     ]
     groups = r.dependency.groups
@@ -666,6 +794,11 @@ def _report(r: CompileResult) -> str:
         )
         if v.ort_ms_before is not None and v.ort_ms_after is not None:
             lines.append(f"latency ORT {v.ort_ms_before:.2f} ms -> {v.ort_ms_after:.2f} ms")
+    if r.latency_model is not None:
+        m = r.latency_model
+        lines.append(
+            f"latency target {r.target_latency_ms:.3f} ms, predicted {r.predicted_latency_ms:.3f} ms; {m.summary()}"
+        )
     lines.append("timings " + ", ".join(f"{k} {v:.2f}s" for k, v in r.timings.items()))
     lines.append("")
     lines.append("## pruned modules (kept / original)")

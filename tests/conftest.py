@@ -156,3 +156,36 @@ def _structure(out: object) -> object:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def synthetic_probe(align: int = 4, block: int = 16, slow: float = 3.0) -> dict[str, dict[str, float]]:
+    """Probe timings of a runtime whose fast path needs multiples of ``align`` and steps every ``block``
+    channels; other counts are ``slow`` times slower (``fxprune.passes.latency.alignment_from`` input)."""
+    import math
+
+    def t(c: int, base: float) -> float:
+        return base * (1 + math.ceil(c / block)) * (1.0 if c % align == 0 else slow)
+
+    return {
+        kind: {str(c): t(c, base) for c in range(40, 89)}
+        for kind, base in (("depthwise", 0.1), ("conv", 0.4))
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def latency_cache(tmp_path_factory: pytest.TempPathFactory) -> object:
+    """Latency tables in a fresh directory (never the user's ``~/.cache/fxprune``), with the runtime probe
+    fixed to ``synthetic_probe()`` for every thread count a test may use: the default compile chooses kept
+    counts by the measured alignment, and a test's plan must not depend on timing noise. The real probe
+    is measured in tests/test_latency.py."""
+    import os
+
+    from fxprune.passes.latency import CACHE_ENV, Runtime, TableCache, default_threads
+
+    path = tmp_path_factory.mktemp("fxprune-cache")
+    os.environ[CACHE_ENV] = str(path)  # subprocesses (CLI, torchrun) inherit it
+    for threads in sorted({1, 2, default_threads()}):
+        cache = TableCache(Runtime("cpu", threads))
+        cache.data["probe"] = synthetic_probe()
+        cache.save()
+    return path

@@ -211,7 +211,7 @@ def test_device_without_cuda_is_input_error(no_tracing: None) -> None:
         (-math.inf, "target_flops=-inf is out of range"),
         (True, "target_flops must be a number, got bool"),
         ("0.5", "target_flops must be a number, got str; pass e.g. 0.5"),
-        (None, "target_flops must be a number, got NoneType"),
+        (None, "pass exactly one of target_flops .* and target_latency"),
         (torch.tensor(0.5), "target_flops must be a number, got Tensor"),
     ],
 )

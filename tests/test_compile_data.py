@@ -60,8 +60,10 @@ def test_every_data_score_compiles_to_a_verified_model(score: str) -> None:
 @pytest.mark.parametrize("method", ["bias", "lsq", "newton"])
 def test_compensation_is_covered_by_the_masked_oracle(cls: type[nn.Module], method: str) -> None:
     m = model(cls)
+    # round_to=1: the plans these expectations were measured on (with aligned counts the Newton step also
+    # keeps step 0 on ConcatNet)
     r = fxprune.compile(m, X, 0.5, score="magnitude", data=labelled(), compensate=method, verify=False,
-                        progress=False)  # fmt: skip
+                        progress=False, round_to=1)  # fmt: skip
     assert r.compensation is not None
     if method != "newton" or cls is not ResidualNet:
         assert r.compensation.overrides, r.compensation.skipped  # something was folded

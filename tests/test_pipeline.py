@@ -126,14 +126,14 @@ def test_every_stage_is_timed_and_an_error_names_its_stage() -> None:
     r = fxprune.compile(residual(), X, 0.5, **FAST)
     assert tuple(r.timings) == tuple(r.cpu_timings) == fxprune.COMPILE.names
     assert fxprune.COMPILE.names == (
-        "prepare", "options", "calibrate", "trace", "dependency", "cost", "score", "select", "compensate",
-        "rewrite", "measure", "verify", "result",
+        "prepare", "options", "calibrate", "trace", "dependency", "cost", "latency", "score", "select",
+        "compensate", "rewrite", "measure", "verify", "result",
     )  # fmt: skip
     with pytest.raises(fxprune.TargetError) as info:
         fxprune.compile(residual(), X, 1e-6, **FAST)
     assert info.value.__notes__ == [
         "fxprune pipeline: raised in stage 'select' (after prepare, options, calibrate, trace, dependency, "
-        "cost, score)"
+        "cost, latency, score)"
     ]
 
 
