@@ -150,6 +150,13 @@ def select(
     min_sizes = dict(sizes)
     min_sizes.update({gid: lad[-1] for gid, lad in ladders.items()})
     min_flops = cost.at(min_sizes)
+    if min_flops > target * (1 + 1e-12) and cost.unit != "FLOPs":
+        raise TargetError(
+            f"target of {target:.4g} {cost.unit} ({target / cost.total:.3f} of {cost.total:.4g}) is unreachable: "
+            f"the smallest model fxprune can make costs {min_flops:.4g} {cost.unit} "
+            f"({min_flops / cost.total:.3f}); pinned groups and min_channels={min_channels} set that floor — "
+            f"pass a target of at least {min_flops / cost.total:.3f} (or {min_flops:.4g} {cost.unit})"
+        )
     if min_flops > target * (1 + 1e-12):
         unit = cost.unit
         raise TargetError(

@@ -17,9 +17,9 @@ when asked for), at the deployed thread count:
   groups, input shape, dtype) and its timings are cached in a JSON file per runtime fingerprint
   (``cache_dir()``: ``~/.cache/fxprune/latency`` or ``$FXPRUNE_CACHE/latency``), shared by every model
   with that op.
-* **The model**: each op's latency is ``t0 + t1 Bi + t2 Bo + t3 Bi Bo`` in the blocks ``B = ceil(c / block)``
-  of its kept input and output counts (least squares over its table: step-shaped in the counts), times the
-  probe's penalty where a count is unaligned. Ops with FLOPs but no table (matmuls of attention) cost the
+* **The model**: each op's latency is its table, interpolated bilinearly in the kept input and output
+  counts padded up to the block (step-shaped: a count costs what the next multiple of the block costs),
+  made non-decreasing in the counts, times the probe's penalty where a pruned count is unaligned. Ops with FLOPs but no table (matmuls of attention) cost the
   median milliseconds per FLOP of the tabled ops. The sum over ops is compared with the measured latency of
   the whole original model: ``LatencyModel.gap_ms`` (fusion, memory-bound ops, fixed overheads); the cost
   of a pruned model is the sum scaled by ``measured / sum`` (so the full model costs what was measured).
@@ -377,7 +377,11 @@ class OpLatency:
 
     ``cin_terms``/``cout_terms``: ``(group, repeat)`` pairs; the op keeps ``full - sum (size_g - kept_g) *
     repeat`` input (output) channels (``in_unit``: input channels per weight column, ``groups`` of a
-    grouped conv). ``coef`` are the fitted ``t0..t3`` (ms) over blocks of ``block`` channels."""
+    grouped conv). ``table[i][j]``: the measured ms at ``levels_in[i]`` input and ``levels_out[j]`` output
+    channels (ascending; made non-decreasing along both, so noise never makes a smaller op dearer); a
+    depthwise conv's output follows its input, so its ``levels_out`` is empty and each row one value.
+    Between levels the latency is bilinear in the counts padded up to the ``block`` (step-shaped: a count
+    costs what the next multiple of the block costs), flat below the smallest level."""
 
     node: str
     signature: OpSignature
@@ -385,7 +389,9 @@ class OpLatency:
     cout_terms: tuple[tuple[int, int], ...]
     in_unit: int
     sizes0: Mapping[int, int]
-    coef: tuple[float, float, float, float]
+    levels_in: tuple[int, ...]
+    levels_out: tuple[int, ...]
+    table: tuple[tuple[float, ...], ...]
     block: int
     align: int
     penalty: float
@@ -397,11 +403,18 @@ class OpLatency:
         co = self.signature.cout - sum((self.sizes0[g] - sizes[g]) * r for g, r in self.cout_terms)
         return ci, co
 
+    def _padded(self, c: int, full: int) -> float:
+        return float(c if c >= full else min(full, math.ceil(c / self.block) * self.block))
+
     def ms(self, cin: int, cout: int) -> float:
-        bi, bo = math.ceil(cin / self.block), math.ceil(cout / self.block)
-        t0, t1, t2, t3 = self.coef
-        t = max(t0 + t1 * bi + t2 * bo + t3 * bi * bo, 1e-4)
         sig = self.signature
+        pi = self._padded(cin, sig.cin)
+        if self.levels_out:
+            po = self._padded(cout, sig.cout)
+            rows = [float(np.interp(po, self.levels_out, row)) for row in self.table]
+        else:
+            rows = [row[0] for row in self.table]
+        t = float(np.interp(pi, self.levels_in, rows))
         if (cin != sig.cin and cin % self.align) or (cout != sig.cout and cout % self.align):
             t *= self.penalty  # a pruned count off the fast path (the full counts are what was measured)
         return t
@@ -411,33 +424,25 @@ class OpLatency:
 
 
 def _levels(full: int, unit: int, block: int, pruned: bool) -> list[int]:
-    """Kept counts a table measures for one dim of ``full`` channels: the full count, and ~3/4, 1/2, 1/4
-    of it rounded up to multiples of ``lcm(unit, block)`` (of ``unit`` where that exceeds the count)."""
+    """Kept counts a table measures for one dim of ``full`` channels, ascending: the full count; ~3/4,
+    1/2 and 1/4 of it rounded up to multiples of ``lcm(unit, block)`` (of ``unit`` where that exceeds the
+    count); and that step itself, the smallest count a group is likely to keep."""
     if not pruned:
         return [full]
     step = math.lcm(unit, block)
     if step >= full:
         step = unit
-    out = {full}
+    out = {full, step}
     for f in (0.75, 0.5, 0.25):
         out.add(min(full, max(step, math.ceil(full * f / step) * step)))
     return sorted(out)
 
 
-def _fit(points: Sequence[tuple[int, int, float]], block: int) -> tuple[float, float, float, float]:
-    """Least squares ``t0 + t1 Bi + t2 Bo + t3 Bi Bo`` over the measured points (terms a table cannot
-    separate are dropped)."""
-    bi = np.array([math.ceil(p[0] / block) for p in points], dtype=np.float64)
-    bo = np.array([math.ceil(p[1] / block) for p in points], dtype=np.float64)
-    y = np.array([p[2] for p in points], dtype=np.float64)
-    cols = [np.ones_like(y)]
-    use = [True, len(set(bi)) > 1, len(set(bo)) > 1, len(set(bi)) > 1 and len(set(bo)) > 1]
-    for on, col in zip(use[1:], (bi, bo, bi * bo), strict=True):
-        if on:
-            cols.append(col)
-    coef, *_ = np.linalg.lstsq(np.stack(cols, axis=1), y, rcond=None)
-    it = iter(coef.tolist())
-    return tuple(next(it) if on else 0.0 for on in use)  # type: ignore[return-value]
+def _monotone(values: np.ndarray) -> tuple[tuple[float, ...], ...]:
+    """``values`` made non-decreasing along every axis (a running maximum from the smallest counts)."""
+    for axis in range(values.ndim):
+        values = np.maximum.accumulate(values, axis=axis)
+    return tuple(tuple(float(v) for v in row) for row in values)
 
 
 def _signature(gm: fx.GraphModule, node: fx.Node) -> tuple[OpSignature, str] | None:
@@ -530,20 +535,22 @@ def build_latency_model(
         block = alignment.block if sig.kind == "conv" else 1
         unit_in = sig.groups if sig.kind == "conv" and not sig.depthwise else 1
         unit_out = sig.groups if sig.kind == "conv" and not sig.depthwise else 1
+        levels_in = _levels(sig.cin, unit_in, block, bool(cin_terms or (sig.depthwise and cout_terms)))
+        levels_out = [] if sig.depthwise else _levels(sig.cout, unit_out, block, bool(cout_terms))
         if sig.depthwise:
-            grid = [(c, c * (sig.cout // sig.cin)) for c in _levels(sig.cin, 1, block, bool(cout_terms))]
+            grid = [(c, c * (sig.cout // sig.cin)) for c in levels_in]
         else:
-            grid = [(ci, co) for ci in _levels(sig.cin, unit_in, block, bool(cin_terms))
-                    for co in _levels(sig.cout, unit_out, block, bool(cout_terms))]  # fmt: skip
+            grid = [(ci, co) for ci in levels_in for co in levels_out]
         table = {(int(a), int(b)): float(t) for a, b, t in cache.data["ops"].get(sig.key, [])}
         for ci, co in grid:
             if (ci, co) not in table:
                 table[(ci, co)] = time_op(sig, ci, co, runtime)
                 measured += 1
         cache.data["ops"][sig.key] = [[a, b, t] for (a, b), t in sorted(table.items())]
-        points = [(ci, co, table[(ci, co)]) for ci, co in grid]
+        values = np.array([table[p] for p in grid]).reshape(len(levels_in), max(1, len(levels_out)))
         kind = "depthwise" if sig.depthwise else sig.kind
-        ops.append(OpLatency(node.name, sig, cin_terms, cout_terms, in_unit, sizes0, _fit(points, block), block,
+        ops.append(OpLatency(node.name, sig, cin_terms, cout_terms, in_unit, sizes0, tuple(levels_in),
+                             tuple(levels_out), _monotone(values), block,
                              alignment.align if sig.kind == "conv" else 1, alignment.penalty.get(kind, 1.0)))  # fmt: skip
     if measured:
         cache.save()
