@@ -15,6 +15,7 @@ cost        gm, dep, options                                    flops_before, co
 latency     gm, dep, cost, target, example, reduce, ...         budget, target, round_to, latency_model
 score       gm, dep, calib, score_pass, device, reduce, ...     scores
 select      dep, scores, budget, target, round_to, ...          kept, indices, plan
+refit       gm, dep, kept, latency_model, example, ...          kept, indices, plan, budget, latency_model
 compensate  gm, dep, plan, kept, calib, method, device, ...     source, compensation
 rewrite     gm, source, dep, kept, indices                      pruned
 measure     gm, pruned, example                                 eager, flops_after, changed
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import statistics
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -82,7 +84,14 @@ from fxprune.passes.stats import Reduce, process_group_sum, process_rank
 from fxprune.pipeline import UNSET, Pipeline, PipelineState, Stage
 from fxprune.select import resolve_target, select
 from fxprune.trace import copy_graph_module, shape_propagate, trace
-from fxprune.verify import Verification, default_threads, export_onnx, ort_provider, verify_onnx
+from fxprune.verify import (
+    Verification,
+    default_threads,
+    export_onnx,
+    ort_provider,
+    time_interleaved,
+    verify_onnx,
+)
 
 __all__ = [
     "ANALYSE",
@@ -100,6 +109,7 @@ __all__ = [
     "Measure",
     "Options",
     "Prepare",
+    "Refit",
     "Result",
     "Rewrite",
     "Score",
@@ -340,7 +350,9 @@ class Latency(_TableStage):
     """Hardware-friendly kept counts and the latency budget (``fxprune.passes.latency``).
 
     ``round_to``: per group, ``options.round_to`` when given, else the steps that keep every tensor dim a
-    group cuts at a multiple of the runtime's measured alignment (``latency.probe``, cached per machine).
+    group cuts at a multiple of the runtime's measured block (a FLOPs target; the alignment with a latency
+    target, whose tables see the blocks) (``latency.group_alignment``, ``latency.probe``: cached per
+    machine).
     With ``options.target_latency``: the per-op latency tables of the model (cached per op signature) and
     the measured latency of the whole original, as the ``budget`` selection runs under (in ms) and the
     ``target``; otherwise ``budget`` is the FLOPs cost model."""
@@ -359,7 +371,9 @@ class Latency(_TableStage):
         cache = TableCache(runtime)
         alignment = _same_on_every_rank(probe(runtime, cache), state.reduce)
         state.round_to = (
-            group_alignment(groups, alignment) if o.round_to is None else {g.id: o.round_to for g in groups}
+            group_alignment(groups, alignment, blocks=o.target_latency is None)
+            if o.round_to is None
+            else {g.id: o.round_to for g in groups}
         )
         if o.target_latency is None:
             return
@@ -399,32 +413,70 @@ class Select(Stage[CompileState]):
     when a group is left with fewer than ``FEW_CHANNELS`` channels."""
 
     name = "select"
-    requires = ("dep", "scores", "budget", "target", "round_to", "flops_before", "score_pass", "options")
+    requires = ("dep", "scores", "budget", "target", "round_to", "flops_before", "score_pass", "options",
+                "latency_model")  # fmt: skip
     provides = ("kept", "indices", "plan")
 
     def run(self, state: CompileState) -> None:
-        o, groups = state.options, state.dep.groups
-        exponent = state.score_pass.cost_exponent if o.cost_exponent is None else o.cost_exponent
-        scores = {g: s.mean for g, s in state.scores.items()}
-        with _absolute_target_hint(o.target_flops, state.flops_before):
-            try:
-                chosen = select(groups, scores, state.budget, state.target, min_channels=o.min_channels,
-                                round_to=state.round_to, cost_exponent=exponent)  # fmt: skip
-            except TargetError:
-                if o.round_to is not None or all(r == 1 for r in state.round_to.values()):
-                    raise
-                # aligned counts cannot reach the target: any count may (the target keeps its meaning)
-                chosen = select(groups, scores, state.budget, state.target, min_channels=o.min_channels,
-                                round_to=1, cost_exponent=exponent)  # fmt: skip
-                warn(
-                    "the target cannot be reached with hardware-aligned channel counts (multiples of "
-                    f"{max(state.round_to.values())}); kept counts are not aligned, which the runtime may run "
-                    "slower. Pass round_to=1 to choose so from the start, or a higher target"
-                )
-        state.kept = chosen.kept
-        state.indices = param_indices(groups, chosen.kept)  # the plan's and the rewrite's, computed once
-        state.plan = build_plan(groups, chosen.kept, state.indices)
-        _warn_few_channels(state.dep, chosen.kept)
+        _choose(state)
+        if state.latency_model is None:  # else the refit stage chooses again, and warns
+            _warn_few_channels(state.dep, state.kept)
+
+
+def _choose(state: CompileState) -> None:
+    """``select`` under ``state.budget`` and ``state.target``; with aligned counts (``round_to=None``) that
+    cannot reach the target, any count, with a warning. Writes ``kept``, ``indices`` and ``plan``."""
+    o, groups = state.options, state.dep.groups
+    exponent = state.score_pass.cost_exponent if o.cost_exponent is None else o.cost_exponent
+    scores = {g: s.mean for g, s in state.scores.items()}
+    with _absolute_target_hint(o.target_flops, state.flops_before):
+        try:
+            chosen = select(groups, scores, state.budget, state.target, min_channels=o.min_channels,
+                            round_to=state.round_to, cost_exponent=exponent)  # fmt: skip
+        except TargetError:
+            if o.round_to is not None or all(r == 1 for r in state.round_to.values()):
+                raise
+            # aligned counts cannot reach the target: any count may (the target keeps its meaning)
+            chosen = select(groups, scores, state.budget, state.target, min_channels=o.min_channels,
+                            round_to=1, cost_exponent=exponent)  # fmt: skip
+            warn(
+                "the target cannot be reached with hardware-aligned channel counts (multiples of "
+                f"{max(state.round_to.values())}); kept counts are not aligned, which the runtime may run "
+                "slower. Pass round_to=1 to choose so from the start, or a higher target"
+            )
+    state.kept = chosen.kept
+    state.indices = param_indices(groups, chosen.kept)  # the plan's and the rewrite's, computed once
+    state.plan = build_plan(groups, chosen.kept, state.indices)
+
+
+class Refit(_TableStage):
+    """With ``target_latency``: the selected plan's structure (no compensation: latency does not depend on
+    the weights) is rewritten, exported and timed interleaved with the original in the latency runtime;
+    the latency model is refit through that measured point (``LatencyModel.refit``) and the selection
+    made again under it. Isolated ops' tables get the ranking of the channels right but not the whole
+    model's scale (layout conversions, fused and memory-bound ops); one measured pruned model fixes the
+    scale near the target. Without a latency model it does nothing."""
+
+    name = "refit"
+    requires = ("gm", "dep", "scores", "budget", "target", "round_to", "kept", "indices", "plan", "example",
+                "latency_model", "flops_before", "score_pass", "options")  # fmt: skip
+    provides = ("kept", "indices", "plan", "budget", "latency_model")
+
+    def run(self, state: CompileState) -> None:
+        model, example = state.latency_model, state.example
+        if model is None or not state.kept:
+            return
+        pruned = RewritePass(state.dep.groups, state.kept, state.indices, table=self.ops)(state.gm)
+        shape_propagate(pruned, example, count_flops=False)
+        blobs = [export_onnx(g, example, table=self.ops)[0] for g in (state.gm, pruned)]
+        times = time_interleaved([model.runtime.session(b) for b in blobs], example, min_runs=30,
+                                 max_seconds=3.0)  # fmt: skip
+        ratio = statistics.median(a / b for b, a in zip(times[0], times[1], strict=True))
+        sizes = {g.id: g.size for g in state.dep.groups} | {g: len(k) for g, k in state.kept.items()}
+        state.latency_model = model.refit(sizes, ratio)
+        state.budget = state.latency_model.cost()
+        _choose(state)
+        _warn_few_channels(state.dep, state.kept)
 
 
 class Compensate(_TableStage):
@@ -573,7 +625,7 @@ def compile_pipeline(table: OpTable | None = None) -> Pipeline[CompileState]:
     compensation roles, rewrite attribute fixes, ONNX translations) use ``table`` (default: the default
     op table, ``fxprune.passes.op_table.DEFAULT_TABLE``)."""
     return Pipeline(
-        (Prepare(), Options(), Calibrate(), Trace(table), Dependency(table), Cost(), Latency(table), Score(), Select(),
+        (Prepare(), Options(), Calibrate(), Trace(table), Dependency(table), Cost(), Latency(table), Score(), Select(), Refit(table),
          Compensate(table), Rewrite(table), Measure(), Verify(table), Result()),
         INPUTS,
     )  # fmt: skip

@@ -27,6 +27,7 @@ when asked for), at the deployed thread count:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -352,18 +353,25 @@ def probe(runtime: Runtime, cache: TableCache | None = None) -> Alignment:
     return alignment_from({k: {int(c): float(v) for c, v in t.items()} for k, t in raw.items()})
 
 
-def group_alignment(groups: Iterable[ChannelGroup], alignment: Alignment) -> dict[int, int]:
-    """The kept-count step of every group so that the tensor dims it cuts stay multiples of
-    ``alignment.align``: a group whose channels each cut ``r`` positions (``Site.repeat``; a head cuts
-    ``head_dim``) needs steps of ``align / gcd(align, r)``; groups of at most ``align`` channels step by 1
-    (nothing aligned is left to choose)."""
+def group_alignment(
+    groups: Iterable[ChannelGroup], alignment: Alignment, *, blocks: bool = False
+) -> dict[int, int]:
+    """The kept-count step of every group, so that the tensor dims it cuts stay on the runtime's fast path.
+
+    A group whose channels each cut ``r`` positions (``Site.repeat``; a head cuts ``head_dim``) steps by
+    ``n / gcd(n, r)`` channels, ``n`` being ``alignment.align`` or, with ``blocks``, ``alignment.block``:
+    counts between two blocks cost what the next block costs, so a FLOPs target, which cannot see that,
+    keeps whole blocks. A group with fewer than 3 such steps steps by the alignment instead; a group of at
+    most one aligned step by 1 (nothing aligned is left to choose)."""
     out = {}
-    a = alignment.align
     for g in groups:
         r = 0
         for s in g.sites:
             r = math.gcd(r, s.repeat)
-        step = a // math.gcd(a, r or 1)
+        fine = alignment.align // math.gcd(alignment.align, r or 1)
+        step = alignment.block // math.gcd(alignment.block, r or 1) if blocks else fine
+        if g.size < 3 * step:
+            step = fine
         out[g.id] = step if g.size > step else 1
     return out
 
@@ -568,7 +576,13 @@ class LatencyModel:
     ``ops_ms``: the tables' sum at full width; ``other_ms``: the FLOPs-only nodes at the tabled ops' median
     ms per FLOP; ``full_ms``: the measured latency of the original; ``gap_ms = full_ms - ops_ms -
     other_ms`` (negative when isolated ops, each with its own layout conversions, sum to more than the
-    fused model)."""
+    fused model).
+
+    The prediction is affine in the tables' sum ``S``: through the original (``S_full`` -> ``full_ms``)
+    and, once ``refit`` has measured a pruned model (``fit``: its ``S`` and measured ms), through that
+    point as well; before that, proportional (``full_ms * S / S_full``). Isolated ops carry costs the
+    fused model does not (layout conversions, a session run each) and the model has costs no table sees
+    (memory-bound ops, fixed overheads), so a measured pruned point corrects the slope."""
 
     ops: tuple[OpLatency, ...]
     other: tuple[tuple[str, float], ...]
@@ -576,6 +590,7 @@ class LatencyModel:
     alignment: Alignment
     full_ms: float
     runtime: Runtime
+    fit: tuple[float, float] | None = None
 
     @cached_property
     def ms_per_flop(self) -> float:
@@ -601,15 +616,31 @@ class LatencyModel:
 
     @cached_property
     def scale(self) -> float:
+        """Predicted ms per ms of the tables' sum (the slope of the affine prediction)."""
         total = self.ops_ms + self.other_ms
+        if self.fit is not None and total - self.fit[0] > 1e-9 * total and self.fit[1] < self.full_ms:
+            return (self.full_ms - self.fit[1]) / (total - self.fit[0])
         return self.full_ms / total if total > 0 else 1.0
 
-    def predict_ms(self, sizes: Mapping[int, int]) -> float:
-        """Predicted milliseconds with ``sizes[g]`` channels kept in every group."""
+    def tables_ms(self, sizes: Mapping[int, int]) -> float:
+        """The tables' sum ``S`` with ``sizes[g]`` channels kept in every group (uncalibrated)."""
         nodes = {n.node: n for n in self.flops.nodes}
         rate = self.ms_per_flop
         other = math.fsum(nodes[name].at(sizes) * rate for name, _ in self.other if name in nodes)
-        return self.scale * (math.fsum(op.at(sizes) for op in self.ops) + other)
+        return math.fsum(op.at(sizes) for op in self.ops) + other
+
+    def predict_ms(self, sizes: Mapping[int, int]) -> float:
+        """Predicted milliseconds with ``sizes[g]`` channels kept in every group."""
+        return self.full_ms + self.scale * (self.tables_ms(sizes) - self.ops_ms - self.other_ms)
+
+    def refit(self, sizes: Mapping[int, int], measured_ratio: float) -> LatencyModel:
+        """This model through one more measured point: the model with ``sizes`` kept ran at
+        ``measured_ratio`` of the original (a paired, interleaved measurement). Ignored (``self``) when it
+        says pruning made the model no faster or nothing was pruned: no slope can be read off it."""
+        s = self.tables_ms(sizes)
+        if not 0 < measured_ratio < 1 or self.ops_ms + self.other_ms - s <= 0:
+            return self
+        return dataclasses.replace(self, fit=(s, measured_ratio * self.full_ms))
 
     def cost(self) -> LatencyCost:
         return LatencyCost(self)
@@ -620,6 +651,11 @@ class LatencyModel:
             f"ops {self.ops_ms:.3f} ms + {len(self.other)} other {self.other_ms:.3f} ms; measured "
             f"{self.full_ms:.3f} ms, gap {self.gap_ms:+.3f} ms; alignment {self.alignment.align}, "
             f"block {self.alignment.block}"
+            + (
+                f"; refit: a pruned model with tables {self.fit[0]:.3f} ms measured {self.fit[1]:.3f} ms"
+                if self.fit is not None
+                else ""
+            )
         )
 
 

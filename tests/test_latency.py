@@ -131,6 +131,10 @@ def test_group_alignment_respects_repeats() -> None:
         [group(0, 64, 1), group(1, 12, 2), group(2, 4, 1), group(3, 8, 64)], Alignment(4, 16)
     )
     assert steps == {0: 4, 1: 2, 2: 1, 3: 1}
+    coarse = group_alignment(
+        [group(0, 64, 1), group(1, 40, 1), group(2, 12, 2), group(3, 8, 64)], Alignment(4, 16), blocks=True
+    )
+    assert coarse == {0: 16, 1: 4, 2: 2, 3: 1}  # 40 channels hold fewer than 3 blocks: the alignment
 
 
 class Net(nn.Module):
@@ -249,7 +253,7 @@ def test_default_counts_are_aligned_and_round_to_overrides() -> None:
     torch.manual_seed(0)
     model, x = Net().eval(), torch.randn(1, 3, 16, 16)
     r = fxprune.compile(model, x, 0.5, progress=False, latency_runs=0)  # the session's probe: alignment 4
-    steps = group_alignment(r.groups, alignment_from(_times(4, 16, 3.0)))
+    steps = group_alignment(r.groups, alignment_from(_times(4, 16, 3.0)), blocks=True)
     assert r.plan.kept
     for gid, kept in r.plan.kept.items():
         assert len(kept) % steps[gid] == 0, (gid, len(kept))
@@ -287,3 +291,28 @@ def test_target_arguments_are_checked_before_work() -> None:
 def test_tests_never_touch_the_users_cache() -> None:
     assert os.environ[CACHE_ENV] and "fxprune-cache" in os.environ[CACHE_ENV]
     assert default_threads() >= 1
+
+
+def test_refit_passes_through_the_measured_pruned_model(tmp_path: os.PathLike[str]) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 16, 16)
+    gm, groups, flops = _analysed(Net().eval(), x)
+    cache = TableCache(Runtime("cpu", 1), directory=tmp_path)  # type: ignore[arg-type]
+    cache.data["probe"] = synthetic_probe()
+    model = build_latency_model(gm, groups, flops, (x,), Runtime("cpu", 1), measure_model=lambda: 2.0,  # type: ignore[arg-type]
+                                cache=cache, time_op=_block_timer)  # fmt: skip
+    full = {g.id: g.size for g in groups}
+    half = {g.id: (g.size // 2 if g.prunable else g.size) for g in groups}
+    quarter = {g.id: (g.size // 4 if g.prunable else g.size) for g in groups}
+    proportional = model.predict_ms(half) / 2.0
+    fitted = model.refit(half, 0.7)
+    assert fitted.predict_ms(half) == pytest.approx(0.7 * 2.0)
+    assert fitted.predict_ms(full) == pytest.approx(2.0)
+    assert proportional != pytest.approx(0.7)  # the refit changed the prediction
+    # affine in the tables' sum: a smaller model is predicted on the same line
+    s_full, s_half, s_q = (model.tables_ms(z) for z in (full, half, quarter))
+    assert fitted.predict_ms(quarter) == pytest.approx(2.0 - (2.0 - 1.4) * (s_full - s_q) / (s_full - s_half))
+    assert fitted.cost().at(quarter) == pytest.approx(fitted.predict_ms(quarter))
+    for useless in (1.0, 1.3, 0.0):  # pruning made it no faster: no slope to read, the model is kept
+        assert model.refit(half, useless) is model
+    assert model.refit(full, 0.5) is model  # nothing pruned

@@ -127,7 +127,7 @@ def test_every_stage_is_timed_and_an_error_names_its_stage() -> None:
     assert tuple(r.timings) == tuple(r.cpu_timings) == fxprune.COMPILE.names
     assert fxprune.COMPILE.names == (
         "prepare", "options", "calibrate", "trace", "dependency", "cost", "latency", "score", "select",
-        "compensate", "rewrite", "measure", "verify", "result",
+        "refit", "compensate", "rewrite", "measure", "verify", "result",
     )  # fmt: skip
     with pytest.raises(fxprune.TargetError) as info:
         fxprune.compile(residual(), X, 1e-6, **FAST)
