@@ -104,8 +104,8 @@ __all__ = [
     "Calibrate",
     "Compensate",
     "Cost",
-    "Latency",
     "Dependency",
+    "Latency",
     "Measure",
     "Options",
     "Prepare",
@@ -453,9 +453,10 @@ class Refit(_TableStage):
     """With ``target_latency``: the selected plan's structure (no compensation: latency does not depend on
     the weights) is rewritten, exported and timed interleaved with the original in the latency runtime;
     the latency model is refit through that measured point (``LatencyModel.refit``) and the selection
-    made again under it. Isolated ops' tables get the ranking of the channels right but not the whole
-    model's scale (layout conversions, fused and memory-bound ops); one measured pruned model fixes the
-    scale near the target. Without a latency model it does nothing."""
+    made again under it, up to ``REFIT_ROUNDS`` times (each through the newest measured plan), until the
+    model predicts the measured plan within ``REFIT_TOLERANCE``. Isolated ops' tables rank the channels but
+    miss the whole model's scale (layout conversions, fused and memory-bound ops); a measured pruned model
+    near the target fixes it there. Without a latency model it does nothing."""
 
     name = "refit"
     requires = ("gm", "dep", "scores", "budget", "target", "round_to", "kept", "indices", "plan", "example",
@@ -466,17 +467,37 @@ class Refit(_TableStage):
         model, example = state.latency_model, state.example
         if model is None or not state.kept:
             return
-        pruned = RewritePass(state.dep.groups, state.kept, state.indices, table=self.ops)(state.gm)
-        shape_propagate(pruned, example, count_flops=False)
-        blobs = [export_onnx(g, example, table=self.ops)[0] for g in (state.gm, pruned)]
-        times = time_interleaved([model.runtime.session(b) for b in blobs], example, min_runs=30,
-                                 max_seconds=3.0)  # fmt: skip
-        ratio = statistics.median(a / b for b, a in zip(times[0], times[1], strict=True))
-        sizes = {g.id: g.size for g in state.dep.groups} | {g: len(k) for g, k in state.kept.items()}
-        state.latency_model = model.refit(sizes, ratio)
-        state.budget = state.latency_model.cost()
-        _choose(state)
+        original = model.runtime.session(export_onnx(state.gm, example, table=self.ops)[0])
+        for _ in range(REFIT_ROUNDS):
+            pruned = RewritePass(state.dep.groups, state.kept, state.indices, table=self.ops)(state.gm)
+            shape_propagate(pruned, example, count_flops=False)
+            session = model.runtime.session(export_onnx(pruned, example, table=self.ops)[0])
+            times = time_interleaved([original, session], example, min_runs=30, max_seconds=3.0)
+            ratio = statistics.median(a / b for b, a in zip(times[0], times[1], strict=True))
+            sizes = {g.id: g.size for g in state.dep.groups} | {g: len(k) for g, k in state.kept.items()}
+            if abs(model.predict_ms(sizes) / model.full_ms - ratio) <= REFIT_TOLERANCE * ratio:
+                break  # the model already predicts this plan
+            refit = model.refit(sizes, ratio)
+            if refit is model:
+                break
+            first = (state.kept, state.indices, state.plan, state.budget, state.latency_model)
+            state.latency_model, state.budget = refit, refit.cost()
+            try:
+                _choose(state)
+            except TargetError as exc:  # the measured model is the best estimate there is: keep its plan
+                state.kept, state.indices, state.plan, state.budget, state.latency_model = first
+                warn(
+                    f"the latency target looks out of reach after timing the selected model ({ratio:.3f} of "
+                    f"the original): {exc}. The model returned is the one timed"
+                )
+                break
+            model = refit
         _warn_few_channels(state.dep, state.kept)
+
+
+#: how many selected plans the refit stage times at most, and how close (relative) a prediction must be to
+#: the measured ratio for the stage to stop early
+REFIT_ROUNDS, REFIT_TOLERANCE = 2, 0.02
 
 
 class Compensate(_TableStage):

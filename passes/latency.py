@@ -126,13 +126,6 @@ class Runtime:
             device += " / " + torch.cuda.get_device_name()
         return f"ort {ort.__version__} {self.provider} threads={self.threads} {platform.machine()} {device}"
 
-    def providers(self) -> list[str]:
-        return (
-            ["CUDAExecutionProvider", "CPUExecutionProvider"]
-            if self.provider == "cuda"
-            else ["CPUExecutionProvider"]
-        )
-
     def session(self, blob: bytes) -> Any:
         """A session at ONNX Runtime's default (deployed) optimisation level on this runtime."""
         return ort_session(blob, "all", threads=self.threads, provider=self.provider)
@@ -578,9 +571,10 @@ class LatencyModel:
     other_ms`` (negative when isolated ops, each with its own layout conversions, sum to more than the
     fused model).
 
-    The prediction is affine in the tables' sum ``S``: through the original (``S_full`` -> ``full_ms``)
-    and, once ``refit`` has measured a pruned model (``fit``: its ``S`` and measured ms), through that
-    point as well; before that, proportional (``full_ms * S / S_full``). Isolated ops carry costs the
+    The prediction is a function of the tables' sum ``S``: proportional (``full_ms * S / S_full``) until
+    ``refit`` has measured a pruned model (``fit``: its ``S1`` and measured ``m1`` ms); then piecewise
+    linear: the line through the original and that point for ``S >= S1``, and ``m1 * S / S1`` below it
+    (smaller models scale like the tables from the last measured one). Isolated ops carry costs the
     fused model does not (layout conversions, a session run each) and the model has costs no table sees
     (memory-bound ops, fixed overheads), so a measured pruned point corrects the slope."""
 
@@ -631,7 +625,12 @@ class LatencyModel:
 
     def predict_ms(self, sizes: Mapping[int, int]) -> float:
         """Predicted milliseconds with ``sizes[g]`` channels kept in every group."""
-        return self.full_ms + self.scale * (self.tables_ms(sizes) - self.ops_ms - self.other_ms)
+        s = self.tables_ms(sizes)
+        if self.fit is not None and self.scale != self.full_ms / max(self.ops_ms + self.other_ms, 1e-30):
+            s1, m1 = self.fit
+            if s < s1:  # below the measured pruned model: proportional to the tables from there
+                return m1 * s / s1
+        return self.full_ms + self.scale * (s - self.ops_ms - self.other_ms)
 
     def refit(self, sizes: Mapping[int, int], measured_ratio: float) -> LatencyModel:
         """This model through one more measured point: the model with ``sizes`` kept ran at

@@ -111,7 +111,9 @@ def test_provider_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert ort_provider(None) == "cuda"
-    assert Runtime("cuda", 1).providers()[0] == "CUDAExecutionProvider"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Fake GPU")
+    cuda, cpu = Runtime("cuda", 1).fingerprint, Runtime("cpu", 1).fingerprint
+    assert "cuda" in cuda and "Fake GPU" in cuda and "Fake GPU" not in cpu  # tables never shared across them
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert ort_provider(None) == "cpu"
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
@@ -309,9 +311,12 @@ def test_refit_passes_through_the_measured_pruned_model(tmp_path: os.PathLike[st
     assert fitted.predict_ms(half) == pytest.approx(0.7 * 2.0)
     assert fitted.predict_ms(full) == pytest.approx(2.0)
     assert proportional != pytest.approx(0.7)  # the refit changed the prediction
-    # affine in the tables' sum: a smaller model is predicted on the same line
-    s_full, s_half, s_q = (model.tables_ms(z) for z in (full, half, quarter))
-    assert fitted.predict_ms(quarter) == pytest.approx(2.0 - (2.0 - 1.4) * (s_full - s_q) / (s_full - s_half))
+    # piecewise linear in the tables' sum: on the line through both measured models above the pruned one,
+    # proportional to the tables below it
+    three = {g.id: (3 * g.size // 4 if g.prunable else g.size) for g in groups}
+    s_full, s_half, s_q, s_3 = (model.tables_ms(z) for z in (full, half, quarter, three))
+    assert fitted.predict_ms(three) == pytest.approx(2.0 - (2.0 - 1.4) * (s_full - s_3) / (s_full - s_half))
+    assert fitted.predict_ms(quarter) == pytest.approx(1.4 * s_q / s_half)
     assert fitted.cost().at(quarter) == pytest.approx(fitted.predict_ms(quarter))
     for useless in (1.0, 1.3, 0.0):  # pruning made it no faster: no slope to read, the model is kept
         assert model.refit(half, useless) is model
