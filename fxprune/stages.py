@@ -497,7 +497,7 @@ class Refit(_TableStage):
 
 #: how many selected plans the refit stage times at most, and how close (relative) a prediction must be to
 #: the measured ratio for the stage to stop early
-REFIT_ROUNDS, REFIT_TOLERANCE = 2, 0.02
+REFIT_ROUNDS, REFIT_TOLERANCE = 3, 0.02
 
 
 class Compensate(_TableStage):
