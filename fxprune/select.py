@@ -152,10 +152,12 @@ def select(
     min_flops = cost.at(min_sizes)
     if min_flops > target * (1 + 1e-12) and cost.unit != "FLOPs":
         raise TargetError(
-            f"target of {target:.4g} {cost.unit} ({target / cost.total:.3f} of {cost.total:.4g}) is unreachable: "
-            f"the smallest model fxprune can make costs {min_flops:.4g} {cost.unit} "
+            f"target of {target:.4g} {cost.unit} is unreachable ({target / cost.total:.3f} of {cost.total:.4g} "
+            f"{cost.unit}): the smallest model fxprune can make costs {min_flops:.4g} {cost.unit} "
             f"({min_flops / cost.total:.3f}); pinned groups and min_channels={min_channels} set that floor — "
-            f"pass a target of at least {min_flops / cost.total:.3f} (or {min_flops:.4g} {cost.unit})"
+            f"pass a target of at least {min_flops / cost.total:.3f} (or {min_flops:.4g} {cost.unit})",
+            min_flops=int(math.ceil(min_flops)),
+            total_flops=int(math.ceil(cost.total)),
         )
     if min_flops > target * (1 + 1e-12):
         unit = cost.unit
