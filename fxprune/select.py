@@ -138,7 +138,8 @@ def select(
     valuable first (``_refill``), so the result lands close under the target.
 
     Raises:
-        TargetError: the target is below the cost left with every prunable group at its minimum.
+        TargetError: the target is below the cost left with every prunable group at its minimum (FLOPs), or
+            below the least cost the search reaches (another cost, which need not be least there).
     """
     sizes = dict(cost.group_sizes)
     prunable = [g for g in groups if g.prunable and g.id in scores]
@@ -150,16 +151,9 @@ def select(
     min_sizes = dict(sizes)
     min_sizes.update({gid: lad[-1] for gid, lad in ladders.items()})
     min_flops = cost.at(min_sizes)
-    if min_flops > target * (1 + 1e-12) and cost.unit != "FLOPs":
-        raise TargetError(
-            f"target of {target:.4g} {cost.unit} is unreachable ({target / cost.total:.3f} of {cost.total:.4g} "
-            f"{cost.unit}): the smallest model fxprune can make costs {min_flops:.4g} {cost.unit} "
-            f"({min_flops / cost.total:.3f}); pinned groups and min_channels={min_channels} set that floor — "
-            f"pass a target of at least {min_flops / cost.total:.3f} (or {min_flops:.4g} {cost.unit})",
-            min_flops=int(math.ceil(min_flops)),
-            total_flops=int(math.ceil(cost.total)),
-        )
-    if min_flops > target * (1 + 1e-12):
+    # a cost that is not FLOPs need not be least at the smallest sizes (a measured latency: an unaligned
+    # count can cost more than a larger aligned one), so its floor is what the search below reaches
+    if min_flops > target * (1 + 1e-12) and cost.unit == "FLOPs":
         unit = cost.unit
         raise TargetError(
             f"target of {target:.4g} {unit} is unreachable: the smallest model fxprune can make has "
@@ -179,6 +173,7 @@ def select(
     savings: dict[int, np.ndarray] = {}  # gid -> the savings of its remaining steps, at the current sizes
     ladder_arrays = {gid: np.asarray(lad) for gid, lad in ladders.items()}
     flops = cost.at(sizes)
+    lowest = flops
     while flops > target:
         # every group's remaining steps, as arrays joined once per round (the same values and order as
         # extending Python lists step by step, so the stable sort below ranks them the same way)
@@ -201,6 +196,11 @@ def select(
                 pri = np.maximum.accumulate((cs[n - lo] - cs[n - hi]) / saved**cost_exponent)
             else:
                 pri = np.maximum.accumulate(_lookahead(cs[n - lo] - cs[n - hi], saved, cost_exponent))
+                # steps with no saving ahead (inf, a suffix: priorities only grow) are never worth taking
+                finite = int(np.isfinite(pri).sum())
+                if not finite:
+                    continue
+                pri, saved = pri[:finite], saved[:finite]
             cand_gid.append(np.full(len(pri), gid))
             cand_pri.append(pri)
             cand_save.append(saved)
@@ -221,6 +221,16 @@ def select(
                 break
         savings = {gid: m for gid, m in savings.items() if not depends[gid] & changed}
         flops = cost.at(sizes)
+        lowest = min(lowest, flops)
+    if flops > target * (1 + 1e-12):  # only a cost that is not FLOPs gets here (FLOPs: checked above)
+        raise TargetError(
+            f"target of {target:.4g} {cost.unit} is unreachable ({target / cost.total:.3f} of {cost.total:.4g} "
+            f"{cost.unit}): the smallest model fxprune found costs {lowest:.4g} {cost.unit} "
+            f"({lowest / cost.total:.3f}); pinned groups, min_channels={min_channels} and the kept-count steps "
+            f"set that floor — pass a target of at least {lowest / cost.total:.3f} (or {lowest:.4g} {cost.unit})",
+            min_flops=int(math.ceil(lowest)),
+            total_flops=int(math.ceil(cost.total)),
+        )
     if flops <= target and (any(len(lad) > 1 and lad[0] - lad[1] > 1 for lad in ladders.values())
                             or cost.unit != "FLOPs"):  # fmt: skip
         flops = _refill(ladders, step, sizes, cumulative, cost, target, flops)

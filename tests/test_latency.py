@@ -321,3 +321,24 @@ def test_refit_passes_through_the_measured_pruned_model(tmp_path: os.PathLike[st
     for useless in (1.0, 1.3, 0.0):  # pruning made it no faster: no slope to read, the model is kept
         assert model.refit(half, useless) is model
     assert model.refit(full, 0.5) is model  # nothing pruned
+
+
+def test_a_latency_floor_is_searched_not_read_at_the_smallest_sizes() -> None:
+    """A measured cost need not be least at the smallest counts (an unaligned count can be slower than a
+    larger aligned one): the target is judged by what the search reaches."""
+
+    class Penalised(_Steps):
+        group_sizes: Mapping[int, int] = {0: 16}
+
+        def at(self, sizes: Mapping[int, int]) -> float:
+            k = sizes[0]
+            return float(k) if k >= 8 else 100.0  # below 8 channels the slow path
+
+        def interactions(self) -> dict[int, frozenset[int]]:
+            return {0: frozenset({0})}
+
+    groups, scores, cost = [ChannelGroup(0, 16, (), ("a",))], {0: np.arange(16.0)}, Penalised()
+    chosen = select(groups, scores, cost, 9.0)
+    assert len(chosen.kept[0]) in (8, 9) and chosen.predicted_flops <= 9.0
+    with pytest.raises(TargetError, match=r"ms is unreachable .* found costs 8 ms \(0\.500\)"):
+        select(groups, scores, cost, 5.0)
