@@ -135,13 +135,13 @@ def _build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="ONNX Runtime intra-op threads for the timing (default: every CPU this process may use)",
+        help="ONNX Runtime intra-op threads for the latency tables and timing (default: every CPU available)",
     )
     c.add_argument(
         "--round-to",
         type=int,
         default=None,
-        help="kept channel counts are multiples of N (default: the runtime's measured alignment; 1: any)",
+        help="kept channel counts are multiples of N (default: the runtime's measured block; 1: any)",
     )
     c.add_argument(
         "--latency-provider",

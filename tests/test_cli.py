@@ -330,3 +330,28 @@ def test_cli_exit_code_1_on_an_internal_error_and_debug_shows_the_traceback(tmp_
     )
     assert d.stderr.strip().endswith("ZeroDivisionError: boom in compile")
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_target_latency(tmp_path: Path) -> None:
+    """--target-latency instead of --target-flops: the JSON records the target and the tables' prediction;
+    the two targets exclude each other (a usage error), and a malformed latency is refused (exit 3) before any
+    work."""
+    g = torch.Generator().manual_seed(0)
+    np.savez(tmp_path / "d.npz", x=torch.randn(40, 3, 16, 16, generator=g).numpy(), y=np.arange(40) % 10)
+    out = tmp_path / "lat"
+    rc = main(["compile", "models_zoo:residual", "--data", str(tmp_path / "d.npz"), "--target-latency", "1.0",
+               "--latency-threads", "1", "--out", str(out), "-q", "--latency-runs", "3", "--epochs", "0",
+               "--score", "magnitude"])  # fmt: skip
+    rep = json.loads((out / "report.json").read_text())
+    # a net this small (16x16) has no smaller model reliably faster on every machine: the target is the
+    # original's latency, which exercises the tables, the prediction and the report
+    assert rc == 0 and rep["target_latency"] == "1.0" and rep["target_flops"] is None
+    assert rep["predicted_latency_ms"] > 0 and rep["latency"]["threads"] == 1
+    assert rep["latency"]["predicted_ms"] == pytest.approx(rep["predicted_latency_ms"])
+    with pytest.raises(SystemExit):
+        main(["compile", "models_zoo:residual", "--target-latency", "0.5", "--target-flops", "0.5",
+              "--out", str(tmp_path / "x")])  # fmt: skip
+    assert (
+        main(["compile", "models_zoo:residual", "--target-latency", "fast", "--out", str(tmp_path / "y")])
+        == 3
+    )
