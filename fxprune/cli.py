@@ -12,6 +12,7 @@ Errors are one line on stderr: ``fxprune: error: ...``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -307,10 +308,9 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
     # argument errors before any heavy work: does the model run, is the target reachable in form
     flops = fxprune.count_flops(spec.model.eval(), example) if _runs(spec.model, example) else 0
     if args.target_latency is not None:
-        text: str = args.target_latency
-        target_latency: float | str = (
-            float(text) if text.replace(".", "", 1).isdigit() else text
-        )  # or "3.5ms"
+        target_latency: float | str = args.target_latency  # "3.5ms", or a fraction:
+        with contextlib.suppress(ValueError):
+            target_latency = float(args.target_latency)
         resolve_latency_target(target_latency, None)
     else:
         resolve_target(args.target_flops, max(flops, 1))

@@ -17,6 +17,7 @@ from fxprune.passes.latency import (
     CACHE_ENV,
     Alignment,
     LatencyCost,
+    LatencyModel,
     OpSignature,
     Runtime,
     TableCache,
@@ -171,14 +172,21 @@ def _analysed(model: nn.Module, x: torch.Tensor) -> tuple[object, list[ChannelGr
     return state.gm, list(state.dep.groups), state.cost
 
 
-def test_latency_cost_is_a_cost_and_steps_are_exact(tmp_path: os.PathLike[str]) -> None:
+def _synthetic_model(tmp_path: os.PathLike[str], full_ms: float) -> tuple[LatencyModel, list[ChannelGroup]]:
+    """``Net``'s latency model from ``_block_timer``'s tables and the synthetic probe, the whole original
+    measured at ``full_ms``."""
     torch.manual_seed(0)
     x = torch.randn(1, 3, 16, 16)
     gm, groups, flops = _analysed(Net().eval(), x)
     cache = TableCache(Runtime("cpu", 1), directory=tmp_path)  # type: ignore[arg-type]
     cache.data["probe"] = synthetic_probe()
-    model = build_latency_model(gm, groups, flops, (x,), Runtime("cpu", 1), measure_model=lambda: 1.0,  # type: ignore[arg-type]
+    model = build_latency_model(gm, groups, flops, (x,), Runtime("cpu", 1), measure_model=lambda: full_ms,  # type: ignore[arg-type]
                                 cache=cache, time_op=_block_timer)  # fmt: skip
+    return model, groups
+
+
+def test_latency_cost_is_a_cost_and_steps_are_exact(tmp_path: os.PathLike[str]) -> None:
+    model, groups = _synthetic_model(tmp_path, 1.0)
     cost = LatencyCost(model)
     assert isinstance(cost, Cost)
     assert {op.node for op in model.ops} == {"a", "dw", "b", "c", "fc"}
@@ -296,13 +304,7 @@ def test_tests_never_touch_the_users_cache() -> None:
 
 
 def test_refit_passes_through_the_measured_pruned_model(tmp_path: os.PathLike[str]) -> None:
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, 16, 16)
-    gm, groups, flops = _analysed(Net().eval(), x)
-    cache = TableCache(Runtime("cpu", 1), directory=tmp_path)  # type: ignore[arg-type]
-    cache.data["probe"] = synthetic_probe()
-    model = build_latency_model(gm, groups, flops, (x,), Runtime("cpu", 1), measure_model=lambda: 2.0,  # type: ignore[arg-type]
-                                cache=cache, time_op=_block_timer)  # fmt: skip
+    model, groups = _synthetic_model(tmp_path, 2.0)
     full = {g.id: g.size for g in groups}
     half = {g.id: (g.size // 2 if g.prunable else g.size) for g in groups}
     quarter = {g.id: (g.size // 4 if g.prunable else g.size) for g in groups}
