@@ -554,6 +554,10 @@ def export_capture(
     _collapse_leaves(gm, model, leaf_modules)
     _translate(gm)
     _plain_io(gm)
+    gm.graph._tracer_cls = (
+        None  # export's tracer: a saved GraphModule would need it (and its arguments) to load
+    )
+    gm.graph._tracer_extras = {}
     gm.graph.lint()
     gm.recompile()
     new = fx.GraphModule(gm, gm.graph, type(model).__name__)

@@ -4,6 +4,7 @@ untraceable module with the FLOPs floor they would leave."""
 
 from __future__ import annotations
 
+import io
 import re
 from collections import OrderedDict, namedtuple
 from typing import Any
@@ -39,6 +40,22 @@ class ShapeBranch(nn.Module):
         x = F.relu(self.bn(self.a(x)))
         y = self.c(F.relu(self.b(x)))
         return self.fc((x + y).mean((2, 3)))
+
+
+class IterateChunks(nn.Module):
+    """Iterates over ``x.chunk(2, dim=1)``: symbolic tracing cannot iterate a proxy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 3, padding=1)
+        self.branches = nn.ModuleList([nn.Conv2d(16, 24, 3, padding=1) for _ in range(2)])
+        self.b = nn.Conv2d(48, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.a(x))
+        parts = [F.relu(conv(p)) for conv, p in zip(self.branches, h.chunk(2, dim=1), strict=True)]
+        return self.fc(F.relu(self.b(torch.cat(parts, 1))).mean((2, 3)))
 
 
 Pair = namedtuple("Pair", ["logits", "features"])
@@ -119,6 +136,23 @@ def test_a_shape_branch_compiles_through_export() -> None:
     assert_masked_equivalent(model, result, x)
     kinds = {type(m) for m in result.graph_module.modules()}
     assert {nn.Conv2d, nn.BatchNorm2d, nn.Linear} <= kinds  # leaf modules are modules again
+    buffer = io.BytesIO()  # a saved result loads like a traced one
+    torch.save(result.graph_module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.graph_module(x))
+
+
+def test_iterating_over_a_tensor_compiles_through_export() -> None:
+    torch.manual_seed(0)
+    model, x = IterateChunks().eval(), torch.randn(1, 3, 24, 24)
+    with pytest.raises(TraceError, match="iterated"):
+        _compile(model, x, capture="fx")
+    result = _compile(model, x)
+    assert result.capture == EXPORT and result.flops_ratio <= 0.52
+    assert result.verification is not None and result.verification.passed
+    assert_masked_equivalent(model, result, x)
 
 
 def test_export_keeps_the_output_structure() -> None:
