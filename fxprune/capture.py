@@ -25,6 +25,11 @@ understand, the one symbolic tracing produces:
    rebuilds the user's structure with a pytree spec in generated code; the canonical graph returns the
    structure itself (dicts, lists, tuples; an ``OrderedDict`` or other container subclass as a call of its
    class, the convention of ``fxprune.trace``), so the output checks read it as they read a traced one.
+4. **Constants folded.** What depends on neither an input nor a tensor of the model (an attention mask built
+   from the example's shapes by in-place fills of a zero tensor, as torchvision's Swin does) is computed
+   once and read as a buffer: the ONNX exporters mistranslate such in-place fills, and the rules have
+   nothing to do there. Each is folded to its value when first read by an op that depends on the input,
+   and only when every such read sees the same values (no mutation in between).
 
 The canonical graph is run on the example and compared with the model's own output (``_check_same``); a
 difference is a ``TraceError``, never a silently different model. Shapes are specialised: the captured
@@ -245,6 +250,7 @@ _ATEN: dict[Any, Translate] = {
     aten.split_with_sizes: _fn(torch.split),
     aten.chunk: _fn(torch.chunk),
     aten.unbind: _fn(torch.unbind),
+    aten.unflatten: _fn(torch.unflatten),
     aten.expand: _method("expand"),
     aten.clone: _method("clone"),
     aten.contiguous: _method("contiguous"),
@@ -510,6 +516,73 @@ def _plain_io(gm: fx.GraphModule) -> None:
             delattr(gm, attr)
 
 
+#: ops that read only the shape, dtype and device of their tensor arguments (all fixed by the example)
+_SHAPE_ONLY = {
+    aten.new_zeros, aten.new_ones, aten.new_full, aten.new_empty, aten.zeros_like, aten.ones_like,
+    aten.full_like, aten.empty_like,
+}  # fmt: skip
+
+
+class _Record(fx.Interpreter):
+    """Runs the graph, keeping a copy of each watched node's value as the ``readers`` first read it, and
+    which watched values a later reader saw changed (mutated in place in between)."""
+
+    def __init__(self, gm: fx.GraphModule, watch: set[fx.Node], readers: set[fx.Node]) -> None:
+        super().__init__(gm)
+        self.watch, self.readers = watch, readers
+        self.seen: dict[fx.Node, Any] = {}
+        self.changed: set[fx.Node] = set()
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n in self.readers:
+            for a in n.all_input_nodes:
+                if a not in self.watch:
+                    continue
+                value = self.env[a]
+                now = value.detach().clone() if isinstance(value, torch.Tensor) else value
+                if a not in self.seen:
+                    self.seen[a] = now
+                elif not (isinstance(now, torch.Tensor) and torch.equal(self.seen[a], now)):
+                    self.changed.add(a)
+        return super().run_node(n)
+
+
+def _fold_constants(gm: fx.GraphModule, model: nn.Module, example: tuple[torch.Tensor, ...]) -> None:
+    """Step 4 of the module docstring, in place on ``gm``: compute what depends on neither an input nor a
+    tensor of the model once, as a buffer of ``gm``."""
+    graph = gm.graph
+    own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    live: set[fx.Node] = set()
+    for n in graph.nodes:
+        source = n.op in ("placeholder", "call_module", "output") or (n.op == "get_attr" and n.target in own)
+        reads = _packet(n.target) not in _SHAPE_ONLY and any(a in live for a in n.all_input_nodes)
+        if source or reads:
+            live.add(n)
+    const = [n for n in graph.nodes if n not in live and n.op in ("call_function", "call_method")]
+    frontier = [n for n in const if any(u in live for u in n.users)]
+    if not frontier:
+        return
+    record = _Record(gm, set(frontier), live)
+    with torch.no_grad():
+        record.run(*example)
+    # each value as every reader that depends on the input sees it (else: nothing folded)
+    if record.changed or any(not isinstance(record.seen.get(n), torch.Tensor) for n in frontier):
+        return
+    for i, n in enumerate(frontier):
+        name = f"_fxprune_constant_{i}"
+        gm.register_buffer(name, record.seen[n])
+        with graph.inserting_before(n):
+            got = graph.get_attr(name)
+        got.meta.update(n.meta)
+        for u in [u for u in n.users if u in live]:
+            u.replace_input_with(n, got)
+    for n in reversed(const):
+        graph.erase_node(n)
+    for n in list(graph.nodes):
+        if n.op == "get_attr" and not n.users:
+            graph.erase_node(n)
+
+
 def _check_same(gm: fx.GraphModule, model: nn.Module, example: tuple[torch.Tensor, ...]) -> None:
     with torch.no_grad():
         want = model(*example)
@@ -554,9 +627,11 @@ def export_capture(
     _collapse_leaves(gm, model, leaf_modules)
     _translate(gm)
     _plain_io(gm)
-    gm.graph._tracer_cls = (
-        None  # export's tracer: a saved GraphModule would need it (and its arguments) to load
-    )
+    gm.graph.lint()
+    gm.recompile()
+    _fold_constants(gm, model, example)
+    # export's tracer: a saved GraphModule would need it (and its arguments) to load
+    gm.graph._tracer_cls = None
     gm.graph._tracer_extras = {}
     gm.graph.lint()
     gm.recompile()

@@ -58,6 +58,25 @@ class IterateChunks(nn.Module):
         return self.fc(F.relu(self.b(torch.cat(parts, 1))).mean((2, 3)))
 
 
+class MaskFill(nn.Module):
+    """A mask built from the input's shape by in-place fills of a zero tensor (as torchvision's Swin)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 3, padding=1)
+        self.b = nn.Conv2d(32, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 16:
+            x = F.interpolate(x, size=(16, 16))
+        mask = x.new_zeros((16, 16))
+        mask[:8, :8] = 1.0
+        mask[8:, 4:] = 2.0
+        h = F.relu(self.a(x)) * mask
+        return self.fc(F.relu(self.b(h)).mean((2, 3)))
+
+
 Pair = namedtuple("Pair", ["logits", "features"])
 
 
@@ -151,6 +170,17 @@ def test_iterating_over_a_tensor_compiles_through_export() -> None:
         _compile(model, x, capture="fx")
     result = _compile(model, x)
     assert result.capture == EXPORT and result.flops_ratio <= 0.52
+    assert result.verification is not None and result.verification.passed
+    assert_masked_equivalent(model, result, x)
+
+
+def test_a_constant_built_by_inplace_fills_is_folded() -> None:
+    torch.manual_seed(0)
+    model, x = MaskFill().eval(), torch.randn(1, 3, 20, 20)
+    result = _compile(model, x)
+    graph = result.graph_module.graph
+    assert not any("fill" in str(n.target) for n in graph.nodes)
+    assert any(n.op == "get_attr" and "_fxprune_constant" in str(n.target) for n in graph.nodes)
     assert result.verification is not None and result.verification.passed
     assert_masked_equivalent(model, result, x)
 
