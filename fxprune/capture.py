@@ -335,6 +335,16 @@ def _single_input(m: nn.Module) -> bool:
     return len(required) == 1 and not any(p.kind is p.VAR_POSITIONAL for p in params)
 
 
+def _call_as(m: nn.Module, x: fx.Node) -> tuple[tuple[Any, ...], dict[str, Any], bool] | None:
+    """How a call of leaf ``m`` whose ops read one tensor ``x`` (and ``m``'s own tensors) and give one
+    result is written as a module call: (args, kwargs, whether the result is item 0 of what ``m`` returns),
+    or None when that is not known. An ``nn.MultiheadAttention`` reading one tensor is self-attention
+    without masks (a mask would be a second input); its attention weights are not read (a second output)."""
+    if isinstance(m, nn.MultiheadAttention):
+        return (x, x, x), {"need_weights": False}, True
+    return ((x,), {}, False) if _single_input(m) else None
+
+
 def _calls(graph: fx.Graph) -> dict[tuple[str, str], list[fx.Node]]:
     """(stack key, module path) -> the nodes computed inside that module call, in graph order."""
     out: dict[tuple[str, str], list[fx.Node]] = {}
@@ -352,12 +362,13 @@ def _collapse_leaves(gm: fx.GraphModule, model: nn.Module, leaf_modules: Iterabl
     owned = dict(model.named_modules())
     graph = gm.graph
     collapsed: set[str] = set()
+    gone: set[fx.Node] = set()
     memo: dict[int, Any] = {}
     for (_, path), nodes in _calls(graph).items():
         m = owned.get(path)
-        if not path or m is None or not _is_leaf(m, path, leaf_types, leaf_names) or not _single_input(m):
+        if not path or m is None or not _is_leaf(m, path, leaf_types, leaf_names):
             continue
-        if any(n.graph is not graph or n.op != "call_function" for n in nodes):
+        if any(n in gone or n.op != "call_function" for n in nodes):
             continue  # a node already erased by an enclosing leaf, or not an op
         inside = set(nodes)
         prefix = path + "."
@@ -374,17 +385,21 @@ def _collapse_leaves(gm: fx.GraphModule, model: nn.Module, leaf_modules: Iterabl
                 if a not in inputs:
                     inputs.append(a)
         outputs = [n for n in nodes if any(u not in inside for u in n.users)]
-        if not ok or len(inputs) != 1 or len(outputs) != 1:
+        call_as = _call_as(m, inputs[0]) if ok and len(inputs) == 1 and len(outputs) == 1 else None
+        if call_as is None:
             continue
         if path not in collapsed:
             _put(gm, path, copy_module(m, memo))
             collapsed.add(path)
+        args, kwargs, first = call_as
         with graph.inserting_before(outputs[0]):
-            call = graph.call_module(path, (inputs[0],))
-        call.meta.update(outputs[0].meta)
-        outputs[0].replace_all_uses_with(call)
+            call = graph.call_module(path, args, kwargs)
+            out = graph.call_function(operator.getitem, (call, 0)) if first else call
+        out.meta.update(outputs[0].meta)
+        outputs[0].replace_all_uses_with(out)
         for n in reversed(nodes):
             graph.erase_node(n)
+            gone.add(n)
     for node in list(graph.nodes):  # parameters now read by the modules themselves
         if node.op == "get_attr" and not node.users:
             graph.erase_node(node)

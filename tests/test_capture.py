@@ -197,14 +197,20 @@ def test_export_keeps_the_output_structure() -> None:
     assert_masked_equivalent(model, result, x)
 
 
-def test_export_of_a_traceable_model_gives_the_traced_plan() -> None:
-    """The canonical export graph is the traced graph's vocabulary: same groups, same plan."""
+@pytest.mark.parametrize("name", ["resnet18", "vit"])
+def test_export_of_a_traceable_model_gives_the_traced_plan(name: str) -> None:
+    """The canonical export graph is the traced graph's vocabulary: same groups, same plan (the ViT's
+    self-attention is an ``nn.MultiheadAttention`` call again, decomposed into heads as when traced)."""
     torch.manual_seed(0)
-    model, x = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 64, 64)
+    if name == "vit":
+        model, x = torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64).eval(), torch.randn(1, 3, 32, 32)
+    else:
+        model, x = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 64, 64)
     traced = _compile(model, x, round_to=1)
     exported = _compile(model, x, round_to=1, capture="export")
     assert (traced.capture, exported.capture) == (SYMBOLIC, EXPORT)
     assert [g.size for g in traced.dependency.groups] == [g.size for g in exported.dependency.groups]
+    assert [g.prunable for g in traced.dependency.groups] == [g.prunable for g in exported.dependency.groups]
     assert traced.plan.kept == exported.plan.kept
     assert traced.flops_after == exported.flops_after
     assert exported.verification is not None and exported.verification.passed
