@@ -139,8 +139,9 @@ def _functional_affine(ctx: RuleContext, op: str) -> list[str | None] | None:
 def _layer_norm_functional(ctx: RuleContext) -> Any:
     shape = ctx.arg(1, "normalized_shape")
     x = ctx.arg(0, "input")
-    if is_weight(ctx.info(x)):
-        return _norm_weight(ctx, x, len(shape), "layer_norm") if isinstance(shape, (list, tuple)) else None
+    if is_weight(ctx.info(x)):  # a computed shape (``w.shape[1:]``) counts by its traced value
+        dims = shape if isinstance(shape, (list, tuple)) else ctx.value(shape)
+        return _norm_weight(ctx, x, len(dims), "layer_norm") if isinstance(dims, tuple | list) else None
     names = _functional_affine(ctx, "layer_norm")
     if names is None:
         return None

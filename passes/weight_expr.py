@@ -288,11 +288,12 @@ def reshape(ctx: RuleContext, x: Any, literal_at: Any = None, like: Any = None) 
     extra: list[WeightExpr] = []
     if like is not None:
         other = weight_of(ctx, like)
-        if other is None or [_sizes(a) for a in other.dims] != [_sizes(a) for a in dims]:
+        shape_of = [tuple(a for a in axes if a.size > 1) for axes in other.dims] if other is not None else []
+        if other is None or [_sizes(a) for a in shape_of] != [_sizes(a) for a in dims]:
             return None
         dims = [
             tuple(Axis(a.size, a.sites | b.sites, a.zero) for a, b in zip(axes, o, strict=True))
-            for axes, o in zip(dims, other.dims, strict=True)
+            for axes, o in zip(dims, shape_of, strict=True)
         ]
         extra.append(other)
     out = _remap(e, dims, (), extra)

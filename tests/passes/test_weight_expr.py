@@ -43,6 +43,14 @@ class StdConv(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class LayerNormWSConv(nn.Conv2d):
+    """Standardisation by ``F.layer_norm`` over a shape read from the weight (``w.shape[1:]``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = F.layer_norm(self.weight, self.weight.shape[1:])
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
 class ScaledStdConv(nn.Conv2d):
     """timm's ``ScaledStdConv2d`` (NFNet): a learned gain per output channel scales the standardised weight."""
 
@@ -134,6 +142,7 @@ def _compile(model: nn.Module, x: torch.Tensor) -> fxprune.CompileResult:
         (WSConv, "a mean across it", ("b.weight", "b.bias")),
         (StdConv, "a batch_norm across it", ("b.weight", "b.bias")),
         (ScaledStdConv, "a batch_norm across it", ("b.weight", "b.bias", "b.gain")),
+        (LayerNormWSConv, "a layer_norm across it", ("b.weight", "b.bias")),
     ],
 )
 def test_standardised_conv_prunes_its_outputs_and_pins_its_inputs(
@@ -156,6 +165,38 @@ def test_standardised_conv_prunes_its_outputs_and_pins_its_inputs(
         assert pruned.get_parameter(name).shape[0] == kept, name
     assert pruned.c.in_channels == pruned.c.weight.shape[1] == kept
     assert pruned.b.weight.shape[1] == 16  # pinned input channels keep every column
+
+
+def test_depthwise_standardised_conv_prunes_with_its_input() -> None:
+    """Depthwise, each output row is standardised over its own kernel only: nothing is mixed, the channels
+    are free, and ``reshape(1, self.out_channels, -1)``/``reshape_as`` (a size-1 input dim) follow them."""
+
+    class DW(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 16, 3, padding=1)
+            self.b = StdConv(16, 16, 3, padding=1, groups=16)
+            self.c = nn.Conv2d(16, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(F.relu(self.b(F.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = DW()
+    g = _group(fxprune.dependency_graph(model.eval(), X), "b.weight", "out")
+    assert g.prunable and {s.param for s in g.sites if s.role == "out"} == {
+        "a.weight",
+        "a.bias",
+        "b.weight",
+        "b.bias",
+    }
+    r = _compile(model, X)
+    kept = r.graph_module.b.weight.shape[0]
+    assert (
+        kept < 16
+        and r.graph_module.a.weight.shape[0] == kept
+        and f"reshape(1, {kept}, -1)" in r.graph_module.code
+    )
 
 
 def test_per_input_channel_scale_prunes_both_dims() -> None:
