@@ -127,6 +127,12 @@ def _sizes(axes: Sequence[Axis]) -> tuple[int, ...]:
     return tuple(a.size for a in axes)
 
 
+def _real(axes: Sequence[Axis]) -> tuple[Axis, ...]:
+    """``axes`` without size-1 ones: a size-1 dim is one position whatever it was read from (``keepdim``
+    leaves none, a parameter's own size-1 dim one), and no channel of it can be removed."""
+    return tuple(a for a in axes if a.size > 1)
+
+
 def _remap(e: WeightExpr, dims: Sequence[tuple[Axis, ...]], mixed: Iterable[tuple[ParamDim, str]] = (),
            extra: Sequence[WeightExpr] = ()) -> WeightExpr:  # fmt: skip
     """``e`` with new ``dims``, more ``mixed`` entries and the mixed/literals of ``extra`` joined in."""
@@ -149,8 +155,8 @@ def combine(ctx: RuleContext, operands: Sequence[Any], kind: str) -> WeightExpr 
     """Broadcasting arithmetic of parameters, values computed from them and Python numbers.
 
     Operands are aligned from the right; an operand whose dim is broadcast (absent or size 1 against a
-    larger size) contributes nothing to that dim, the others must have the same axes there, whose sites
-    are joined. ``kind`` decides ``zero``: ``"add"`` (add, sub, maximum, minimum): every operand zero
+    larger size) contributes nothing to that dim, the others must have the same axes there (size-1 axes
+    left out), whose sites are joined. ``kind`` decides ``zero``: ``"add"`` (add, sub, maximum, minimum): every operand zero
     there, Python numbers 0; ``"mul"``: some operand zero there; ``"div"``/``"pow"``: the first operand
     zero there (``pow``: with a positive number exponent). None when an operand is another tensor.
     """
@@ -177,7 +183,7 @@ def combine(ctx: RuleContext, operands: Sequence[Any], kind: str) -> WeightExpr 
         for pos, e, s in exprs:
             i = j - (n - len(s))
             if i >= 0 and (s[i] == so[j]):
-                present.append((pos, e.dims[i]))
+                present.append((pos, _real(e.dims[i])))
         if not present:
             dims.append(())
             continue
@@ -242,7 +248,7 @@ def normalise(ctx: RuleContext, x: Any, over: Iterable[int], affine: Sequence[tu
     if e is None or tensor_shape(ctx.value(x)) != tensor_shape(ctx.out):
         return None
     over = set(over)
-    dims = [list(axes) for axes in e.dims]
+    dims = [_real(axes) for axes in e.dims]
     extra: list[WeightExpr] = []
     for a, aligned in affine:
         if a is None:
@@ -251,11 +257,11 @@ def normalise(ctx: RuleContext, x: Any, over: Iterable[int], affine: Sequence[tu
         if p is None or len(p.dims) != len(aligned):
             return None
         for pd, d in zip(p.dims, aligned, strict=True):
-            if _sizes(pd) != _sizes(dims[d]):
+            if _sizes(_real(pd)) != _sizes(dims[d]):
                 return None
-            dims[d] = [
-                Axis(ax.size, ax.sites | pa.sites, ax.zero) for ax, pa in zip(dims[d], pd, strict=True)
-            ]
+            dims[d] = tuple(
+                Axis(ax.size, ax.sites | pa.sites, ax.zero) for ax, pa in zip(dims[d], _real(pd), strict=True)
+            )
         extra.append(p)
     out = [
         tuple(Axis(ax.size, ax.sites, ax.zero and not shift and d not in over) for ax in axes)
@@ -274,7 +280,7 @@ def reshape(ctx: RuleContext, x: Any, literal_at: Any = None, like: Any = None) 
     so = tensor_shape(ctx.out)
     if e is None or so is None:
         return None
-    queue = [a for axes in e.dims for a in axes if a.size > 1]
+    queue = [a for axes in e.dims for a in _real(axes)]
     dims: list[tuple[Axis, ...]] = []
     for size in so:
         taken: list[Axis] = []
@@ -288,7 +294,7 @@ def reshape(ctx: RuleContext, x: Any, literal_at: Any = None, like: Any = None) 
     extra: list[WeightExpr] = []
     if like is not None:
         other = weight_of(ctx, like)
-        shape_of = [tuple(a for a in axes if a.size > 1) for axes in other.dims] if other is not None else []
+        shape_of = [_real(axes) for axes in other.dims] if other is not None else []
         if other is None or [_sizes(a) for a in shape_of] != [_sizes(a) for a in dims]:
             return None
         dims = [

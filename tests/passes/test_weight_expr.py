@@ -72,6 +72,19 @@ class ScaledStdConv(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class GainScaledWSConv(ScaledStdConv):
+    """The older NFNet form: ``(w - mean) * gain * rsqrt(var * fan_in + eps)`` (the statistic has size-1
+    dims, the gain its own)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        mean, var = w.mean((1, 2, 3), keepdim=True), w.var((1, 2, 3), keepdim=True, unbiased=False)
+        scale = self.gain * torch.rsqrt(var / self.scale**2 + 1e-4)  # var * fan_in
+        return F.conv2d(
+            x, (w - mean) * scale, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
 class InScaledConv(nn.Conv2d):
     """A learned scale per input channel: channel-wise on both dims, nothing is mixed."""
 
@@ -143,6 +156,7 @@ def _compile(model: nn.Module, x: torch.Tensor) -> fxprune.CompileResult:
         (StdConv, "a batch_norm across it", ("b.weight", "b.bias")),
         (ScaledStdConv, "a batch_norm across it", ("b.weight", "b.bias", "b.gain")),
         (LayerNormWSConv, "a layer_norm across it", ("b.weight", "b.bias")),
+        (GainScaledWSConv, "a var across it", ("b.weight", "b.bias", "b.gain")),
     ],
 )
 def test_standardised_conv_prunes_its_outputs_and_pins_its_inputs(
