@@ -234,7 +234,7 @@ _ATEN: dict[Any, Translate] = {
     aten.sum: _reduce(torch.sum),
     aten.amax: _fn(torch.amax),
     aten.amin: _fn(torch.amin),
-    aten.std: _fn(torch.std),
+    aten.std: _fn(torch.std),  # arguments after dim by name (_BY_NAME): torch.std's overloads differ there
     aten.var: _fn(torch.var),
     aten.softmax: _fn(torch.softmax, 2),
     aten.log_softmax: _fn(torch.log_softmax, 2),
@@ -283,6 +283,10 @@ _ATEN: dict[Any, Translate] = {
     aten.upsample_trilinear3d: _upsample("trilinear", True),
     aten.upsample_bicubic2d: _upsample("bicubic", True),
 }
+
+#: ops whose arguments after the first n are passed by name (the torch function's positional order differs
+#: between overloads: ``torch.std(x, dim, unbiased, keepdim)`` and ``torch.std(x, dim, *, correction, ...)``)
+_BY_NAME = {aten.std: 2, aten.var: 2}
 
 #: ops that only check (shape guards, asserts) and compute nothing: dropped
 _CHECKS = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size}
@@ -472,7 +476,13 @@ def _translate(gm: fx.GraphModule) -> None:
                 continue  # another tensor may see the mutation: left as is (no rule: pinned)
             packet = base
         translate = _ATEN.get(packet)
-        call = translate(tuple(node.args), dict(node.kwargs)) if translate is not None else None
+        args, kwargs = tuple(node.args), dict(node.kwargs)
+        if packet in _BY_NAME:
+            names = [a.name for a in schema.arguments]
+            keep = _BY_NAME[packet]
+            kwargs.update(zip(names[keep:], args[keep:], strict=False))
+            args = args[:keep]
+        call = translate(args, kwargs) if translate is not None else None
         if call is None:
             continue
         op, target, args, kwargs = call

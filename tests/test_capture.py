@@ -91,6 +91,26 @@ class Structured(ShapeBranch):
         return OrderedDict(out=Pair(self.fc((h + y).mean((2, 3))), [y]))
 
 
+class WSConv(nn.Conv2d):
+    """A weight-standardised conv (its forward standardises the weight per output channel)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class WSNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 3, padding=1)
+        self.b = WSConv(32, 48, 3, padding=1)
+        self.fc = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.b(F.relu(self.a(x)))).mean((2, 3)))
+
+
 class Gate(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -197,13 +217,16 @@ def test_export_keeps_the_output_structure() -> None:
     assert_masked_equivalent(model, result, x)
 
 
-@pytest.mark.parametrize("name", ["resnet18", "vit"])
+@pytest.mark.parametrize("name", ["resnet18", "vit", "ws"])
 def test_export_of_a_traceable_model_gives_the_traced_plan(name: str) -> None:
     """The canonical export graph is the traced graph's vocabulary: same groups, same plan (the ViT's
-    self-attention is an ``nn.MultiheadAttention`` call again, decomposed into heads as when traced)."""
+    self-attention is an ``nn.MultiheadAttention`` call again, decomposed into heads as when traced; the
+    standardised weight of a conv subclass is followed as when traced)."""
     torch.manual_seed(0)
     if name == "vit":
         model, x = torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64).eval(), torch.randn(1, 3, 32, 32)
+    elif name == "ws":  # a weight computed by a subclass's forward: the same weight expression rules apply
+        model, x = WSNet().eval(), torch.randn(1, 3, 16, 16)
     else:
         model, x = torchvision.models.resnet18(num_classes=10).eval(), torch.randn(1, 3, 64, 64)
     traced = _compile(model, x, round_to=1)
