@@ -23,10 +23,10 @@ Video Swin (``torchvision.models.video.swin3d_*``): ``expand_shifted_window_atte
 ``shifted_window_attention_3d`` the same way into ``swin3d_window_qkv``, ``swin3d_window_attention`` and
 ``swin3d_window_merge`` (windows over ``T, H, W`` of ``[B, T, H, W, C]``; the same argument positions as
 the 2-D calls, so ``ops_swin`` rules both with the same rules). ``expand_window_and_shift_size_3d``
-replaces torchvision's ``_get_window_and_shift_size``, which assigns into its list arguments: in a traced
-graph those are the graph's immutable literals, so the traced model fails wherever a window covers the
-whole input along a dim (every ``swin3d_t`` at 16 frames or fewer); ``swin3d_window_and_shift_size``
-computes the same lists on copies.
+replaces torchvision's ``_get_window_and_shift_size``, which assigns into its list arguments: run node by
+node (``fx.Interpreter``: fxprune's shape propagation) they are the graph's immutable lists, so tracing
+fails wherever a window covers the whole input along a dim (every ``swin3d_t`` at 16 frames or fewer);
+``swin3d_window_and_shift_size`` computes the same lists on copies.
 """
 
 from __future__ import annotations
