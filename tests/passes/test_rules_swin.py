@@ -405,7 +405,9 @@ def test_window_attention_3d_prunes_heads_and_stream(shift: int) -> None:
     assert g.id in r.plan.kept, "no head was removed"
     kept_heads = len(r.plan.kept[g.id])
     gm = r.graph_module
-    assert gm.attn.qkv.weight.shape[0] == 3 * 4 * kept_heads and gm.attn.proj.weight.shape[1] == 4 * kept_heads
+    assert (
+        gm.attn.qkv.weight.shape[0] == 3 * 4 * kept_heads and gm.attn.proj.weight.shape[1] == 4 * kept_heads
+    )
     assert gm.attn.relative_position_bias_table.shape[1] == kept_heads
     calls = re.findall(r"swin3d_window_attention\([^)]*?, (\d+), [^)]*?\)", gm.code)
     assert calls == [str(kept_heads)], "num_heads follows the kept heads"
