@@ -14,9 +14,11 @@ calls, ruled here:
 - ``_add_shortcut(x, shortcut, residual_with_cls_embed)``: the residual pooling ``x += q`` (over the
   tokens after the class token): the heads of ``x`` and ``q`` are unified, as for an add.
 
-What stays pinned in MViT, and why: the head dim (``head_dim`` positions shared by every head's pooling
-conv, its LayerNorm and the relative position tables; ``q k^T`` contracts it between two activations, so
-no consumer column can zero a removed position in the masked oracle), and the output classes.
+What MViT does not prune, and why: ``head_dim`` is the unit of a head, never cut (its positions are
+shared by every head's pooling conv, LayerNorm and relative position tables, and ``q k^T`` contracts them
+between two activations, so no consumer column could zero a removed position in the masked oracle); a
+one-head attention's q, k, v (the reshape to ``(3, 1, head_dim)`` leaves them on the q/k/v dim, which
+``unbind`` pins); and the output classes.
 """
 
 from __future__ import annotations
