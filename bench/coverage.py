@@ -1,7 +1,17 @@
 """Coverage: every torchvision classification model at 50% FLOPs, fxprune and Torch-Pruning side by side.
 
-    python bench/coverage.py [--models resnet18,vit_b_16] [--size 64] [--timeout 900] [--all]
-                             [--no-tp] [--out bench/results/coverage.json]
+    python bench/coverage.py [--family classification,segmentation,video] [--models resnet18,vit_b_16]
+                             [--size 64] [--timeout 900] [--all] [--no-tp] [--out bench/results/coverage.json]
+
+Families (``FAMILIES``: name -> its cases, each a ``Case``: builder, input, the outputs Torch-Pruning must
+leave alone, which checks apply, and the two tool runners): ``classification`` (the default, every
+torchvision classification model, as below), ``segmentation`` (``bench/segmentation.py``'s ``MODELS``) and
+``video`` (``VIDEO``: torchvision's video classifiers at the smallest input each accepts). A family other
+than classification adds two checks independent of fxprune's verdict, as ``bench/segmentation.py`` does:
+the pruned output's structure equals the original's (``output_signature``), and the pruned model equals
+the masked original (``fxprune.masked_model``) within ``RTOL``; a case whose original model torch's ONNX
+exporter cannot translate (``verify=False``, with the reason) is checked by that oracle alone. Rows of
+classification go to ``--out``, of another family to ``--out`` with ``_<family>`` added to its stem.
 
 Each model runs in two worker processes, fxprune then Torch-Pruning (eval mode, random init, batch 1), each
 under a wall-clock ``--timeout`` and a resident-memory cap ``--max-gb``. Workers are forked from a
@@ -58,6 +68,8 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +140,11 @@ def _nontrivial(model: Any, x: Any) -> None:
     with torch.no_grad():
         for m in model.modules():
             w = getattr(m, "weight", None)
-            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and w is not None and not w.any():
+            if (
+                isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d))
+                and w is not None
+                and not w.any()
+            ):
                 w.copy_(torch.randn(w.shape, generator=g) * 0.02)
         bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
         hooks = [m.register_forward_pre_hook(set_stats) for m in bns if m.running_mean is not None]
@@ -144,6 +160,7 @@ def _nontrivial(model: Any, x: Any) -> None:
 
 
 def _classifier(model: Any, num_classes: int = 1000) -> list[Any]:
+    """The layers whose outputs are the model's outputs (their width is the number of classes)."""
     return [
         m
         for m in model.modules()
@@ -151,12 +168,14 @@ def _classifier(model: Any, num_classes: int = 1000) -> list[Any]:
     ]
 
 
-def _run_fxprune(model: Any, x: Any) -> dict[str, Any]:
+def _run_fxprune(model: Any, x: Any, case: Case | None = None) -> dict[str, Any]:
+    """fxprune on ``model``; with a ``case`` that asks for them, the structure and masked-oracle checks."""
     import fxprune
 
+    verify = case is None or case.verify
     t, c = time.perf_counter(), time.process_time()
     try:
-        r = fxprune.compile(model, x, 0.5, score="magnitude", latency_runs=0, progress=False)
+        r = fxprune.compile(model, x, 0.5, score="magnitude", latency_runs=0, progress=False, verify=verify)
     except Exception as exc:
         return {
             "ok": False,
@@ -177,7 +196,7 @@ def _run_fxprune(model: Any, x: Any) -> dict[str, Any]:
     ort_ok = bool(v is not None and v.passed)
     flops = r.flops_ratio
     params = r.params_ratio
-    return {
+    row = {
         "ok": True,
         "seconds": seconds,
         "cpu_seconds": cpu_seconds,
@@ -195,9 +214,46 @@ def _run_fxprune(model: Any, x: Any) -> dict[str, Any]:
         "pinned_reasons": dict(reasons.most_common()),
         "timings": r.timings,
     }
+    if case is not None and case.oracle:
+        try:
+            checks = _oracle(model, x, r)
+        except Exception as exc:  # recorded as a failed check, like a failed compile
+            checks = {"structure_same": False, "differences": [], "oracle_pass": False,
+                      "oracle_error": f"{type(exc).__name__}: {exc}"[:400]}  # fmt: skip
+        ok = (ort_ok or not case.verify) and checks["structure_same"] and checks["oracle_pass"]
+        row.update(checks, passed=ok and flops <= FLOPS_OK and r.params_after < r.params_before)
+        if not case.verify:
+            row["ort_error"] = f"not verified: {case.why_not_verified}"
+    return row
 
 
-def _tp_once(model: Any, x: Any, ratio: float) -> dict[str, float]:
+def _oracle(model: Any, x: Any, r: Any) -> dict[str, Any]:
+    """The pruned model against the user's: the same output structure (``output_signature``: containers,
+    keys, shapes, dtypes), and equal to the masked original (``fxprune.masked_model``) within ``RTOL`` x
+    max |output| over every output tensor."""
+    import torch
+
+    import fxprune
+    from fxprune.data import output_differences, output_signature
+    from fxprune.verify import flatten_outputs
+
+    with torch.no_grad():
+        want, got = model(x), r.graph_module(x)
+        masked = fxprune.masked_model(model, r.plan)(x)
+    diffs = output_differences(output_signature(want), output_signature(got))
+    rel = max(
+        float((g - m).abs().max() / m.abs().max().clamp_min(1e-12))
+        for g, m in zip(flatten_outputs(got), flatten_outputs(masked), strict=True)
+    )
+    return {
+        "structure_same": not diffs,
+        "differences": diffs,
+        "oracle_rel_error": rel,
+        "oracle_pass": rel <= RTOL,
+    }
+
+
+def _tp_once(model: Any, x: Any, ratio: float, num_classes: int = 1000) -> dict[str, float]:
     """Torch-Pruning at ``ratio`` on a copy: FLOPs after, the pruning's wall and CPU seconds, and the
     seconds of the copy before it and of the FLOPs count after it."""
     import torch
@@ -215,7 +271,7 @@ def _tp_once(model: Any, x: Any, ratio: float) -> dict[str, float]:
         importance=tp.importance.MagnitudeImportance(p=2),
         pruning_ratio=ratio,
         global_pruning=True,
-        ignored_layers=_classifier(m),
+        ignored_layers=_classifier(m, num_classes),
     )
     pruner.step()
     seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
@@ -226,16 +282,17 @@ def _tp_once(model: Any, x: Any, ratio: float) -> dict[str, float]:
             "count_seconds": time.perf_counter() - t}  # fmt: skip
 
 
-def _run_tp(model: Any, x: Any) -> dict[str, Any]:
+def _run_tp(model: Any, x: Any, case: Case | None = None) -> dict[str, Any]:
     import fxprune
 
+    num_classes = 1000 if case is None else case.num_classes
     t0, c0 = time.perf_counter(), time.process_time()
     base = fxprune.count_flops(model, (x,))
     ratio = 1 - math.sqrt(0.5)
     runs: list[dict[str, float]] = []
 
     def run(ratio: float) -> float:
-        once = _tp_once(model, x, ratio)
+        once = _tp_once(model, x, ratio, num_classes)
         runs.append({"ratio": ratio, "flops_ratio": once.pop("flops") / base, **once})
         return runs[-1]["flops_ratio"]
 
@@ -285,25 +342,143 @@ def _warm_up(part: str) -> float:
     return time.perf_counter() - t
 
 
-def worker(name: str, size: int | None, part: str) -> dict[str, Any]:
+def worker(name: str, size: int | None, part: str, family: str = "classification") -> dict[str, Any]:
     """One model in this process: ``part`` is ``"fx"`` (fxprune), ``"tp"`` (Torch-Pruning) or ``"both"``."""
     import torch
-    import torchvision
 
+    case = cases(family)[name]
     warmup = _warm_up(part)
     torch.manual_seed(0)
     row: dict[str, Any] = {"model": name}
-    model = torchvision.models.get_model(name, weights=None).eval()
-    floor = max((v for k, v in MIN_SIZE.items() if name.startswith(k)), default=0)
-    x = _smallest_input(model, (size,) if size else tuple(s for s in SIZES if s >= floor))
+    model = case.build().eval()
+    x = case.example(model, size)
     _nontrivial(model, x)
     row["input"] = list(x.shape)
     row["params"] = sum(p.numel() for p in model.parameters())
     if part in ("fx", "both"):
-        row["fxprune"] = {**_run_fxprune(model, x), "warmup_seconds": warmup}
+        row["fxprune"] = {**case.run_fx(model, x, case), "warmup_seconds": warmup}
     if part in ("tp", "both"):
-        row["tp"] = {**_run_tp(model, x), "warmup_seconds": warmup}
+        row["tp"] = {**case.run_tp(model, x, case), "warmup_seconds": warmup}
     return row
+
+
+# --------------------------------------------------------------------------------------------- families
+@dataclass(frozen=True)
+class Case:
+    """One model of a family.
+
+    ``build()`` returns the model (random init); ``example(model, size)`` its input (``size``: ``--size``
+    or None); ``num_classes``: the width of the layers whose outputs are the model's outputs, which
+    Torch-Pruning leaves alone; ``verify``: fxprune's ONNX Runtime check (off only where torch's exporter
+    cannot translate the *original* model: ``why_not_verified``); ``oracle``: the structure and
+    masked-model checks (``_oracle``); ``run_fx`` / ``run_tp``: ``(model, x, case) -> row part`` (a
+    family whose model needs another driver, e.g. a detector pruned inside the full model, brings its own).
+    """
+
+    build: Callable[[], Any]
+    example: Callable[[Any, int | None], Any]
+    num_classes: int = 1000
+    verify: bool = True
+    why_not_verified: str = ""
+    oracle: bool = True
+    run_fx: Callable[[Any, Any, Case], dict[str, Any]] = _run_fxprune
+    run_tp: Callable[[Any, Any, Case], dict[str, Any]] = _run_tp
+
+
+def _torchvision(name: str, **kwargs: Any) -> Callable[[], Any]:
+    def build() -> Any:
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+
+    return build
+
+
+def _square(floor: int = 0) -> Callable[[Any, int | None], Any]:
+    """The smallest square of ``SIZES`` at or above ``floor`` that runs (``--size`` when given)."""
+
+    def example(model: Any, size: int | None) -> Any:
+        return _smallest_input(model, (size,) if size else tuple(s for s in SIZES if s >= floor))
+
+    return example
+
+
+def _fixed(shape: tuple[int, ...]) -> Callable[[Any, int | None], Any]:
+    """A fixed input shape (video: ``N, C, T, H, W``; ``--size`` replaces ``H, W``)."""
+
+    def example(model: Any, size: int | None) -> Any:
+        import torch
+
+        return torch.randn(*shape[:-2], *((size, size) if size else shape[-2:]))
+
+    return example
+
+
+def _classification() -> dict[str, Case]:
+    import torchvision
+
+    out = {}
+    for name in torchvision.models.list_models(module=torchvision.models):
+        floor = max((v for k, v in MIN_SIZE.items() if name.startswith(k)), default=0)
+        out[name] = Case(_torchvision(name), _square(floor), oracle=False)
+    return out
+
+
+def _segmentation() -> dict[str, Case]:
+    from segmentation import MODELS
+
+    return {
+        name: Case(_torchvision(name, weights_backbone=None, **kw), _square(), num_classes=21)
+        for name, kw in MODELS.items()
+    }
+
+
+#: video classifiers: the smallest input each accepts (r3d/mc3/r2plus1d downsample T by 8 and H, W by 16,
+#: and take any size; s3d's last average pool is 2x7x7 over T/8 x H/32 x W/32; mvit_v2_s is built for
+#: 16 x 224 x 224 only; swin3d_t: 4 x 56 x 56 has two windows along T, H, W in the first stage, so the
+#: shifted windows and their mask are exercised)
+VIDEO: dict[str, tuple[int, ...]] = {
+    "r3d_18": (1, 3, 4, 32, 32),
+    "mc3_18": (1, 3, 4, 32, 32),
+    "r2plus1d_18": (1, 3, 4, 32, 32),
+    "s3d": (1, 3, 16, 216, 216),
+    "mvit_v2_s": (1, 3, 16, 224, 224),
+    "swin3d_t": (1, 3, 4, 56, 56),
+}
+#: torch's ONNX exporter mis-translates these original models (not fxprune's pruning): the masked oracle
+#: is their check
+NOT_EXPORTABLE = {
+    "mvit_v2_s": "torch's exporter mis-translates the original model (ONNX Runtime: a Squeeze inside an If "
+    "has shape {1,143,192}, computed {1,17,192})",
+}
+
+
+def _video() -> dict[str, Case]:
+    return {
+        name: Case(
+            _torchvision(name),
+            _fixed(shape),
+            num_classes=400,
+            verify=name not in NOT_EXPORTABLE,
+            why_not_verified=NOT_EXPORTABLE.get(name, ""),
+        )
+        for name, shape in VIDEO.items()
+    }
+
+
+#: family name -> its cases (built on demand: torchvision is imported by the call)
+FAMILIES: dict[str, Callable[[], dict[str, Case]]] = {
+    "classification": _classification,
+    "segmentation": _segmentation,
+    "video": _video,
+}
+
+
+def cases(family: str) -> dict[str, Case]:
+    """The cases of ``family`` (one of ``FAMILIES``)."""
+    if family not in FAMILIES:
+        raise SystemExit(f"unknown family {family!r}: one of {', '.join(FAMILIES)}")
+    return FAMILIES[family]()
 
 
 def _rss_gb(pid: int) -> float:
@@ -339,17 +514,19 @@ def _context() -> Any:
     return _CONTEXT
 
 
-def _child(name: str, size: int | None, part: str, out: str, err: str) -> None:
+def _child(family: str, name: str, size: int | None, part: str, out: str, err: str) -> None:
     """Worker process body: stdout to /dev/null, stderr to ``err``, the row as JSON to ``out``."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
     os.dup2(os.open(err, os.O_WRONLY | os.O_APPEND), 2)
     import torch
 
     torch.set_num_threads(1)
-    Path(out).write_text(json.dumps(worker(name, size, part)))
+    Path(out).write_text(json.dumps(worker(name, size, part, family)))
 
 
-def run_part(name: str, part: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_part(
+    name: str, part: str, args: argparse.Namespace, family: str = "classification"
+) -> dict[str, Any]:
     """``worker(name, part)`` in a worker process under ``--timeout`` seconds and ``--max-gb`` of resident
     memory (polled; the machine is shared). A failure is returned as ``{"error": ...}``."""
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -358,7 +535,7 @@ def run_part(name: str, part: str, args: argparse.Namespace) -> dict[str, Any]:
         err = Path(f.name)
     try:
         t = time.perf_counter()
-        proc = _context().Process(target=_child, args=(name, args.size, part, str(tmp), str(err)))
+        proc = _context().Process(target=_child, args=(family, name, args.size, part, str(tmp), str(err)))
         proc.start()
         why = None
         while proc.is_alive():
@@ -389,12 +566,16 @@ def _fmt(v: Any, spec: str = ".3f") -> str:
     return "" if v is None else format(v, spec)
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], oracle: bool = False) -> str:
+    """The markdown table; ``oracle`` adds the structure and masked-oracle columns (families other than
+    classification)."""
     lines = [
         "| model | input | fxprune | FLOPs | params | ORT rel err | time s | w/o verify s | TP | TP FLOPs "
         "| TP time s | TP job s | TP to target s | exporter | why not |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if oracle:
+        lines = [lines[0] + " structure = original | oracle rel err |", lines[1] + "---|---|"]
     for r in rows:
         fx_, tp = r.get("fxprune") or {}, r.get("tp") or {}
         status = r.get("status") or ("pass" if fx_.get("passed") else "fail")
@@ -412,8 +593,14 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"{_fmt(tp.get('flops_ratio'))} | "
             f"{_fmt(tp.get('seconds'), '.2f')} | {_fmt(tp.get('job_seconds'), '.2f')} | "
             f"{_fmt(tp.get('target_seconds'), '.2f')} | "
-            f"{fx_.get('exporter', '')} | {why[:100]} |"
+            f"{fx_.get('exporter', '') if fx_.get('exporter', '') is not None else 'not verified'} | {why[:100]} |"
         )
+        if oracle:
+            same = fx_.get("structure_same")
+            lines[-1] += (
+                f" {'' if same is None else 'yes' if same else fx_.get('differences')} | "
+                f"{_fmt(fx_.get('oracle_rel_error'), '.1e')} |"
+            )
     return "\n".join(lines)
 
 
@@ -475,14 +662,53 @@ def merge(paths: list[str], out: Path, order: list[str]) -> None:
     rows = [by_model[m] for m in order if m in by_model] + [r for m, r in by_model.items() if m not in order]
     result = {"rows": rows, "summary": summary(rows), "wall_seconds": wall, "merged_from": paths}
     out.write_text(json.dumps(result, indent=1))
-    print(table(rows))
+    print(table(rows, oracle=any("structure_same" in (r.get("fxprune") or {}) for r in rows)))
     print(json.dumps(result["summary"], indent=1))
     print(f"wall time {wall:.0f} s (sum over the merged runs)")
 
 
+def run_family(family: str, names: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Every model of ``names`` (of ``family``): fxprune, then Torch-Pruning, each in a worker process;
+    prints a row as each finishes and the table at the end, writes JSON to ``out`` as it goes."""
+    oracle = family != "classification"
+    rows: list[dict[str, Any]] = []
+    t_all = time.perf_counter()
+    for name in names:
+        if name in HEAVY and not args.all:
+            rows.append({"model": name, "status": "not run", "error": "heavy: pass --all"})
+            continue
+        t = time.perf_counter()
+        row: dict[str, Any] = {"model": name}
+        for part, key in (("fx", "fxprune"), ("tp", "tp")):
+            if part == "tp" and args.no_tp:
+                continue
+            got = run_part(name, part, args, family)
+            if "error" in got:
+                row[key] = {"ok": False, "error": got["error"], "seconds": got["seconds"]}
+            else:
+                row.update({k: v for k, v in got.items() if k != "model"})
+        row["wall_seconds"] = time.perf_counter() - t
+        rows.append(row)
+        print(table([row], oracle).splitlines()[-1], flush=True)
+        out.write_text(json.dumps({"rows": rows, "summary": summary(rows)}, indent=1))
+    result = {"rows": rows, "summary": summary(rows), "wall_seconds": time.perf_counter() - t_all}
+    if oracle:
+        result["family"] = family
+    out.write_text(json.dumps(result, indent=1))
+    print(table(rows, oracle))
+    print(json.dumps(result["summary"], indent=1))
+    print(f"wall time {result['wall_seconds']:.0f} s")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=None, help="comma-separated (default: every classification model)")
+    ap.add_argument(
+        "--family",
+        default="classification",
+        help=f"comma-separated families to run, of {', '.join(FAMILIES)} (default: classification)",
+    )
+    ap.add_argument("--models", default=None, help="comma-separated (default: every model of the families)")
     ap.add_argument(
         "--size", type=int, default=None, help="input side (default: smallest of SIZES that runs)"
     )
@@ -496,50 +722,30 @@ def main() -> None:
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    families = args.family.split(",")
 
     if args.worker:
         import torch
 
         torch.set_num_threads(1)
-        row = worker(args.worker, args.size, "fx" if args.no_tp and args.part == "both" else args.part)
+        part = "fx" if args.no_tp and args.part == "both" else args.part
+        row = worker(args.worker, args.size, part, families[0])
         Path(args.worker_out).write_text(json.dumps(row))
         return
 
-    import torchvision
-
     if args.merge:
-        merge(args.merge, Path(args.out), torchvision.models.list_models(module=torchvision.models))
+        merge(args.merge, Path(args.out), list(cases(families[0])))
         return
-    names = (
-        args.models.split(",") if args.models else torchvision.models.list_models(module=torchvision.models)
-    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    t_all = time.perf_counter()
-    for name in names:
-        if name in HEAVY and not args.all:
-            rows.append({"model": name, "status": "not run", "error": "heavy: pass --all"})
+    wanted = args.models.split(",") if args.models else None
+    for family in families:
+        known = list(cases(family))
+        names = known if wanted is None else [n for n in wanted if n in known or len(families) == 1]
+        if not names:
             continue
-        t = time.perf_counter()
-        row: dict[str, Any] = {"model": name}
-        for part, key in (("fx", "fxprune"), ("tp", "tp")):
-            if part == "tp" and args.no_tp:
-                continue
-            got = run_part(name, part, args)
-            if "error" in got:
-                row[key] = {"ok": False, "error": got["error"], "seconds": got["seconds"]}
-            else:
-                row.update({k: v for k, v in got.items() if k != "model"})
-        row["wall_seconds"] = time.perf_counter() - t
-        rows.append(row)
-        print(table([row]).splitlines()[-1], flush=True)
-        out.write_text(json.dumps({"rows": rows, "summary": summary(rows)}, indent=1))
-    result = {"rows": rows, "summary": summary(rows), "wall_seconds": time.perf_counter() - t_all}
-    out.write_text(json.dumps(result, indent=1))
-    print(table(rows))
-    print(json.dumps(result["summary"], indent=1))
-    print(f"wall time {result['wall_seconds']:.0f} s")
+        path = out if family == "classification" else out.with_name(f"{out.stem}_{family}{out.suffix}")
+        run_family(family, names, args, path)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from fxprune.passes import (
     ops_elementwise,
     ops_graph,
     ops_linear,
+    ops_mvit,
     ops_norm,
     ops_pool,
     ops_shape,
@@ -36,5 +37,6 @@ DEFAULT_TABLE = OpTable(
         ops_norm.FAMILY,
         ops_attention.FAMILY,
         ops_swin.FAMILY,
+        ops_mvit.FAMILY,
     )
 )

@@ -132,9 +132,16 @@ def attention_units(gm: fx.GraphModule) -> dict[fx.Node, int]:
     channel per head of ``u`` = q/k/v's last dim. This only coarsens the space (its ``u`` positions are
     removed together), so it can never make a model wrong: the rules along the path still check every
     step. Two different head dims on one linear give their gcd.
+
+    A linear reshaped straight to ``(..., 3, heads, head_dim)`` is a fused q/k/v projection: its heads
+    are found from the reshape alone, since the attention may be reached through other ops than layout
+    ones (MViT pools q, k and v, and scales q, before the product).
     """
     units: dict[fx.Node, int] = {}
     for node in gm.graph.nodes:
+        fused = _fused_qkv(gm, node)
+        if fused is not None:
+            units[fused[0]] = math.gcd(units.get(fused[0], 0), fused[1])
         if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
             operands = node.args[:3]
         elif node.target in (torch.einsum, torch.matmul, operator.matmul, "matmul"):
@@ -180,6 +187,24 @@ def _linear_through_heads(gm: fx.GraphModule, x: Any) -> tuple[fx.Node, int] | N
                 unit = so[-1]
         x = x.args[0]
     return None
+
+
+def _fused_qkv(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int] | None:
+    """``(linear, head_dim)`` when ``node`` reshapes a linear's output features to ``(3, heads, head_dim)``."""
+    if node.target not in ("view", "reshape", torch.reshape) or not node.args:
+        return None
+    x = node.args[0]
+    si, so = tensor_shape(_arg_value(x)), tensor_shape(node.meta.get(META_VALUE))
+    if si is None or so is None or len(so) != len(si) + 2 or so[-3] != 3:
+        return None
+    if so[-3] * so[-2] * so[-1] != si[-1] or tuple(so[: len(si) - 1]) != tuple(si[:-1]):
+        return None
+    modules = dict(gm.named_modules())
+    linear = isinstance(x, fx.Node) and (
+        (x.op == "call_module" and isinstance(modules.get(str(x.target)), nn.Linear))
+        or (x.op == "call_function" and x.target is F.linear)
+    )
+    return (x, so[-1]) if linear else None  # type: ignore[return-value]
 
 
 def _arg_value(a: Any) -> Any:

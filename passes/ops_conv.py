@@ -38,7 +38,10 @@ def _conv(
     (2) depthwise (``C_in/groups == 1``): output channel ``c*m + r`` belongs to input channel ``c``
     (repeat ``m = C_out/C_in``), ``groups`` becomes the kept input count; (3) grouped: slot ``j`` of every
     input group is tied (so every group keeps the same slots), and the output is ``groups`` copies of one
-    new space of ``C_out/groups`` — the group structure is never broken.
+    new space of ``C_out/groups`` — the group structure is never broken. (4) Channels on the batch dim of a
+    batched input (MViT's pooling convs run on ``[batch * heads, head_dim, T, H, W]``: the heads are
+    samples): every sample is convolved alike, the output carries them on the batch dim and the FLOPs
+    scale with them; the weight is not cut.
 
     ``weight`` and ``bias`` are parameter names, or values computed from parameters (``WeightExpr``: a
     traced subclass's standardised weight), whose parameters ``claim_weight`` cuts.
@@ -46,6 +49,9 @@ def _conv(
     t = ctx.tracked(x)
     xs = tensor_shape(ctx.value(x))
     ch = 1 if xs is not None and len(xs) == len(w_shape) else 0
+    if t is not None and t.dim == 0 and ch == 1:
+        ctx.cost(t.segs)
+        return Tracked(0, t.segs)
     if t is not None and t.dim != ch:
         ctx.pin(t, "conv input carries channels on a non-channel dim")
         t = None

@@ -1,7 +1,7 @@
 """Op family ``shape``: ops that move, cut or join the channel dim without computing on values.
 
-cat, split, chunk, unbind, indexing (``getitem``), view/reshape/flatten/squeeze/unsqueeze/expand,
-permute/transpose, reductions over other dims (mean, sum, norm...), and shape queries (``x.shape``,
+cat, split, chunk, tensor_split, unbind, indexing (``getitem``), view/reshape/flatten/squeeze/unsqueeze/
+expand, permute/transpose, reductions over other dims (mean, sum, norm...), and shape queries (``x.shape``,
 ``x.size(1)``: a ``SizeOf`` the channels). The rules record the literal sizes the rewrite must follow.
 Reshapes and reductions of parameters (a weight computed in a subclass's forward) are followed as a
 ``weight_expr.WeightExpr``. ONNX translations for cat, permute, reshape-likes and mean.
@@ -134,6 +134,22 @@ def _chunk(ctx: RuleContext) -> Any:
     return _pieces(ctx, ctx.arg(0, "input"), ctx.arg(2, "dim", 0), None)
 
 
+def _tensor_split(ctx: RuleContext) -> Any:
+    """``torch.tensor_split(x, indices_or_sections, dim)``: along another dim than the channels, every piece
+    carries the channels where they were (MViT's pooling splits the class token off the tokens); along the
+    channel dim it pins (no literal of its indices is rewritten)."""
+    x = ctx.arg(0, "input")
+    t = ctx.tracked(x)
+    outs = ctx.out
+    if t is None or not isinstance(outs, tuple):
+        return None
+    dim = norm_dim(ctx.arg(2, "dim", 0), len(tensor_shape(ctx.value(x)) or ()))
+    if dim == t.dim:
+        ctx.pin(t, "tensor_split along the channel dim")
+        return tuple(None for _ in outs)
+    return tuple(t for _ in outs)
+
+
 def _unbind(ctx: RuleContext) -> Any:
     x = ctx.arg(0, "input")
     t = ctx.tracked(x)
@@ -240,8 +256,12 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
        shuffle, attention heads): channel ``i*C/g + j`` is slot ``j`` of group ``i``. Slot ``j`` of every
        group is tied (every group keeps the same slots, so ``C/g`` shrinks and ``g`` stays), and dim
        ``e+1`` carries the slot channels; dim ``e`` indexes groups, not prunable channels.
+    4. **split into (groups, slots, unit)**: output dims ``e, e+1, e+2`` of sizes ``(g, C/g/u, u)`` hold
+       ``d`` and every segment's repeat is a multiple of ``u`` (a fused q/k/v projection reshaped to
+       ``(3, heads, head_dim)``, whose channels are whole heads, ``attention_units``): case 3 over whole
+       units: unit ``j`` of every group is tied (head ``j`` of q, k and v), dim ``e+1`` carries them.
 
-    Anything else (a split into more than two dims, a cut inside a repeated block) pins.
+    Anything else (a split into more dims, a cut inside a repeated block) pins.
     """
 
     def core(ctx: RuleContext, used: list[fx.Node]) -> Any:
@@ -263,6 +283,9 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
             inner, outer = math.prod(si[d + 1 : b]), math.prod(si[a:d])
             segs = (ctx.spaces.scale(t.segs, inner) if inner > 1 else t.segs) * outer
             if literal_args is not None:
+                if _unfollowable(ctx, literal_args, e):
+                    ctx.pin(t, _UNFOLLOWABLE)
+                    return None
                 used += _literal_at(ctx, literal_args, e, so[e], segs)
             return Tracked(e, segs)
         for e, f in _splits(si, so, d):
@@ -271,8 +294,10 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
             inner = math.prod(so[e + 1 : f])
             if all(r % inner == 0 for _, r in t.segs):
                 segs = tuple((atom, r // inner) for atom, r in t.segs)
-                if literal_args is not None:
-                    used += _literal_at(ctx, literal_args, e, so[e], segs)
+                if _unfollowable(ctx, literal_args, e):
+                    ctx.pin(t, _UNFOLLOWABLE)
+                    return None
+                used += _literal_at(ctx, literal_args, e, so[e], segs)
                 return Tracked(e, segs)
             if f != e + 2:
                 continue
@@ -281,18 +306,40 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
             if any(p is None for p in pieces):
                 ctx.pin(t, "reshape splits a repeated channel block")
                 return None
+            if _unfollowable(ctx, literal_args, e + 1):
+                ctx.pin(t, _UNFOLLOWABLE)
+                return None
             first: tuple[Seg, ...] = pieces[0]  # type: ignore[assignment]
             for p in pieces[1:]:
                 ctx.unify(first, p, "reshape into (groups, slots): slot j of every group")  # type: ignore[arg-type]
-            if literal_args is not None:
-                used += _literal_at(ctx, literal_args, e + 1, slots, first)
+            used += _literal_at(ctx, literal_args, e + 1, slots, first)
             return Tracked(e + 1, first)
+        for e, f in _splits(si, so, d):
+            if literal_args is None or f != e + 3 or any(r % so[e + 2] for _, r in t.segs):
+                continue
+            units = tuple((atom, r // so[e + 2]) for atom, r in t.segs)
+            g, slots = so[e], so[e + 1]
+            parts = [ctx.spaces.slice(units, i * slots, (i + 1) * slots) for i in range(g)]
+            if any(p is None for p in parts):
+                continue
+            if _unfollowable(ctx, literal_args, e + 1):
+                ctx.pin(t, _UNFOLLOWABLE)
+                return None
+            head: tuple[Seg, ...] = parts[0]  # type: ignore[assignment]
+            for p in parts[1:]:
+                ctx.unify(head, p, "reshape into (groups, slots, unit): slot j of every group")  # type: ignore[arg-type]
+            used += _literal_at(ctx, literal_args, e + 1, slots, head)
+            return Tracked(e + 1, head)
         ctx.pin(t, "reshape splits or scatters the channel dim")
         return None
 
     def rule(ctx: RuleContext) -> Any:
         if ctx.node.target == "expand" and param_dim(ctx.info(ctx.arg(0, "input")), 0) is not None:
             return _expand_param(ctx)
+        if ctx.node.target in ("unsqueeze", torch.unsqueeze) and isinstance(
+            ctx.info(ctx.arg(0, "input")), ParamView
+        ):
+            return _unsqueeze_param(ctx)
         if is_weight(ctx.info(ctx.arg(0, "input"))):
             weight = _reshape_weight(ctx, literal_args)
             if weight is not None:
@@ -357,6 +404,18 @@ def _expand_param(ctx: RuleContext) -> ParamView | None:
         else:
             return None
     return ParamView(info.name, tuple(dims))
+
+
+def _unsqueeze_param(ctx: RuleContext) -> ParamView | None:
+    """``view.unsqueeze(d)`` of a ``ParamView`` (MViT's ``class_token.expand(n, -1).unsqueeze(1)``): the new
+    size-1 dim indexes no parameter dim."""
+    view = ctx.info(ctx.arg(0, "input"))
+    so = tensor_shape(ctx.out)
+    d = ctx.arg(1, "dim")
+    if not isinstance(view, ParamView) or so is None or not isinstance(d, int):
+        return None
+    d = norm_dim(d, len(so))
+    return ParamView(view.name, (*view.dims[:d], None, *view.dims[d:]))
 
 
 def _same_as(ctx: RuleContext, out: Any) -> Any:
@@ -429,6 +488,23 @@ def _literal_at(
             ctx.literal(pos, None, segs)
             return [ctx.node.args[pos]] if isinstance(ctx.node.args[pos], fx.Node) else []
     return []
+
+
+_UNFOLLOWABLE = "reshape to a size computed from something else than the channels, at the channel dim"
+
+
+def _unfollowable(ctx: RuleContext, where: Callable[[RuleContext], tuple[int | str, bool]], e: int) -> bool:
+    """Whether the size argument for output dim ``e`` is computed from something other than channel sizes
+    (``reshape(B * heads, d, n)`` with ``heads`` a Python int): the rewrite could not make it follow the
+    kept count (a literal, ``-1`` or a ``SizeOf`` can)."""
+    index, packed = where(ctx)
+    if packed:
+        arg = ctx.node.args[index] if isinstance(index, int) else ctx.node.kwargs[index]
+        item = arg[e] if isinstance(arg, (list, tuple)) and e < len(arg) else None
+    else:
+        pos = int(index) + e
+        item = ctx.node.args[pos] if pos < len(ctx.node.args) else None
+    return isinstance(item, fx.Node) and not isinstance(ctx.info(item), SizeOf)
 
 
 def _is_size(ctx: RuleContext, a: Any, size: int) -> bool:
@@ -582,6 +658,7 @@ FAMILY = OpFamily(
         Ops((torch.cat, torch.concat, torch.concatenate), _cat, onnx=_ONNX),
         Ops((torch.split, "split"), _split),
         Ops((torch.chunk, "chunk"), _chunk),
+        Ops((torch.tensor_split, "tensor_split"), _tensor_split),
         Ops((torch.unbind, "unbind"), _unbind),
         Ops((operator.getitem,), _getitem),
         Ops(("view", "reshape", "expand"), _reshape_like(_method_sizes), onnx=_ONNX),

@@ -1,5 +1,7 @@
 """Op family ``swin``: the ops of Swin Transformer: ``torch.roll``, ``F.pad``, patch merging, relative
-position bias, and shifted window attention (the family also holds the ``trace`` expansion of the latter).
+position bias, and shifted window attention (the family also holds the ``trace`` expansion of the latter),
+in 2-D (``torchvision.models.swin_*``) and 3-D (video, ``torchvision.models.video.swin3d_*``: the same
+rules over the three calls of ``swin_ops``' 3-D decomposition, whose arguments sit at the same positions).
 
 Shifted window attention is not ruled as torchvision's one opaque call: ``fxprune.trace`` expands it into
 the three calls of ``swin_ops`` (qkv, attention, merge), whose widths follow their weights. Their rules
@@ -241,7 +243,7 @@ def _tie_logit_scale(ctx: RuleContext, heads: tuple[Seg, ...]) -> bool:
 
 
 def _window_merge(ctx: RuleContext) -> Any:
-    """Proj ``[C_out, heads*d]`` on the attention output, windows back to ``[B, H, W, C_out]``: heads cut
+    """Proj ``[C_out, heads*d]`` on the attention output, windows back to ``[B, (T,) H, W, C_out]``: heads cut
     the proj columns; the output is a new space of ``C_out`` rows (the residual add unifies it)."""
     x = ctx.arg(0, "x")
     names = _params(ctx, (1, "proj_weight"), (6, "proj_bias"))
@@ -250,7 +252,9 @@ def _window_merge(ctx: RuleContext) -> Any:
         ctx.pin_inputs("window attention with a computed proj weight or bias")
         return None
     weight, bias = names
-    return linear_rule(ctx, x, weight, bias, w_shape, out_dim=3)  # x: [B * windows, N, heads * d]
+    out_shape = tensor_shape(ctx.out)
+    out_dim = len(out_shape) - 1 if out_shape is not None else 3  # [B, H, W, C_out] or [B, T, H, W, C_out]
+    return linear_rule(ctx, x, weight, bias, w_shape, out_dim=out_dim)  # x: [B * windows, N, heads * d]
 
 
 def _torchvision() -> tuple[tuple[Ops, ...], dict[Any, Expansion]]:
@@ -258,19 +262,26 @@ def _torchvision() -> tuple[tuple[Ops, ...], dict[Any, Expansion]]:
     torchvision is missing)."""
     try:
         from torchvision.models import swin_transformer as tv
+        from torchvision.models.video import swin_transformer as tv3d
     except ImportError:  # pragma: no cover - torchvision is optional
         return (), {}
     ops = (
         Ops((tv._patch_merging_pad,), _patch_merging_pad),
-        Ops((tv._get_relative_position_bias,), _relative_position_bias),
+        Ops((tv._get_relative_position_bias, tv3d._get_relative_position_bias), _relative_position_bias),
     )
-    return ops, {tv.shifted_window_attention: swin_ops.expand_shifted_window_attention}
+    return ops, {
+        tv.shifted_window_attention: swin_ops.expand_shifted_window_attention,
+        tv3d.shifted_window_attention_3d: swin_ops.expand_shifted_window_attention_3d,
+        tv3d._get_window_and_shift_size: swin_ops.expand_window_and_shift_size_3d,
+    }
 
 
 _TORCHVISION_OPS, _TORCHVISION_EXPANSIONS = _torchvision()
 
 #: The calls ``fxprune.trace.trace(..., expansions=EXPANSIONS)`` replaces by finer calls with rules here:
-#: torchvision's ``shifted_window_attention`` by the three calls of ``swin_ops`` (the pipeline passes it).
+#: torchvision's ``shifted_window_attention`` (and ``shifted_window_attention_3d``) by the three calls of
+#: ``swin_ops``, and the video model's list-mutating ``_get_window_and_shift_size`` by a copying one (the
+#: pipeline passes it).
 EXPANSIONS: Mapping[Any, Expansion] = MappingProxyType(_TORCHVISION_EXPANSIONS)
 
 FAMILY = OpFamily(
@@ -279,9 +290,9 @@ FAMILY = OpFamily(
         Ops((torch.roll, "roll"), _roll),
         Ops((F.pad,), _pad),
         *_TORCHVISION_OPS,
-        Ops((swin_ops.swin_window_qkv,), _window_qkv),
-        Ops((swin_ops.swin_window_attention,), _window_attention),
-        Ops((swin_ops.swin_window_merge,), _window_merge),
+        Ops((swin_ops.swin_window_qkv, swin_ops.swin3d_window_qkv), _window_qkv),
+        Ops((swin_ops.swin_window_attention, swin_ops.swin3d_window_attention), _window_attention),
+        Ops((swin_ops.swin_window_merge, swin_ops.swin3d_window_merge), _window_merge),
     ),
     EXPANSIONS,
 )

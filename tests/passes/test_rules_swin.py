@@ -14,6 +14,7 @@ from conftest import assert_masked_equivalent
 from fxprune.passes import swin_ops
 from fxprune.passes.ops_swin import EXPANSIONS
 from torchvision.models import swin_transformer as tv
+from torchvision.models.video import swin_transformer as tv3d
 
 import fxprune
 from fxprune.trace import trace
@@ -325,3 +326,94 @@ def test_tiny_torchvision_swin_pins_only_the_logits(v2: bool) -> None:
         g for g in dep.groups if any(s.param.endswith("attn.qkv.weight") for s in g.sites if s.role == "out")
     ]
     assert sorted(g.size for g in heads) == [2, 2, 4, 4]
+
+
+# ---------------------------------------------------------------------------------- video Swin (3-D)
+def _attention_3d(shift: int = 1, heads: int = 4) -> nn.Module:
+    attn = tv3d.ShiftedWindowAttention3d(16, [2, 4, 4], [shift, 2 * shift, 2 * shift], heads)
+    with torch.no_grad():  # per-head biases far apart, so a bias sliced with the wrong head shows
+        attn.relative_position_bias_table.normal_(0, 1.0)
+    return attn
+
+
+class _Block3d(nn.Module):
+    """A video Swin block on ``[B, T, H, W, C]``: linear stem, 3-D window attention, MLP, 2-D patch merging."""
+
+    def __init__(self, shift: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Linear(3, 16)
+        self.norm1, self.norm2 = nn.LayerNorm(16), nn.LayerNorm(16)
+        self.attn = _attention_3d(shift)
+        self.mlp = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+        self.merge = tv.PatchMerging(16)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.stem(x)
+        y = y + self.attn(self.norm1(y))
+        y = y + self.mlp(self.norm2(y))
+        return self.head(self.merge(y).mean((1, 2, 3)))
+
+
+# 3x10x10 tokens: padded to 4x12x12 for 2x4x4 windows, 18 windows
+XV = torch.randn(2, 3, 10, 10, 3, generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+@pytest.mark.parametrize("size", [(3, 10, 10), (2, 4, 3)], ids=["windows", "window-covers-input"])
+def test_expansion_3d_is_bit_identical(shift: int, size: tuple[int, int, int]) -> None:
+    """``shifted_window_attention_3d`` becomes the three 3-D calls with the same values; where a window
+    covers the input along a dim (2 x 4 x 3 tokens), torchvision's ``_get_window_and_shift_size`` would
+    assign into the graph's immutable lists when run node by node: the expansion's copying call runs."""
+    attn = _attention_3d(shift).eval()
+    x = torch.randn(2, *size, 16)
+    gm = trace(attn, expansions=EXPANSIONS)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert tv3d.shifted_window_attention_3d not in targets and tv3d._get_window_and_shift_size not in targets
+    assert swin_ops.swin3d_window_attention in targets and swin_ops.swin3d_window_and_shift_size in targets
+    with torch.no_grad():
+        assert torch.equal(gm(x), attn(x))
+
+
+def test_unexpanded_window_and_shift_size_fails_where_a_window_covers_the_input() -> None:
+    """Why the expansion exists: without it the graph cannot be run node by node (shape propagation) at
+    such a size; with it, it can."""
+    x = torch.randn(2, 2, 4, 3, 16)
+    with pytest.raises(TypeError, match="immutable_list"):
+        torch.fx.Interpreter(trace(_attention_3d(1).eval())).run(x)
+    torch.fx.Interpreter(trace(_attention_3d(1).eval(), expansions=EXPANSIONS)).run(x)
+
+
+def test_window_attention_3d_heads_and_stream_are_groups() -> None:
+    dep = fxprune.dependency_graph(_Block3d().eval(), XV)
+    heads = _group_with(dep, "attn.qkv.weight")
+    assert heads.prunable and heads.size == 4  # 4 heads of 4
+    assert _sites(heads, "attn.qkv.weight") == [(0, o, 4, "out") for o in (0, 16, 32)]
+    assert _sites(heads, "attn.proj.weight") == [(1, 0, 4, "in")]
+    assert _sites(heads, "attn.relative_position_bias_table") == [(1, 0, 1, "norm")]
+    stream = _group_with(dep, "stem.weight")
+    assert stream.prunable
+    assert _sites(stream, "attn.qkv.weight") == [(1, 0, 1, "in")]
+    assert _sites(stream, "attn.proj.weight") == [(0, 0, 1, "out")]
+
+
+@pytest.mark.parametrize("shift", [0, 1])
+def test_window_attention_3d_prunes_heads_and_stream(shift: int) -> None:
+    torch.manual_seed(0)
+    r = _prune_and_check(_Block3d(shift).eval(), XV, target=0.45)
+    g = _heads_group(r)
+    assert g.id in r.plan.kept, "no head was removed"
+    kept_heads = len(r.plan.kept[g.id])
+    gm = r.graph_module
+    assert (
+        gm.attn.qkv.weight.shape[0] == 3 * 4 * kept_heads and gm.attn.proj.weight.shape[1] == 4 * kept_heads
+    )
+    assert gm.attn.relative_position_bias_table.shape[1] == kept_heads
+    calls = re.findall(r"swin3d_window_attention\([^)]*?, (\d+), [^)]*?\)", gm.code)
+    assert calls == [str(kept_heads)], "num_heads follows the kept heads"
+
+
+def test_tiny_torchvision_video_swin_pins_only_the_logits() -> None:
+    model = tv3d.SwinTransformer3d([2, 4, 4], 16, [2, 2], [2, 4], [2, 4, 4], num_classes=7).eval()
+    dep = fxprune.dependency_graph(model, torch.randn(1, 3, 4, 32, 32))
+    assert [g.pinned for g in dep.groups if g.pinned] == [("reaches the graph output at node 'output'",)]
