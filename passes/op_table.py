@@ -17,6 +17,7 @@ from fxprune.passes import (
     ops_linear,
     ops_norm,
     ops_pool,
+    ops_resample,
     ops_shape,
     ops_swin,
 )
@@ -36,5 +37,6 @@ DEFAULT_TABLE = OpTable(
         ops_norm.FAMILY,
         ops_attention.FAMILY,
         ops_swin.FAMILY,
+        ops_resample.FAMILY,
     )
 )

@@ -173,6 +173,27 @@ CASES = [
          ((2, 4, 17),), {"Conv"}),
     Case("conv3d_groups", lambda: nn.Sequential(nn.Conv3d(2, 4, (3, 1, 3), stride=(1, 2, 2), padding=(1, 0, 1), groups=2)),
          ((1, 2, 5, 6, 7),), {"Conv"}),
+    # -- transposed convolution (weight [C_in, C_out/groups, *k]; output_padding read off the shapes)
+    Case("conv_transpose2d_stride_pad_outpad_dilation", lambda: nn.Sequential(
+             nn.ConvTranspose2d(3, 5, 3, stride=2, padding=(1, 2), output_padding=1, dilation=(2, 3))),
+         ((2, 3, 5, 6),), {"ConvTranspose"}),
+    Case("conv_transpose2d_groups_nobias", lambda: nn.Sequential(nn.ConvTranspose2d(4, 6, (2, 3), stride=(2, 1), groups=2, bias=False)),
+         ((1, 4, 4, 5),), {"ConvTranspose"}),
+    Case("conv_transpose2d_depthwise_multiplier", lambda: nn.Sequential(nn.ConvTranspose2d(3, 6, 2, stride=2, groups=3)),
+         ((1, 3, 4, 4),), {"ConvTranspose"}),
+    Case("conv_transpose2d_output_size", lambda: Fn(lambda s, x: s.up(x, output_size=[9, 11]), up=nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1)),
+         ((1, 3, 5, 6),), {"ConvTranspose"}),
+    Case("conv_transpose1d", lambda: nn.Sequential(nn.ConvTranspose1d(4, 3, 4, stride=3, padding=1, output_padding=2)),
+         ((2, 4, 7),), {"ConvTranspose"}),
+    Case("conv_transpose3d_groups", lambda: nn.Sequential(nn.ConvTranspose3d(4, 2, (2, 3, 2), stride=(2, 1, 2), padding=(0, 1, 0), groups=2)),
+         ((1, 4, 3, 4, 3),), {"ConvTranspose"}),
+    # -- pixel (un)shuffle: DepthToSpace (CRD); Reshape, Transpose, Reshape
+    Case("pixel_shuffle", lambda: Fn(lambda s, x: (s.ps(x), F.pixel_shuffle(x, 3), torch.pixel_shuffle(x, upscale_factor=1)),
+                                     ps=nn.PixelShuffle(3)),
+         ((2, 18, 3, 4),), {"DepthToSpace"}),
+    Case("pixel_unshuffle", lambda: Fn(lambda s, x: (s.pu(x), F.pixel_unshuffle(x, 3), torch.pixel_unshuffle(x, downscale_factor=1)),
+                                       pu=nn.PixelUnshuffle(3)),
+         ((2, 2, 6, 9),), {"Reshape", "Transpose"}),
     # -- linear
     Case("linear_2d_bias", lambda: nn.Sequential(nn.Linear(8, 5)), ((3, 8),), {"Gemm"}),
     Case("linear_2d_nobias", lambda: nn.Sequential(nn.Linear(8, 5, bias=False)), ((3, 8),), {"Gemm"}),
@@ -379,8 +400,10 @@ def _pool_with_indices(s: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 UNSUPPORTED = [
     # (id, model (eval mode unless the id ends with _training), input dtype, the message)
-    ("conv_transpose", lambda: Fn(lambda s, x: s.up(x), up=nn.ConvTranspose2d(3, 4, 3)), torch.float32,
-     r"module up \(ConvTranspose2d\)"),
+    ("interpolate", lambda: Fn(lambda s, x: F.interpolate(x, scale_factor=2)), torch.float32,
+     r"call_function interpolate"),
+    ("pixel_shuffle_rank_3", lambda: Fn(lambda s, x: F.pixel_shuffle(x.flatten(0, 1), 1)), torch.float32,
+     r"pixel_shuffle: pixel_shuffle of a rank-3 input"),
     ("batchnorm_training", lambda: Fn(lambda s, x: s.bn(x), bn=nn.BatchNorm2d(3)), torch.float32,
      r"module bn \(BatchNorm2d, training\)"),
     ("layernorm_training", lambda: Fn(lambda s, x: s.ln(x), ln=nn.LayerNorm(6)), torch.float32,
