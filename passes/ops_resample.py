@@ -65,8 +65,9 @@ def _pixel_shuffle(ctx: RuleContext) -> Any:
        with repeat ``/ r^2``.
     3. ``d == n - 3`` with finer channels (a conv's output, one position each): the rule asks the
        producers for blocks of ``r^2`` (``RuleContext.coarsen``) and pins for now; the next run of the
-       rules sees case 2. What cannot be coarsened (a slice or cat boundary inside a block, a residual
-       with channels of another layout) stays pinned with this reason.
+       rules sees case 2. What cannot be coarsened stays pinned: with this reason (channels that are not
+       a producer's own, e.g. a cat of one tensor with itself), or with the reason of the op that then cuts
+       a block of the coarse producer (a slice inside a block, a residual with another layout).
     4. ``d`` a spatial dim: the shuffle moves channels into it: pinned.
     """
     x = self_arg(ctx)
