@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_masked_equivalent, assert_unchanged, randomize_norms, snapshot
+from fxprune.models_zoo.unet import UNet
 
 import fxprune
-from fxprune.models_zoo.unet import UNet
 
 X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 
@@ -18,7 +18,9 @@ def test_every_group_but_the_output_is_prunable() -> None:
     dep = fxprune.dependency_graph(randomize_norms(UNet()).eval(), X)
     pinned = [g for g in dep.groups if g.pinned]
     assert len(pinned) == 1 and "reaches the graph output" in pinned[0].pinned[0], dep.pinned_reasons()
-    shuffled = next(g for g in dep.groups if any(s.param == "up1.weight" and s.role == "out" for s in g.sites))
+    shuffled = next(
+        g for g in dep.groups if any(s.param == "up1.weight" and s.role == "out" for s in g.sites)
+    )
     assert shuffled.size == 16 and {s.repeat for s in shuffled.sites if s.param == "up1.weight"} == {4}
 
 
@@ -37,5 +39,8 @@ def test_unet_compiles_to_30_percent_verified_and_masked_equivalent(score: str) 
     gm = r.graph_module
     assert gm.up2.in_channels == gm.up2.weight.shape[0] and gm.up2.out_channels < 32
     skip = gm.get_submodule("enc1.3").out_channels
-    assert gm.up1.out_channels % 4 == 0 and gm.get_submodule("dec1.0").in_channels == gm.up1.out_channels // 4 + skip
+    assert (
+        gm.up1.out_channels % 4 == 0
+        and gm.get_submodule("dec1.0").in_channels == gm.up1.out_channels // 4 + skip
+    )
     assert gm.head.out_channels == 2

@@ -659,7 +659,9 @@ def test_conv_transpose_weight_rows_are_inputs_and_columns_outputs(rank: int, kw
 
     dep = _groups(make(), _x(rank))
     ga = _group_with(dep, "a.weight")
-    assert {(s.param, s.dim, s.role) for s in ga.sites if s.param.startswith("up.")} == {("up.weight", 0, "in")}
+    assert {(s.param, s.dim, s.role) for s in ga.sites if s.param.startswith("up.")} == {
+        ("up.weight", 0, "in")
+    }
     gu = _group_with(dep, "up.weight")
     assert gu.size == 12 and ("b.weight", 1, "in") in {(s.param, s.dim, s.role) for s in gu.sites}
     assert ("up.weight", 1) in {(s.param, s.dim) for s in gu.sites if s.role == "out"}
@@ -696,10 +698,8 @@ def test_depthwise_transposed_conv_repeats_its_input_channels(functional: bool) 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = F.relu(self.a(x))
             if functional:
-                y = F.conv_transpose2d(y, self.up.weight, self.up.bias, 2, 0, 0, 8)
-            else:
-                y = self.up(y)
-            return self.b(y)
+                return self.b(F.conv_transpose2d(y, self.up.weight, self.up.bias, 2, 0, 0, 8))
+            return self.b(self.up(y))
 
     dep = _groups(M(), X)
     g = _group_with(dep, "a.weight")
@@ -823,7 +823,9 @@ RESAMPLERS = [
 ]
 
 
-@pytest.mark.parametrize(("rank", "resample"), RESAMPLERS, ids=[f"{r}d-{i}" for i, (r, _) in enumerate(RESAMPLERS)])
+@pytest.mark.parametrize(
+    ("rank", "resample"), RESAMPLERS, ids=[f"{r}d-{i}" for i, (r, _) in enumerate(RESAMPLERS)]
+)
 def test_interpolation_keeps_channels_in_every_mode(rank: int, resample: nn.Module) -> None:
     def make() -> _UpChain:
         return _UpChain(rank, resample, c=8, c_up=8)
