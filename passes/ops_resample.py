@@ -4,8 +4,8 @@
   ``size`` or ``scale_factor``, ``align_corners``, ``recompute_scale_factor``, ``antialias``) and the
   modules ``nn.Upsample``, ``nn.UpsamplingNearest2d``, ``nn.UpsamplingBilinear2d``: each output channel is
   computed from the same input channel only, so the channels flow through as they are (``_resample``).
-  ONNX: no translation; the writer falls back to torch's exporter (``Resize``), which verification checks
-  like any other export.
+  ONNX ``Resize`` (nearest, nearest-exact, the linear modes and bicubic); ``area`` and ``antialias`` are
+  not translated: the writer falls back to torch's exporter, which verification checks like any other.
 - ``F.pixel_shuffle`` / ``nn.PixelShuffle`` (``(*, C r^2, H, W) -> (*, C, H r, W r)``: input channel
   ``c r^2 + i r + j`` is the pixel ``(i, j)`` of output channel ``c``): the ``r^2`` input channels of one
   output channel are one unit (``_pixel_shuffle``); ONNX ``DepthToSpace`` (mode ``CRD``, torch's order).
@@ -131,12 +131,66 @@ def _pixel_unshuffle_onnx(w: OnnxWriter, n: fx.Node, m: nn.Module | None = None)
     w.emit("Reshape", [moved, w.const(list(w.shape(n)), "shape", np.int64)], n.name)
 
 
+def _resample_args(n: fx.Node, m: nn.Module | None) -> tuple[Any, Any, str, Any, Any, bool]:
+    """``(size, scale_factor, mode, align_corners, recompute_scale_factor, antialias)`` of an interpolation
+    node: the module's attributes, or ``F.interpolate``'s arguments."""
+    if isinstance(m, nn.Upsample):  # UpsamplingNearest2d/UpsamplingBilinear2d set mode and align_corners
+        return m.size, m.scale_factor, m.mode, m.align_corners, m.recompute_scale_factor, False
+    return (
+        arg(n, 1, "size"),
+        arg(n, 2, "scale_factor"),
+        arg(n, 3, "mode", "nearest"),
+        arg(n, 4, "align_corners"),
+        arg(n, 5, "recompute_scale_factor"),
+        bool(arg(n, 6, "antialias", False)),
+    )
+
+
+#: torch's interpolation mode -> ONNX ``Resize`` attributes (``align_corners`` picks the coordinate mode of
+#: the linear and cubic ones)
+_RESIZE: dict[str, dict[str, Any]] = {
+    "nearest": {"mode": "nearest", "coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"},
+    "nearest-exact": {
+        "mode": "nearest",
+        "coordinate_transformation_mode": "half_pixel",
+        "nearest_mode": "round_prefer_ceil",
+    },
+    "linear": {"mode": "linear"},
+    "bilinear": {"mode": "linear"},
+    "trilinear": {"mode": "linear"},
+    "bicubic": {"mode": "cubic", "cubic_coeff_a": -0.75},
+}
+
+
+def _interpolate_onnx(w: OnnxWriter, n: fx.Node, m: nn.Module | None = None) -> None:
+    """ONNX ``Resize``. With a ``scale_factor`` (not recomputed) torch maps output position ``o`` to input
+    ``o / scale_factor``, as ``Resize`` does with ``scales``; otherwise with the static output ``sizes``
+    (``in / out``). ``area`` (an adaptive average pool) and ``antialias`` are not translated."""
+    size, scale, mode, align_corners, recompute, antialias = _resample_args(n, m)
+    if mode not in _RESIZE or antialias:
+        raise Unsupported(f"{n.name}: interpolate mode={mode!r}, antialias={antialias}")
+    x = input_node(n)
+    k = len(w.shape(x)) - 2
+    attrs = dict(_RESIZE[mode])
+    if attrs["mode"] != "nearest":
+        attrs["coordinate_transformation_mode"] = "align_corners" if align_corners else "half_pixel"
+    if scale is not None and not recompute and not align_corners:
+        scales = [1.0, 1.0, *([float(scale)] * k if isinstance(scale, (int, float)) else map(float, scale))]
+        w.emit("Resize", [x.name, "", w.const(scales, "scales")], n.name, **attrs)
+    else:
+        w.emit("Resize", [x.name, "", "", w.const(list(w.shape(n)), "sizes", np.int64)], n.name, **attrs)
+
+
 FAMILY = OpFamily(
     "resample",
     (
         Ops(
             (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate, F.upsample),
             _resample,
+            onnx={
+                k: _interpolate_onnx
+                for k in (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, F.interpolate)
+            },
         ),
         Ops(
             (nn.PixelShuffle, F.pixel_shuffle, torch.pixel_shuffle),
