@@ -19,7 +19,16 @@ Op kinds (``Op.kind``) and their fields:
 ``split``     ``torch.split(x, sections, 1)``; ``chunk``: ``x.chunk(arg, 1)``; ``slice``: ``x[:, lo:hi]``
 ``se``        ``x * sigmoid(fc2(relu(fc1(pool(x)))))`` (``flag``: Linear + view, else 1x1 convs)
 ``pool``      ``max_pool2d``/``avg_pool2d`` by 2 (``variant``)
+``up``        up-sampling by 2 (``variant``): ``tconv`` ``ConvTranspose2d(C, width, k, 2, groups=arg)``
+              (``k`` 2, or 3 with padding and output padding 1), ``subpixel`` ``Conv2d(C, 4 width, 1)`` then
+              ``pixel_shuffle(2)``, ``shuffle`` ``pixel_shuffle(2)`` of the value (``C/4`` channels), or
+              ``F.interpolate`` (``nearest``, ``bilinear``, ``bicubic``); with a second source (a value of
+              twice the spatial size), the result is concatenated with it: a U-Net skip
+``unshuffle`` ``pixel_unshuffle(2)`` (``4 C`` channels, half the spatial size)
 ============  =================================================================================
+
+The ``up`` and ``unshuffle`` kinds are drawn only by ``net_specs(upsampling=True)`` (the default strategy
+draws the nets it always drew).
 
 Heads: ``gap_linear`` (global pool, flatten, Linear), ``flatten_linear`` (flatten ``C x H x W``, Linear),
 ``conv`` (1x1 conv, a 4-D output), ``raw`` (the value itself: an output taken from the middle of the net,
@@ -49,6 +58,7 @@ __all__ = [
     "ACTIVATIONS",
     "HEADS",
     "OUTPUTS",
+    "UPSAMPLERS",
     "HeadOutputs",
     "NetSpec",
     "Op",
@@ -64,6 +74,11 @@ HEADS = ("gap_linear", "gap_linear", "flatten_linear", "conv", "raw")
 #: op kinds the strategy draws from (conv, bn and act repeated: they are what real nets are made of)
 _OPS = ("conv", "conv", "conv", "gconv", "dwconv", "reuse", "bn", "bn", "act", "act", "add", "mul", "cat",
         "split", "chunk", "slice", "se", "pool")  # fmt: skip
+
+#: op kinds of ``net_specs(upsampling=True)``: the above, down-sampling more often, and up-sampling
+_OPS_UP = (*_OPS, "pool", "up", "up", "up", "unshuffle")
+#: ``up`` variants (``Op.variant``): transposed conv, conv + pixel shuffle, pixel shuffle, interpolation modes
+UPSAMPLERS = ("tconv", "subpixel", "shuffle", "nearest", "bilinear", "bicubic")
 
 #: how the heads' outputs are returned (``NetSpec.output``)
 OUTPUTS = ("plain", "list", "dict", "ordered_dict", "nested", "namedtuple", "dataclass")
@@ -246,6 +261,21 @@ class RandomNet(nn.Module):
                 self.layers[key] = _SE(c, op.width, op.flag)
                 chans.append(c)
                 sp.append(s)
+            elif op.kind == "up":
+                if op.variant == "tconv":
+                    pad = (op.k - 1) // 2
+                    self.layers[key] = nn.ConvTranspose2d(
+                        c, op.width, op.k, 2, pad, pad, groups=op.arg, bias=op.flag
+                    )
+                elif op.variant == "subpixel":
+                    self.layers[key] = nn.Sequential(
+                        nn.Conv2d(c, 4 * op.width, 1, bias=op.flag), nn.PixelShuffle(2)
+                    )
+                chans.append(_up_channels(op, c) + sum(chans[j] for j in op.src[1:]))
+                sp.append(2 * s)
+            elif op.kind == "unshuffle":
+                chans.append(4 * c)
+                sp.append(s // 2)
             else:  # pragma: no cover - the strategy only draws known kinds
                 raise ValueError(f"unknown op kind {op.kind!r}")
         for i, h in enumerate(spec.heads):
@@ -285,6 +315,16 @@ class RandomNet(nn.Module):
                 vals.extend(parts[j] for j in range(op.arg))
             elif op.kind == "slice":
                 vals.append(x[:, op.width : op.arg])
+            elif op.kind == "up":
+                if op.variant in ("tconv", "subpixel"):
+                    y = self.layers[key](x)
+                elif op.variant == "shuffle":
+                    y = F.pixel_shuffle(x, 2)
+                else:
+                    y = F.interpolate(x, scale_factor=2, mode=op.variant)
+                vals.append(torch.cat([y, *(vals[j] for j in op.src[1:])], 1) if op.src[1:] else y)
+            elif op.kind == "unshuffle":
+                vals.append(F.pixel_unshuffle(x, 2))
         outs = []
         for i, h in enumerate(self.spec.heads):
             x = vals[h.src[0]]
@@ -329,6 +369,13 @@ class RandomNet2(RandomNet):
         return self.run((x, y))
 
 
+def _up_channels(op: Op, c: int) -> int:
+    """Channels of an ``up`` op's up-sampled tensor (before a skip is concatenated)."""
+    if op.variant in ("tconv", "subpixel"):
+        return op.width
+    return c // 4 if op.variant == "shuffle" else c
+
+
 def _out_spatial(s: int, stride: int) -> int:
     return (s - 1) // stride + 1
 
@@ -358,8 +405,11 @@ def example(spec: NetSpec, batch: int = BATCH) -> tuple[torch.Tensor, ...]:
 
 
 # ------------------------------------------------------------------------------------------ strategy
-def net_specs(max_ops: int = 8, max_width: int = 16) -> Any:
-    """A hypothesis strategy of ``NetSpec``s (imported lazily so the zoo does not need hypothesis)."""
+def net_specs(max_ops: int = 8, max_width: int = 16, upsampling: bool = False) -> Any:
+    """A hypothesis strategy of ``NetSpec``s (imported lazily so the zoo does not need hypothesis).
+
+    ``upsampling``: also draw ``up`` and ``unshuffle`` ops (dense-prediction nets: down- and up-sampling with
+    concatenated skips); False draws exactly the nets it drew before they existed."""
     from hypothesis import strategies as st
 
     @st.composite
@@ -377,7 +427,7 @@ def net_specs(max_ops: int = 8, max_width: int = 16) -> Any:
             used.append(False)
         n_ops = draw(st.integers(1, max_ops))
         for _ in range(n_ops):
-            op = _draw_op(draw, st, ops, chans, sp, max_width)
+            op = _draw_op(draw, st, ops, chans, sp, max_width, upsampling)
             if op is None:
                 continue
             for j in op.src:
@@ -390,8 +440,10 @@ def net_specs(max_ops: int = 8, max_width: int = 16) -> Any:
                 s = _out_spatial(s, op.stride)
             elif op.kind == "reuse":
                 s = _out_spatial(s, ops[op.arg].stride)
-            elif op.kind == "pool":
+            elif op.kind in ("pool", "unshuffle"):
                 s //= 2
+            elif op.kind == "up":
+                s *= 2
             sp.extend([s] * n)
             used.extend([False] * n)
         heads: list[Op] = []
@@ -429,12 +481,24 @@ def _out_channels(op: Op, ops: list[Op], chans: list[int]) -> list[int]:
         return [c // op.arg] * op.arg
     if op.kind == "slice":
         return [op.arg - op.width]
+    if op.kind == "up":
+        return [_up_channels(op, c) + sum(chans[j] for j in op.src[1:])]
+    if op.kind == "unshuffle":
+        return [4 * c]
     return [c]
 
 
-def _draw_op(draw: Any, st: Any, ops: list[Op], chans: list[int], sp: list[int], max_width: int) -> Op | None:
+def _draw_op(
+    draw: Any,
+    st: Any,
+    ops: list[Op],
+    chans: list[int],
+    sp: list[int],
+    max_width: int,
+    upsampling: bool = False,
+) -> Op | None:
     """One op over the current values, or None when the drawn kind does not fit them."""
-    kind = draw(st.sampled_from(_OPS))
+    kind = draw(st.sampled_from(_OPS_UP if upsampling else _OPS))
     n = len(chans)
     i = draw(st.integers(0, n - 1))
     c, s = chans[i], sp[i]
@@ -498,4 +562,40 @@ def _draw_op(draw: Any, st: Any, ops: list[Op], chans: list[int], sp: list[int],
         if s < 2:
             return None
         return Op("pool", (i,), variant=draw(st.sampled_from(("max", "avg"))))
+    if kind == "up":
+        return _draw_up(draw, st, i, chans, sp, max_width)
+    if kind == "unshuffle":
+        if s % 2 or s < 4 or 4 * c > 3 * max_width:
+            return None
+        return Op("unshuffle", (i,))
     raise AssertionError(kind)  # pragma: no cover
+
+
+def _draw_up(draw: Any, st: Any, i: int, chans: list[int], sp: list[int], max_width: int) -> Op | None:
+    """An ``up`` op on value ``i`` (at most ``2 * SPATIAL`` wide after it), with a skip from a value of the
+    up-sampled size when there is one and the draw takes it. Half the time the source is redrawn among the
+    down-sampled values, so that the skip exists: a U-Net's way back up."""
+    small = [j for j in range(len(chans)) if sp[j] < SPATIAL]
+    if small and draw(st.booleans()):
+        i = draw(st.sampled_from(small))
+    c, s = chans[i], sp[i]
+    if 2 * s > 2 * SPATIAL:
+        return None
+    variant = draw(st.sampled_from(UPSAMPLERS))
+    width, k, groups = 0, 1, 1
+    if variant == "tconv":
+        k = draw(st.sampled_from((2, 3)))
+        gs = [g for g in (1, 2) if c % g == 0]
+        groups = draw(st.sampled_from(gs))
+        width = groups * draw(st.integers(2, max(2, max_width // groups)))
+    elif variant == "subpixel":
+        width = draw(st.integers(2, max(2, max_width // 2)))
+    elif variant == "shuffle" and c % 4:
+        return None
+    up = Op("up", (i,), width, k, arg=groups, flag=draw(st.booleans()), variant=variant)
+    skips = [j for j in range(len(chans)) if sp[j] == 2 * s]
+    if skips and draw(st.booleans()):
+        j = draw(st.sampled_from(skips))
+        if _up_channels(up, c) + chans[j] <= 3 * max_width:
+            return Op("up", (i, j), width, k, arg=groups, flag=up.flag, variant=variant)
+    return up

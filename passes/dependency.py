@@ -16,6 +16,7 @@ a ``DependencyResult`` with the ``ChannelGroup``s.
 from __future__ import annotations
 
 import builtins
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -102,9 +103,27 @@ class DependencyPass(AnalysisPass[DependencyResult]):
 
     def run(self, gm: fx.GraphModule) -> DependencyResult:
         table = self.table if self.table is not None else op_table.DEFAULT_TABLE
-        a = Analysis(gm, self.strict)
-        a.units = attention_units(gm)
         modules = dict(gm.named_modules())
+        units = attention_units(gm)
+        for _ in range(_MAX_ROUNDS):
+            a = self._rules(gm, table, modules, units)
+            coarser = _coarsened_units(a)
+            if coarser == units:
+                break
+            units = coarser
+        _pin_partial_claims(a, modules)
+        return _finalize(a)
+
+    def _rules(
+        self,
+        gm: fx.GraphModule,
+        table: OpTable,
+        modules: dict[str, torch.nn.Module],
+        units: dict[fx.Node, int],
+    ) -> Analysis:
+        """One run of the rules over ``gm``, with the producers in ``units`` making spaces of whole units."""
+        a = Analysis(gm, self.strict)
+        a.units = dict(units)
         for node in gm.graph.nodes:
             module = modules.get(node.target) if node.op == "call_module" else None
             ctx = RuleContext(a, node, module)
@@ -119,8 +138,42 @@ class DependencyPass(AnalysisPass[DependencyResult]):
                     info = ctx.info(arg)
                     if isinstance(arg, fx.Node) and has_sizes(info):
                         ctx.pin(info, f"a channel count '{arg.name}' is used by {node.op} {node.target}")
-        _pin_partial_claims(a, modules)
-        return _finalize(a)
+        return a
+
+
+#: runs of the rules at most: the first, then one per round of coarsening requests (``RuleContext.coarsen``)
+_MAX_ROUNDS = 4
+
+
+def _coarsened_units(a: Analysis) -> dict[fx.Node, int]:
+    """``a.units`` with the ``coarsen`` requests of the run applied: for a request of ``unit`` positions per
+    channel on segments ``segs``, each atom of ``segs`` of repeat ``r`` needs blocks of
+    ``unit / gcd(unit, r)`` of its channels; every atom of its class gets that from its producer (the node
+    that created it, ``SpaceTable.origin``): the producer's unit is multiplied by it (least common multiple
+    over the requests). Equal to ``a.units`` when nothing asks for more (the fixed point).
+
+    Example: ``conv (16 out) -> relu -> pixel_shuffle(2)``. The first run sees the conv's atom of 16 with
+    repeat 1 at the shuffle, which asks for blocks of 4; the conv gets unit 4; the second run makes its
+    output 4 channels of 4 positions each, and the shuffle maps them to 4 channels of repeat 1.
+    """
+    units = dict(a.units)
+    if not a.coarsen:
+        return units
+    by_name = {n.name: n for n in a.gm.graph.nodes}
+    want: dict[fx.Node, int] = {}
+    for segs, unit in a.coarsen:
+        for atom, r in a.spaces.leaves(segs):
+            need = unit // math.gcd(unit, r)
+            if need == 1:
+                continue
+            for leaf in a.spaces.members(atom):
+                node = by_name.get(a.spaces.origin[leaf])
+                if node is not None:
+                    base = a.units.get(node, 1)
+                    want[node] = math.lcm(want.get(node, base), base * need)
+    for node, u in want.items():
+        units[node] = math.lcm(units.get(node, 1), u)
+    return units
 
 
 def _pin_partial_claims(a: Analysis, modules: dict[str, torch.nn.Module]) -> None:

@@ -15,8 +15,8 @@ How to add an op
 ----------------
 1. Pick the family module by what the op does (``ops_conv``, ``ops_linear``, ``ops_norm``,
    ``ops_activation``, ``ops_pool``, ``ops_elementwise``, ``ops_shape``, ``ops_attention``, ``ops_swin``,
-   ``ops_mvit``, ``ops_graph``) or write a new ``ops_<name>.py`` and add its ``FAMILY`` to
-   ``op_table.DEFAULT_TABLE``.
+   ``ops_mvit``, ``ops_resample``, ``ops_graph``) or write a new ``ops_<name>.py`` and add its ``FAMILY``
+   to ``op_table.DEFAULT_TABLE``.
 2. Add an ``Ops((targets...), rule, ...)`` to its ``FAMILY``: ``rule`` (required) says how channels flow
    (``rule_context.RuleContext``: claim parameter slices, unify, pin with a reason); ``attr_fix`` (an
    ``AttrFix``) when the module has size attributes (``out_channels``, ``num_heads``) that must follow its

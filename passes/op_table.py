@@ -18,6 +18,7 @@ from fxprune.passes import (
     ops_mvit,
     ops_norm,
     ops_pool,
+    ops_resample,
     ops_shape,
     ops_swin,
 )
@@ -38,5 +39,6 @@ DEFAULT_TABLE = OpTable(
         ops_attention.FAMILY,
         ops_swin.FAMILY,
         ops_mvit.FAMILY,
+        ops_resample.FAMILY,
     )
 )

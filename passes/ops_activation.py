@@ -1,5 +1,5 @@
-"""Op family ``activation``: channel-wise ops (activations, dropout, upsampling, identity, dtype/device
-moves, ``torchvision.ops.stochastic_depth``) and softmax.
+"""Op family ``activation``: channel-wise ops (activations, dropout, identity, dtype/device moves,
+``torchvision.ops.stochastic_depth``) and softmax. (Upsampling is in ``ops_resample``.)
 
 A channel-wise op keeps the input's channel dim as it is (``channelwise``); softmax does too unless it
 normalises across the channels (then they are pinned). A pointwise op of a parameter (``w.abs()``,
@@ -56,12 +56,11 @@ _UNARY_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh,
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.LogSigmoid,
     nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
 )  # fmt: skip
 _UNARY_FUNCTIONS = (
     F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.leaky_relu, F.elu, F.selu, F.celu, F.gelu, F.silu,
     F.mish, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid, F.hardtanh, F.softplus,
-    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.interpolate, F.upsample, torch.clamp,
+    F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.clamp,
     torch.clip, torch.exp, torch.abs, torch.neg, torch.sqrt, torch.rsqrt, operator.neg, operator.pos,
     torch.nn.functional.logsigmoid, torch.erf, torch.square,
 )  # fmt: skip

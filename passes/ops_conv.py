@@ -1,9 +1,12 @@
-"""Op family ``conv``: ``nn.Conv1d/2d/3d`` and ``F.conv1d/2d/3d`` (plain, depthwise and grouped).
+"""Op family ``conv``: ``nn.Conv1d/2d/3d`` and ``F.conv1d/2d/3d`` (plain, depthwise and grouped), and the
+transposed ones, ``nn.ConvTranspose1d/2d/3d`` and ``F.conv_transpose1d/2d/3d``.
 
 The rule cuts weight columns with the input's channels and makes the output rows a new space (grouped:
 whole group structure kept); the attribute fix sets ``in_channels``, ``out_channels`` and ``groups`` from
-the sliced weight; the ONNX translation emits ``Conv``; a conv module is a compensation consumer
-(``COLUMNS``: its removed input columns fold into its bias).
+the sliced weight; the ONNX translation emits ``Conv`` (``ConvTranspose``); a conv module is a compensation
+consumer (``COLUMNS``: its removed input columns fold into its bias). A transposed conv is not one: a
+removed input channel's constant mean reaches each output position through a different subset of kernel
+taps (stride > 1: one per output phase), so its shift is no bias; compensation leaves it as it is.
 """
 
 from __future__ import annotations
@@ -128,6 +131,104 @@ def _conv_functional(ctx: RuleContext) -> Any:
     return _conv(ctx, ctx.arg(0, "input"), weight, bias, w_shape, groups, literal)
 
 
+def _conv_transpose(
+    ctx: RuleContext,
+    x: Any,
+    weight: str,
+    bias: str | None,
+    w_shape: Sequence[int],
+    groups: int,
+    groups_literal: int | str | None,
+) -> Any:
+    """Transposed convolution: ``weight`` is ``[C_in, C_out/groups, *k]`` (the transpose of a conv's layout;
+    input group ``i`` of ``C_in/groups`` channels makes output group ``i`` of ``C_out/groups``). Stride,
+    padding, output padding and dilation only move positions: the channels flow as through a conv.
+
+    Cases: (1) ``groups == 1``: input channels cut weight rows (dim 0), a new space of ``C_out`` columns
+    (dim 1); (2) depthwise (``C_in/groups == 1``): output channel ``c*m + r`` comes from input channel ``c``
+    only (repeat ``m = C_out/groups``): the weight rows go with the input channel and ``groups`` becomes the
+    kept input count; (3) grouped: slot ``j`` of every input group is tied (every group keeps the same
+    input slots), the weight rows are cut with all of them, and the output is ``groups`` copies of one new
+    space of ``C_out/groups`` (weight dim 1) — the group structure is never broken.
+    """
+    t = ctx.tracked(x)
+    xs = tensor_shape(ctx.value(x))
+    ch = 1 if xs is not None and len(xs) == len(w_shape) else 0
+    if t is not None and t.dim != ch:
+        ctx.pin(t, "transposed conv input carries channels on a non-channel dim")
+        t = None
+    c_in, per_group = w_shape[0], w_shape[1]
+    if groups == 1:
+        out = ctx.new_space(per_group)
+        if t is not None:
+            ctx.claim(weight, 0, t.segs, "in")
+        ctx.claim(weight, 1, out, "out")
+        ctx.claim(bias, 0, out, "out")
+        ctx.cost(t.segs if t is not None else None, out)
+        return Tracked(ch, out)
+    if c_in // groups == 1:
+        if t is None:
+            return None
+        out = ctx.spaces.scale(t.segs, per_group)
+        ctx.claim(weight, 0, t.segs, "out")
+        ctx.claim(bias, 0, out, "out")
+        ctx.cost(out)
+        if groups_literal is not None:
+            ctx.literal(groups_literal, None, t.segs)
+        return Tracked(ch, out)
+    slot = None
+    if t is not None:
+        pieces = ctx.spaces.pieces(t.segs, groups)
+        if pieces is None:
+            ctx.pin(t, "grouped transposed conv cuts a repeated channel block")
+        else:
+            slot = pieces[0]
+            for p in pieces[1:]:
+                ctx.unify(slot, p, "grouped transposed conv slots")  # type: ignore[arg-type]
+            ctx.claim(weight, 0, t.segs, "in")
+    new = ctx.new_space(per_group)
+    out = new * groups
+    ctx.claim(weight, 1, new, "out")
+    ctx.claim(bias, 0, out, "out")
+    ctx.cost(slot, out)
+    return Tracked(ch, out)
+
+
+def _conv_transpose_module(ctx: RuleContext) -> Any:
+    m = ctx.module
+    assert isinstance(m, nn.modules.conv._ConvTransposeNd)
+    return _conv_transpose(
+        ctx,
+        ctx.arg(0, "input"),
+        f"{ctx.node.target}.weight",
+        param_name(ctx, "bias"),
+        m.weight.shape,
+        m.groups,
+        None,
+    )
+
+
+def _conv_transpose_functional(ctx: RuleContext) -> Any:
+    """``F.conv_transpose{1,2,3}d(input, weight, bias, stride, padding, output_padding, groups, dilation)``."""
+    w = ctx.info(ctx.arg(1, "weight"))
+    groups = ctx.arg(6, "groups", 1)
+    if not isinstance(w, ParamRef) or not isinstance(groups, int):
+        ctx.pin_inputs("functional transposed conv with a computed weight or groups")
+        return None
+    b = ctx.arg(2, "bias", None)
+    if b is not None and not isinstance(ctx.info(b), ParamRef):
+        ctx.pin_inputs("functional transposed conv with a computed bias")
+        return None
+    w_shape = tensor_shape(ctx.value(ctx.arg(1, "weight")))
+    assert w_shape is not None
+    literal: int | str | None = None
+    if groups > 1:
+        literal = 6 if len(ctx.node.args) > 6 else "groups"
+    return _conv_transpose(
+        ctx, ctx.arg(0, "input"), w.name, param_name(ctx, "bias"), w_shape, groups, literal
+    )
+
+
 def _fix_conv(m: nn.Module, before: Mapping[str, int]) -> None:
     assert isinstance(m, nn.modules.conv._ConvNd)
     c_out = m.weight.shape[0]
@@ -137,6 +238,16 @@ def _fix_conv(m: nn.Module, before: Mapping[str, int]) -> None:
     else:
         m.in_channels = m.weight.shape[1] * m.groups
     m.out_channels = c_out
+
+
+def _fix_conv_transpose(m: nn.Module, before: Mapping[str, int]) -> None:
+    """``weight`` is ``[C_in, C_out/groups, *k]``; a depthwise one's ``groups`` is its kept input count."""
+    assert isinstance(m, nn.modules.conv._ConvTransposeNd)
+    c_in = m.weight.shape[0]
+    if before["groups"] > 1 and before["in_channels"] == before["groups"]:  # depthwise
+        m.groups = c_in
+    m.in_channels = c_in
+    m.out_channels = m.weight.shape[1] * m.groups
 
 
 def _conv_onnx(w: OnnxWriter, n: fx.Node, m: Any) -> None:
@@ -151,6 +262,25 @@ def _conv_onnx(w: OnnxWriter, n: fx.Node, m: Any) -> None:
            pads=pair_pads(ints(m.padding, k)), dilations=ints(m.dilation, k), group=int(m.groups))  # fmt: skip
 
 
+def _conv_transpose_onnx(w: OnnxWriter, n: fx.Node, m: Any) -> None:
+    """``ConvTranspose``; its ``output_padding`` is read off the static shapes (the module's own, or the one
+    a call with ``output_size`` computes: ``out = (in - 1) s - 2 p + d (k - 1) + 1 + output_padding``)."""
+    assert isinstance(m, nn.modules.conv._ConvTransposeNd)
+    if m.padding_mode != "zeros":
+        raise Unsupported(f"{n.target}: padding_mode={m.padding_mode!r}")
+    x = input_node(n)
+    k = spatial(w, n, x, len(m.kernel_size))
+    stride, pad, dil = ints(m.stride, k), ints(m.padding, k), ints(m.dilation, k)
+    si, so = w.shape(x)[2:], w.shape(n)[2:]
+    out_pad = [o - ((i - 1) * s - 2 * p + d * (kk - 1) + 1)
+               for i, o, s, p, d, kk in zip(si, so, stride, pad, dil, m.kernel_size, strict=True)]  # fmt: skip
+    ins = [x.name, w.tensor(f"{n.target}.weight", m.weight)]
+    if m.bias is not None:
+        ins.append(w.tensor(f"{n.target}.bias", m.bias))
+    w.emit("ConvTranspose", ins, n.name, kernel_shape=list(m.kernel_size), strides=stride,
+           pads=pair_pads(pad), dilations=dil, group=int(m.groups), output_padding=out_pad)  # fmt: skip
+
+
 FAMILY = OpFamily(
     "conv",
     (
@@ -162,5 +292,22 @@ FAMILY = OpFamily(
             compensation=CompensationRole.COLUMNS,
         ),
         Ops((F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d), _conv_functional),
+        Ops(
+            (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+            _conv_transpose_module,
+            attr_fix=AttrFix(("in_channels", "out_channels", "groups"), _fix_conv_transpose),
+            onnx=_conv_transpose_onnx,
+        ),
+        Ops(
+            (
+                F.conv_transpose1d,
+                F.conv_transpose2d,
+                F.conv_transpose3d,
+                torch.conv_transpose1d,
+                torch.conv_transpose2d,
+                torch.conv_transpose3d,
+            ),
+            _conv_transpose_functional,
+        ),
     ),
 )

@@ -200,6 +200,14 @@ class RuleContext:
             return
         self._a.claim(Claim(param, dim, tuple(segs), role, self.node.name), self)
 
+    def coarsen(self, segs: Sequence[Seg], unit: int) -> None:
+        """Ask that every channel of ``segs`` be ``unit`` consecutive positions (``pixel_shuffle``: the ``r*r``
+        inputs of one output channel). ``DependencyPass`` then runs the rules again with the producers of
+        those channels (every atom unified with them) making spaces of whole units (``Analysis.units``), as
+        attention heads are; the rule that asks sees them coarse on that run. Coarser spaces only remove
+        positions together, so this never makes a model wrong: every rule still checks every step."""
+        self._a.coarsen.append((tuple(segs), unit))
+
     def cost(self, *dims: Sequence[Seg] | None) -> None:
         """The node's FLOPs scale with the kept size of each (non-None) channel dim in ``dims``."""
         self._a.cost_dims[self.node] = tuple(tuple(d) for d in dims if d is not None)
@@ -221,7 +229,8 @@ Rule = Callable[[RuleContext], Any]
 @dataclass
 class Analysis:
     """The state of one dependency analysis of ``gm``: the spaces, each node's info (``env``) and what the
-    rules recorded (claims, cost dims, literals); ``units`` is the head dim of nodes that feed attention."""
+    rules recorded (claims, cost dims, literals); ``units`` is the head dim of nodes that feed attention (or
+    the block a ``coarsen`` request asked for); ``coarsen`` holds those requests."""
 
     gm: fx.GraphModule
     strict: bool
@@ -231,6 +240,7 @@ class Analysis:
     cost_dims: dict[fx.Node, tuple[tuple[Seg, ...], ...]] = field(default_factory=dict)
     literals: dict[fx.Node, list[LiteralClaim]] = field(default_factory=dict)
     units: dict[fx.Node, int] = field(default_factory=dict)
+    coarsen: list[tuple[tuple[Seg, ...], int]] = field(default_factory=list)
 
     def claim(self, c: Claim, ctx: RuleContext) -> None:
         key = (c.param, c.dim)

@@ -221,6 +221,10 @@ class SpaceTable:
     def reasons(self, atom: int) -> list[str]:
         return list(self._pins[self.find(atom)])
 
+    def members(self, atom: int) -> list[int]:
+        """The leaf atoms of ``atom``'s class (``atom`` a leaf)."""
+        return list(self._members[self.find(atom)])
+
     def classes(self) -> dict[int, list[int]]:
         """Root -> leaf members, for every class."""
         return {r: list(m) for r, m in self._members.items()}

@@ -210,9 +210,9 @@ def test_importing_a_family_fills_no_table() -> None:
     mine = OpTable((ops_graph.FAMILY,))
     names = [f.name for f in DEFAULT_TABLE.families]
     assert names == ["graph", "activation", "pool", "elementwise", "shape", "conv", "linear", "norm",
-                     "attention", "swin", "mvit"]  # fmt: skip
+                     "attention", "swin", "mvit", "resample"]  # fmt: skip
     for name in ("ops_activation", "ops_attention", "ops_conv", "ops_elementwise", "ops_graph", "ops_linear",
-                 "ops_mvit", "ops_norm", "ops_pool", "ops_shape", "ops_swin"):  # fmt: skip
+                 "ops_mvit", "ops_norm", "ops_pool", "ops_resample", "ops_shape", "ops_swin"):  # fmt: skip
         module = importlib.import_module(f"fxprune.passes.{name}")
         again = runpy.run_path(str(module.__file__), run_name=f"again_{name}")
         assert again["FAMILY"].name in names and again["FAMILY"] is not module.FAMILY

@@ -645,3 +645,238 @@ def test_whole_shape_of_other_channels_pins() -> None:
     assert g == _group_with(dep, "b.weight")
     reasons = " ".join(g.pinned)
     assert "reshape to a size read from channels" in reasons and "channel count" in reasons
+
+
+# -- up-sampling: transposed convs, pixel (un)shuffle, interpolation (ops_conv, ops_resample) ---------------------
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+def _x(rank: int, side: int = 6, channels: int = 3) -> torch.Tensor:
+    return torch.randn(2, channels, *[side] * rank, generator=torch.Generator().manual_seed(rank))
+
+
+class _UpChain(nn.Module):
+    """``b(up(relu(a(x))))`` in ``rank`` spatial dims; ``up`` a transposed conv or any module between."""
+
+    def __init__(self, rank: int, up: nn.Module, c: int = 8, c_up: int = 12) -> None:
+        super().__init__()
+        self.a, self.up, self.b = _CONV[rank](3, c, 1), up, _CONV[rank](c_up, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.up(F.relu(self.a(x))))
+
+
+@pytest.mark.parametrize(
+    ("rank", "kwargs"),
+    [
+        (1, {"kernel_size": 4, "stride": 3, "padding": 1, "output_padding": 2}),
+        (2, {"kernel_size": 3, "stride": 2, "padding": (1, 0), "output_padding": 1, "dilation": (2, 1)}),
+        (2, {"kernel_size": 2, "stride": 2, "bias": False}),
+        (3, {"kernel_size": (2, 3, 2), "stride": (2, 1, 2), "padding": (0, 1, 0)}),
+    ],
+)
+def test_conv_transpose_weight_rows_are_inputs_and_columns_outputs(rank: int, kwargs: dict) -> None:
+    def make() -> _UpChain:
+        return _UpChain(rank, _CONV_T[rank](8, 12, **kwargs))
+
+    dep = _groups(make(), _x(rank))
+    ga = _group_with(dep, "a.weight")
+    assert {(s.param, s.dim, s.role) for s in ga.sites if s.param.startswith("up.")} == {
+        ("up.weight", 0, "in")
+    }
+    gu = _group_with(dep, "up.weight")
+    assert gu.size == 12 and ("b.weight", 1, "in") in {(s.param, s.dim, s.role) for s in gu.sites}
+    assert ("up.weight", 1) in {(s.param, s.dim) for s in gu.sites if s.role == "out"}
+    r = _prune_and_check(make(), _x(rank), target=0.5)
+    up = r.graph_module.up
+    assert up.in_channels == up.weight.shape[0] == r.graph_module.a.out_channels < 8
+    assert up.out_channels == up.weight.shape[1] == r.graph_module.b.in_channels < 12
+
+
+def test_grouped_transposed_conv_ties_input_slots_and_keeps_groups() -> None:
+    def make() -> _UpChain:  # 4 groups: 2 inputs -> 3 outputs each
+        return _UpChain(2, nn.ConvTranspose2d(8, 12, 3, stride=2, padding=1, output_padding=1, groups=4))
+
+    dep = _groups(make(), X)
+    ga = _group_with(dep, "a.weight")
+    assert ga.size == 2 and sorted(s.offset for s in ga.sites if s.param == "a.weight") == [0, 2, 4, 6]
+    gu = _group_with(dep, "up.weight")
+    assert gu.size == 3 and sorted(s.offset for s in gu.sites if s.param == "b.weight") == [0, 3, 6, 9]
+    r = _prune_and_check(make(), target=0.4)
+    up = r.graph_module.up
+    assert up.groups == 4 and up.in_channels == up.weight.shape[0] == r.graph_module.a.out_channels
+    assert up.out_channels == 4 * up.weight.shape[1] == r.graph_module.b.in_channels
+    assert r.plan.removed_channels > 0
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_depthwise_transposed_conv_repeats_its_input_channels(functional: bool) -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(16, 4, 1)
+            self.up = nn.ConvTranspose2d(8, 16, 2, stride=2, groups=8)  # multiplier 2
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.relu(self.a(x))
+            if functional:
+                return self.b(F.conv_transpose2d(y, self.up.weight, self.up.bias, 2, 0, 0, 8))
+            return self.b(self.up(y))
+
+    dep = _groups(M(), X)
+    g = _group_with(dep, "a.weight")
+    assert g.size == 8 and ("up.weight", 0, 1) in {(s.param, s.dim, s.repeat) for s in g.sites}
+    assert {(s.param, s.repeat) for s in g.sites if s.param in ("up.bias", "b.weight")} == {
+        ("up.bias", 2),
+        ("b.weight", 2),
+    }
+    r = _prune_and_check(M(), target=0.5)
+    kept = r.graph_module.a.out_channels
+    assert kept < 8
+    if functional:
+        assert f", 2, 0, 0, {kept})" in r.graph_module.code, "groups literal not rewritten"
+    else:
+        up = r.graph_module.up
+        assert up.groups == up.in_channels == kept and up.out_channels == 2 * kept
+
+
+class _Shuffled(nn.Module):
+    """``b(shuffle(relu(a(x))))``: pixel_shuffle by 2 of a conv's 16 channels into 4, or of a cat."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.a, self.a2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(3, 8, 1)
+        self.ps = nn.PixelShuffle(2)
+        self.b = nn.Conv2d({"cat": 6, "slice": 5}.get(how, 4), 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.a(x))
+        if self.how == "cat":  # two producers, each in whole blocks of 4
+            y = torch.cat([y, self.a2(x)], 1)
+        elif self.how == "slice":  # a cut inside a block: cannot be coarsened
+            y = torch.cat([y, self.a2(x)[:, 2:]], 1)[:, 2:]
+        if self.how == "functional":
+            return self.b(F.pixel_shuffle(y, 2))
+        return self.b(self.ps(y))
+
+
+@pytest.mark.parametrize("how", ["module", "functional", "cat"])
+def test_pixel_shuffle_makes_r2_input_channels_one_unit(how: str) -> None:
+    dep = _groups(_Shuffled(how), X)
+    g = _group_with(dep, "a.weight")
+    assert g.prunable and g.size == 4, "16 conv outputs are 4 blocks of 4"
+    assert {s.repeat for s in g.sites if s.param in ("a.weight", "a.bias")} == {4}
+    assert {(s.param, s.repeat) for s in g.sites if s.role == "in"} == {("b.weight", 1)}
+    if how == "cat":
+        g2 = _group_with(dep, "a2.weight")
+        assert g2.size == 2 and {(s.param, s.offset) for s in g2.sites if s.role == "in"} == {("b.weight", 4)}
+    r = _prune_and_check(_Shuffled(how), target=0.5)
+    gm = r.graph_module
+    assert gm.a.out_channels % 4 == 0 and gm.a.out_channels < 16
+    assert gm.b.in_channels == (gm.a.out_channels + (gm.a2.out_channels if how == "cat" else 0)) // 4
+
+
+def test_pixel_shuffle_of_channels_cut_inside_a_block_pins() -> None:
+    """The shuffle asks conv ``a`` for blocks of 4; the slice at channel 2 of its output then cuts a block."""
+    dep = _groups(_Shuffled("slice"), X)
+    g = _group_with(dep, "a.weight")
+    assert not g.prunable and "slice inside a repeated channel block" in " ".join(g.pinned)
+
+
+def test_pixel_shuffle_of_a_graph_input_pins_with_its_reason() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x)
+            return self.b(y + F.pixel_shuffle(torch.cat([y, y, y, y], 1), 2)[:, :, ::2, ::2])
+
+    g = _group_with(_groups(M(), X), "a.weight")
+    assert "pixel_shuffle(2) needs its input channels in whole blocks of 4" in " ".join(g.pinned)
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_pixel_unshuffle_repeats_each_channel_r2_times(functional: bool) -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.pu, self.b = nn.Conv2d(3, 6, 3, padding=1), nn.PixelUnshuffle(2), nn.Conv2d(24, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = F.relu(self.a(x))
+            return self.b(F.pixel_unshuffle(y, 2) if functional else self.pu(y))
+
+    g = _group_with(_groups(M(), X), "a.weight")
+    (site,) = [s for s in g.sites if s.param == "b.weight"]
+    assert (g.size, site.dim, site.repeat) == (6, 1, 4)
+    r = _prune_and_check(M(), target=0.5)
+    assert r.graph_module.b.in_channels == 4 * r.graph_module.a.out_channels < 24
+
+
+def _interp(rank: int, **kwargs: object) -> nn.Module:
+    class Interp(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(x, **kwargs)  # type: ignore[arg-type]
+
+    return Interp()
+
+
+#: (spatial rank, the module between the two convs): every interpolation mode and option
+RESAMPLERS = [
+    (1, _interp(1, scale_factor=2, mode="nearest")),
+    (1, _interp(1, size=9, mode="nearest-exact")),
+    (1, _interp(1, scale_factor=1.5, mode="linear", align_corners=True)),
+    (1, _interp(1, size=4, mode="area")),
+    (2, _interp(2, scale_factor=(2, 1.5), mode="nearest")),
+    (2, _interp(2, scale_factor=1.7, mode="nearest-exact", recompute_scale_factor=True)),
+    (2, _interp(2, size=(9, 7), mode="bilinear", align_corners=False)),
+    (2, _interp(2, scale_factor=0.5, mode="bilinear", antialias=True)),
+    (2, _interp(2, scale_factor=2, mode="bicubic", align_corners=True)),
+    (2, _interp(2, size=(4, 5), mode="bicubic", antialias=True)),
+    (2, _interp(2, size=(3, 4), mode="area")),
+    (3, _interp(3, scale_factor=2, mode="trilinear", align_corners=False)),
+    (3, _interp(3, size=(3, 7, 5), mode="nearest")),
+    (2, nn.Upsample(scale_factor=2, mode="bilinear")),
+    (2, nn.UpsamplingNearest2d(scale_factor=2)),
+    (2, nn.UpsamplingBilinear2d(size=(9, 9))),
+]
+#: the ones the writer does not translate (area, antialias): torch's exporter writes them
+_TORCH_EXPORTED = {3, 7, 9, 10}
+
+
+@pytest.mark.parametrize(
+    "i", range(len(RESAMPLERS)), ids=[f"{r}d-{i}" for i, (r, _) in enumerate(RESAMPLERS)]
+)
+def test_interpolation_keeps_channels_in_every_mode(i: int) -> None:
+    rank, resample = RESAMPLERS[i]
+
+    def make() -> _UpChain:
+        return _UpChain(rank, resample, c=8, c_up=8)
+
+    g = _group_with(_groups(make(), _x(rank)), "a.weight")
+    assert g.prunable and g.consumers == ("b",)
+    r = _prune_and_check(make(), _x(rank), target=0.5)
+    assert r.verification is not None
+    if i in _TORCH_EXPORTED:  # TorchScript, or dynamo where it fails
+        assert r.verification.exporter in ("torchscript", "dynamo")
+    else:
+        assert r.verification.exporter == "fxprune"
+
+
+def test_interpolation_of_a_dim_carrying_channels_pins() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x).permute(0, 2, 1, 3)  # channels on dim 2, resampled
+            return self.b(F.interpolate(y, size=(8, 8), mode="bilinear").permute(0, 2, 1, 3))
+
+    assert "interpolation resamples the dim that carries the channels" in " ".join(
+        _group_with(_groups(M(), X), "a.weight").pinned
+    )
