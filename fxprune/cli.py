@@ -145,6 +145,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="kept channel counts are multiples of N (default: the runtime's measured block; 1: any)",
     )
     c.add_argument(
+        "--capture",
+        choices=("auto", "fx", "export"),
+        default="auto",
+        help="torch.fx symbolic tracing, torch.export, or auto (default): torch.export when tracing fails",
+    )
+    c.add_argument(
         "--latency-provider",
         choices=("cpu", "cuda"),
         default=None,
@@ -324,7 +330,7 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
     before = _evaluate(spec.model, data) if data is not None else {}
     kwargs: dict[str, Any] = {
         "latency_runs": args.latency_runs, "latency_threads": args.latency_threads, "round_to": args.round_to,
-        "latency_provider": args.latency_provider,
+        "latency_provider": args.latency_provider, "capture": args.capture,
         "progress": not args.quiet,
     }  # fmt: skip
     if args.score:
@@ -355,6 +361,7 @@ def _compile_steps(args: argparse.Namespace, steps: _Steps, out: Path, t0: float
         v = result.verification
         report = {
             "spec": args.spec, "data": args.data, "model_source": source, "score": result.score,
+            "capture": result.capture,
             "target_flops": args.target_flops, "target_latency": args.target_latency,
             "predicted_latency_ms": result.predicted_latency_ms, "flops_before": result.flops_before,
             "flops_after": result.flops_after, "flops_ratio": result.flops_ratio,

@@ -122,6 +122,7 @@ def compile(  # noqa: A001
     cost_exponent: float | None = None,
     leaf_modules: Sequence[type | str] = (),
     concrete_args: dict[str, Any] | None = None,
+    capture: str = "auto",
     strict: bool = False,
     verify: bool = True,
     rtol: float = 1e-4,
@@ -134,8 +135,8 @@ def compile(  # noqa: A001
     """Prune ``model`` to about ``target_flops`` of its FLOPs; return a new, physically smaller model.
 
     Args:
-        model: any ``nn.Module`` that torch.fx can trace (never modified; compiled in eval mode); with
-            ``submodules=``, any model whose named submodules torch.fx can trace.
+        model: any ``nn.Module`` that torch.fx or torch.export can capture (never modified; compiled in eval
+            mode); with ``submodules=``, any model whose named submodules can be captured.
         example_input: a tensor or tuple of tensors the model accepts; shapes come from it.
         target_flops: fraction of the original FLOPs in (0, 1], or an absolute FLOPs count (> 1). With
             ``submodules=``: a fraction of the *compiled submodules'* FLOPs (each compiled in turn at it;
@@ -190,6 +191,11 @@ def compile(  # noqa: A001
         cost_exponent: priority = score / FLOPs_saved ** cost_exponent (default: the score's own).
         leaf_modules: module types or qualified names to keep opaque (their channels are pinned).
         concrete_args: passed to torch.fx to specialise non-tensor forward arguments.
+        capture: ``"auto"`` (default): torch.fx symbolic tracing, and ``torch.export`` (non-strict) when
+            tracing fails (``fxprune.capture.export_capture``: its ATen graph is brought back to modules and
+            torch functions, shapes specialised to the example's); ``"fx"`` or ``"export"``: that one only.
+            ``result.capture`` says which one captured the model. When neither works, the ``TraceError``
+            lists every module tracing rejects and the FLOPs floor with them in ``leaf_modules``.
         strict: raise ``UnsupportedOpError`` for an op without a rule instead of pinning its channels.
         verify: export to ONNX and compare ONNX Runtime with eager (``rtol`` x max |output|).
         latency_runs: the minimum number of ONNX Runtime timing rounds (0 to skip timing). Original and pruned
@@ -217,7 +223,7 @@ def compile(  # noqa: A001
         target_flops=target_flops, target_latency=target_latency, score=score, data=data, loss_fn=loss_fn, compensate=compensate,
         device=device, seed=seed, progress=progress, max_batches=max_batches, scores=scores,
         min_channels=min_channels, round_to=round_to, cost_exponent=cost_exponent, leaf_modules=leaf_modules,
-        concrete_args=concrete_args, strict=strict, verify=verify, rtol=rtol, latency_runs=latency_runs,
+        concrete_args=concrete_args, capture=capture, strict=strict, verify=verify, rtol=rtol, latency_runs=latency_runs,
         latency_threads=latency_threads, latency_provider=latency_provider, score_options=score_options,
         submodules=() if submodules is None else check_paths(submodules),
     )  # fmt: skip

@@ -28,7 +28,8 @@ result      (every field above)                                 result
 ``compile_pipeline(table)`` builds ``COMPILE`` with another op table (``fxprune.passes.family.OpTable``)
 in every stage that reads op rules. A
 different capture front end is a stage that provides ``gm`` (a GraphModule with shapes propagated and
-``gm.meta[META_OUTPUT]``) in place of ``trace``; a different selection (a latency cost, a saved plan) is
+``gm.meta[META_OUTPUT]``) and ``capture`` in place of ``trace`` (which has two: torch.fx, and torch.export
+when tracing fails); a different selection (a latency cost, a saved plan) is
 a stage that provides ``kept``, ``indices`` and ``plan``; ``compile(..., pipeline=COMPILE.replace(...))``
 runs it.
 """
@@ -47,6 +48,7 @@ import torch
 import torch.fx as fx
 
 from fxprune.calib import Calibration, LossFn, make_calibration
+from fxprune.capture import CAPTURES, EXPORT, SYMBOLIC, export_capture
 from fxprune.data import (
     META_FLOPS,
     META_OUTPUT,
@@ -55,7 +57,7 @@ from fxprune.data import (
     output_differences,
     output_signature,
 )
-from fxprune.errors import InputError, TargetError, TraceError, VerificationError, warn
+from fxprune.errors import FxpruneError, InputError, TargetError, TraceError, VerificationError, warn
 from fxprune.inputs import check_runs, clones, count_params, prepare
 from fxprune.passes import op_table
 from fxprune.passes.canonical import CanonicalizePass
@@ -83,7 +85,7 @@ from fxprune.passes.scores import get_score
 from fxprune.passes.stats import Reduce, process_group_sum, process_rank
 from fxprune.pipeline import UNSET, Pipeline, PipelineState, Stage
 from fxprune.select import resolve_target, select
-from fxprune.trace import copy_graph_module, shape_propagate, trace
+from fxprune.trace import copy_graph_module, shape_propagate, trace, untraceable_modules
 from fxprune.verify import (
     Verification,
     default_threads,
@@ -142,6 +144,7 @@ class CompileOptions:
     cost_exponent: float | None = None
     leaf_modules: Sequence[type | str] = ()
     concrete_args: dict[str, Any] | None = None
+    capture: str = "auto"
     strict: bool = False
     verify: bool = True
     rtol: float = 1e-4
@@ -173,6 +176,7 @@ class CompileState(PipelineState):
     score_pass: type[ScorePass] = UNSET
     # trace, dependency, cost
     gm: fx.GraphModule = UNSET
+    capture: str = UNSET
     dep: DependencyResult = UNSET
     flops_before: int = UNSET
     cost: CostModel = UNSET
@@ -302,18 +306,27 @@ class Calibrate(Stage[CompileState]):
 
 
 class Trace(_TableStage):
-    """torch.fx capture (``fxprune.trace.trace``), attention canonicalisation, and one counted run that
-    records shapes, FLOPs and the output structure. A graph that fails on an example the model itself
-    rejects is an ``InputError`` about the example, not a ``TraceError``."""
+    """Capture, attention canonicalisation, and one counted run that records shapes, FLOPs and the output
+    structure. A graph that fails on an example the model itself rejects is an ``InputError`` about the
+    example, not a ``TraceError``.
+
+    Capture (``options.capture``): ``"auto"`` (the default) traces with torch.fx (``fxprune.trace.trace``)
+    and, when that fails, captures with ``torch.export`` (``fxprune.capture.export_capture``); ``"fx"`` and
+    ``"export"`` use one of them only. ``capture`` says which one was used. When neither works, the
+    ``TraceError`` lists every module symbolic tracing rejects (``untraceable_modules``) and the FLOPs floor
+    the model would have with them kept opaque (``leaf_modules=``), or why that is not possible either.
+    """
 
     name = "trace"
     requires = ("work", "example", "options")
-    provides = ("gm",)
+    provides = ("gm", "capture")
 
     def run(self, state: CompileState) -> None:
         o, example = state.options, state.example
-        gm = trace(state.work, o.leaf_modules, o.concrete_args, self.ops.expansions)
+        if o.capture not in CAPTURES:
+            raise InputError(f"capture={o.capture!r} is not one of {', '.join(map(repr, CAPTURES))}")
         try:
+            gm, state.capture = self._capture(state.work, example, o)
             if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
                 shape_propagate(gm, example, count_flops=False)  # the decomposition needs the input ranks
                 gm = CanonicalizePass()(gm)
@@ -322,6 +335,69 @@ class Trace(_TableStage):
             check_runs(state.work, example)
             raise
         state.gm = gm
+
+    def _capture(
+        self, work: torch.nn.Module, example: tuple[torch.Tensor, ...], o: CompileOptions
+    ) -> tuple[fx.GraphModule, str]:
+        if o.capture == "export":
+            return export_capture(work, example, o.leaf_modules), EXPORT
+        try:
+            return trace(work, o.leaf_modules, o.concrete_args, self.ops.expansions), SYMBOLIC
+        except TraceError as fx_error:
+            if o.capture == "fx":
+                raise
+            check_runs(work, example)  # an example the model rejects is about the example
+            try:
+                return export_capture(work, example, o.leaf_modules), EXPORT
+            except TraceError as export_error:
+                raise TraceError(self._neither(work, example, o, fx_error, export_error)) from export_error
+
+    def _neither(
+        self,
+        work: torch.nn.Module,
+        example: tuple[torch.Tensor, ...],
+        o: CompileOptions,
+        fx_error: TraceError,
+        export_error: TraceError,
+    ) -> str:
+        """The message when no capture works: every untraceable module, and the floor with them opaque."""
+        bad, top = untraceable_modules(work, o.leaf_modules, o.concrete_args)
+        lines = [f"neither capture works on {type(work).__name__}:", f"  torch.export: {export_error}"]
+        if not bad:
+            lines.append(f"  torch.fx: {fx_error}")
+            return "\n".join(lines)
+        lines.append(f"  torch.fx rejects {len(bad)} module(s); symbolic tracing stops inside each of them:")
+        lines += [f"    module '{name}' ({kind}): {why}" for name, kind, why in bad]
+        names = [name for name, _, _ in bad]
+        leaves = [*o.leaf_modules, *names]
+        if top is not None:
+            lines.append(f"  and, with them opaque, the top-level forward: {top}")
+            lines.append(
+                "  fix: make that control flow independent of tensor values, or bind it with concrete_args="
+            )
+            return "\n".join(lines)
+        try:
+            floor = f"the smallest model fxprune can make then has {self._floor(work, example, leaves, o):.3f} of the FLOPs"
+        except FxpruneError as exc:
+            floor = f"the model does not compile with them opaque either ({exc})"
+        lines.append(
+            f"  fix: pass leaf_modules={names!r} to keep them opaque (their channels are pinned); {floor}"
+        )
+        return "\n".join(lines)
+
+    def _floor(
+        self, work: torch.nn.Module, example: tuple[torch.Tensor, ...], leaves: list[Any], o: CompileOptions
+    ) -> float:
+        """The FLOPs of the smallest model with ``leaves`` opaque, as a fraction of the model's."""
+        gm = trace(work, leaves, o.concrete_args, self.ops.expansions)
+        if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
+            shape_propagate(gm, example, count_flops=False)
+            gm = CanonicalizePass()(gm)
+        shape_propagate(gm, example)
+        dep = DependencyPass(strict=False, table=self.ops)(gm)
+        cost = CostPass({g.id: g.size for g in dep.groups})(gm)
+        sizes = {g.id: (min(o.min_channels, g.size) if g.prunable else g.size) for g in dep.groups}
+        return float(cost.at(sizes) / cost.total) if cost.total else 1.0
 
 
 class Dependency(_TableStage):
@@ -604,6 +680,7 @@ class Result(Stage[CompileState]):
     requires = (
         "work", "example", "gm", "pruned", "plan", "dep", "cost", "scores", "flops_before", "flops_after",
         "target", "verification", "changed", "score_pass", "compensation", "calib", "options", "latency_model",
+        "capture",
     )  # fmt: skip
     provides = ("result",)
 
@@ -627,6 +704,7 @@ class Result(Stage[CompileState]):
             score=state.score_pass.name,
             compensation=state.compensation,
             calibration=state.calib,
+            capture=state.capture,
         )
         state.result = result
         changed = state.changed
@@ -688,6 +766,9 @@ class CompileResult:
     latency_model: LatencyModel | None = None
     #: the latency selection aimed at, in ms (``target_latency``), else None
     target_latency_ms: float | None = None
+    #: how the model was captured: ``"symbolic_trace"`` (torch.fx) or ``"torch.export"``
+    #: (``fxprune.capture.export_capture``, when symbolic tracing fails or ``capture="export"``)
+    capture: str = SYMBOLIC
 
     @property
     def predicted_latency_ms(self) -> float | None:
@@ -871,6 +952,8 @@ def _report(r: CompileResult) -> str:
         ),
         f"params  {r.params_before:>16,} -> {r.params_after:>16,}  ({r.params_ratio:.4f})",
     ]
+    if r.capture != SYMBOLIC:
+        lines.append(f"capture {r.capture} (torch.fx symbolic tracing could not capture the model)")
     groups = r.dependency.groups
     pruned = [g for g in groups if g.id in r.plan.kept]
     lines.append(

@@ -32,6 +32,7 @@ __all__ = [
     "mha_slow_path",
     "shape_propagate",
     "trace",
+    "untraceable_modules",
 ]
 
 log = logging.getLogger(__name__)
@@ -334,6 +335,37 @@ def trace(
     _expand(graph, expansions or {})
     name = type(model).__name__
     return fx.GraphModule(tracer.root, graph, name)
+
+
+def untraceable_modules(
+    model: torch.nn.Module,
+    leaf_modules: Sequence[type | str] = (),
+    concrete_args: dict[str, Any] | None = None,
+    limit: int = 64,
+) -> tuple[list[tuple[str, str, str]], str | None]:
+    """Every module symbolic tracing stops inside, found at once: ``model`` is traced again with each
+    module found kept opaque (the innermost module being traced when it failed), until tracing succeeds or
+    fails in the top-level forward, which no ``leaf_modules`` can fix.
+
+    Returns ``(qualified name, type name, why)`` per module, in the order found, and the top-level failure
+    (None when tracing succeeds with the modules found kept opaque). Never mutates ``model``.
+    """
+    leaves = list(leaf_modules)
+    found: list[tuple[str, str, str]] = []
+    for _ in range(limit):
+        tracer = _Tracer(leaves)
+        try:
+            tracer.trace(model, concrete_args=concrete_args)
+            return found, None
+        except Exception as exc:  # as in ``trace``: every type means "not capturable"
+            inside = tracer.failed_in or ""
+            first = (str(exc).strip().splitlines() or [""])[0]
+            why = f"{type(exc).__name__}: {first} at {_user_frame(exc)}"
+            if not inside or inside in leaves:
+                return found, why
+            found.append((inside, type(model.get_submodule(inside)).__name__, why))
+            leaves.append(inside)
+    return found, f"more than {limit} modules cannot be traced"
 
 
 def _expand(graph: fx.Graph, expansions: Mapping[Any, Expansion]) -> None:

@@ -2,10 +2,10 @@
 
 Each node's output is described by an *info*: ``Tracked(dim, segs)`` for a tensor dimension carrying
 channel spaces, ``ParamRef(name)`` for a parameter read by ``get_attr`` (``ParamView`` once broadcast by
-``expand``), a tuple of infos for tuple/list
-outputs, or None (no prunable channels flow there). Op rules (the ``OpEntry.rule`` of each op in an op
-table, ``fxprune.passes.family``; ``op_table.DEFAULT_TABLE`` by default) compute a node's info from its
-inputs' infos, unify spaces that must match, record which parameter slices a space cuts (*claims*), which
+``expand``), ``WeightExpr`` for a value computed from parameters (a standardised weight:
+``fxprune.passes.weight_expr``), a tuple of infos for tuple/list outputs, or None (no prunable channels
+flow there). Op rules (the ``OpEntry.rule`` of each op in an op table, ``fxprune.passes.family``;
+``op_table.DEFAULT_TABLE`` by default) compute a node's info from its inputs' infos, unify spaces that must match, record which parameter slices a space cuts (*claims*), which
 channel dims scale the node's FLOPs, and which literal arguments depend on channel counts. An op without a
 rule pins every space it reads, with the reason, so a missing rule costs prunability, never correctness.
 
@@ -38,6 +38,7 @@ from fxprune.passes.rule_context import (
     has_sizes,
 )
 from fxprune.passes.spaces import Seg
+from fxprune.passes.weight_expr import WeightExpr
 
 from fxprune.data import (
     META_CHANNELS,
@@ -169,12 +170,14 @@ def _pin_partial_claims(a: Analysis, modules: dict[str, torch.nn.Module]) -> Non
 
 def _value_readers(a: Analysis, node: fx.Node) -> set[str]:
     """Nodes that read the values of ``node``'s parameter: its users, except shape queries (``w.shape``,
-    ``w.size(0)``), and through an ``expand`` (a ``ParamView``) the users of the view instead."""
+    ``w.size(0)``), and through an ``expand`` (a ``ParamView``) or a value computed from it (a
+    ``WeightExpr``: a standardised weight) the users of that value instead, down to the conv or linear that
+    claims it."""
     out: set[str] = set()
     for u in node.users:
         if _is_query(u):
             continue
-        if isinstance(a.env.get(u), ParamView):
+        if isinstance(a.env.get(u), (ParamView, WeightExpr)):
             out |= _value_readers(a, u)
         else:
             out.add(u.name)

@@ -39,7 +39,8 @@ entry. When it is called as one module (a leaf), the channels it touches are pin
 The tracer is not changed by the table: torch.fx traces into every module outside ``torch.nn`` (a user's
 subclass, overriding or not), so its computation appears as the functional calls its ``forward`` makes
 (``F.conv2d`` on its ``get_attr`` weight), which have their own entries; nothing is lost and an override is
-followed exactly. A subclass is a leaf only when the user asks (``leaf_modules=``): then it gets the
+followed exactly (a weight it computes from its parameters, e.g. weight standardisation, is followed to
+the call by ``weight_expr``, so its parameters are sliced too). A subclass is a leaf only when the user asks (``leaf_modules=``): then it gets the
 parent's entry by the rule above. (Making every subclass that keeps ``forward`` a leaf was rejected: the
 core tracer would have to see the table, which lives a layer above it; the traced graphs of existing
 models would change; and a helper the check cannot see, e.g. a method ``forward`` reaches through another

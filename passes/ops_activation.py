@@ -2,7 +2,9 @@
 moves, ``torchvision.ops.stochastic_depth``) and softmax.
 
 A channel-wise op keeps the input's channel dim as it is (``channelwise``); softmax does too unless it
-normalises across the channels (then they are pinned). ONNX translations for the common activations.
+normalises across the channels (then they are pinned). A pointwise op of a parameter (``w.abs()``,
+``torch.sqrt(var + eps)`` in a weight computed by a subclass) is followed as a ``weight_expr.WeightExpr``.
+ONNX translations for the common activations.
 """
 
 from __future__ import annotations
@@ -18,17 +20,22 @@ import torch.nn.functional as F
 from fxprune.passes.family import OpFamily, Ops
 from fxprune.passes.onnx_translate import OnnxWriter, Unsupported, arg, identity, input_node, unary
 from fxprune.passes.rule_context import Rule, RuleContext, norm_dim, self_arg, tensor_shape
+from fxprune.passes.weight_expr import is_weight
+from fxprune.passes.weight_expr import unary as weight_unary
 
 __all__ = ["FAMILY", "channelwise"]
 
 
 def channelwise(spatial: int = 0) -> Rule:
-    """A channel-wise op: output keeps the input's channel dim; the last ``spatial`` dims may be pooled."""
+    """A channel-wise op: output keeps the input's channel dim; the last ``spatial`` dims may be pooled. Of a
+    parameter or a value computed from parameters: ``weight_expr.unary`` (functions and methods only)."""
 
     def rule(ctx: RuleContext) -> Any:
         x = self_arg(ctx)
         t = ctx.tracked(x)
         if t is None:
+            if ctx.module is None and is_weight(ctx.info(x)):
+                return weight_unary(ctx, x, _op_name(ctx) in _ZERO_TO_ZERO)
             return None
         si, so = tensor_shape(ctx.value(x)), tensor_shape(ctx.out)
         if (
@@ -63,6 +70,20 @@ _UNARY_METHODS = (
     "neg", "sqrt", "rsqrt", "square", "contiguous", "clone", "detach", "float", "half", "double", "bfloat16",
     "to", "type_as", "cpu", "cuda", "requires_grad_", "erf", "hardtanh_",
 )  # fmt: skip
+
+
+#: pointwise functions and methods with f(0) = 0 (by name): a computed weight keeps zero input columns
+_ZERO_TO_ZERO = frozenset({
+    "relu", "relu_", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "tanh", "tanh_",
+    "hardswish", "hardtanh", "hardtanh_", "abs", "neg", "pos", "sqrt", "square", "erf", "contiguous", "clone",
+    "detach", "float", "half", "double", "bfloat16", "to", "type_as", "cpu", "cuda", "requires_grad_",
+    "dropout", "dropout1d", "dropout2d", "dropout3d",
+})  # fmt: skip
+
+
+def _op_name(ctx: RuleContext) -> str:
+    t = ctx.node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", "")
 
 
 def _softmax(ctx: RuleContext) -> Any:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from fxprune.passes.family import AttrFix, CompensationRole, OpFamily, Ops
 from fxprune.passes.onnx_translate import OnnxWriter, Unsupported, input_node, ints, pair_pads, spatial
 from fxprune.passes.rule_context import ParamRef, RuleContext, Tracked, param_name, tensor_shape
+from fxprune.passes.weight_expr import WeightExpr, claim_weight
 
 __all__ = ["FAMILY"]
 
@@ -25,8 +26,8 @@ __all__ = ["FAMILY"]
 def _conv(
     ctx: RuleContext,
     x: Any,
-    weight: str,
-    bias: str | None,
+    weight: str | WeightExpr,
+    bias: str | WeightExpr | None,
     w_shape: Sequence[int],
     groups: int,
     groups_literal: int | str | None,
@@ -38,6 +39,9 @@ def _conv(
     (repeat ``m = C_out/C_in``), ``groups`` becomes the kept input count; (3) grouped: slot ``j`` of every
     input group is tied (so every group keeps the same slots), and the output is ``groups`` copies of one
     new space of ``C_out/groups`` — the group structure is never broken.
+
+    ``weight`` and ``bias`` are parameter names, or values computed from parameters (``WeightExpr``: a
+    traced subclass's standardised weight), whose parameters ``claim_weight`` cuts.
     """
     t = ctx.tracked(x)
     xs = tensor_shape(ctx.value(x))
@@ -48,23 +52,22 @@ def _conv(
     c_out, per_group = w_shape[0], w_shape[1]
     if groups == 1:
         out = ctx.new_space(c_out)
-        if t is not None:
-            ctx.claim(weight, 1, t.segs, "in")
-        ctx.claim(weight, 0, out, "out")
-        ctx.claim(bias, 0, out, "out")
+        claim_weight(ctx, weight, [*([(1, t.segs, "in")] if t is not None else []), (0, out, "out")])
+        claim_weight(ctx, bias, [(0, out, "out")])
         ctx.cost(t.segs if t is not None else None, out)
         return Tracked(ch, out)
     if per_group == 1:
         if t is None:
             return None
         out = ctx.spaces.scale(t.segs, c_out // groups)
-        ctx.claim(weight, 0, out, "out")
-        ctx.claim(bias, 0, out, "out")
+        claim_weight(ctx, weight, [(0, out, "out")])
+        claim_weight(ctx, bias, [(0, out, "out")])
         ctx.cost(out)
         if groups_literal is not None:
             ctx.literal(groups_literal, None, t.segs)
         return Tracked(ch, out)
     slot = None
+    slot_claim: list[tuple[int, Any, str]] = []
     if t is not None:
         pieces = ctx.spaces.pieces(t.segs, groups)
         if pieces is None:
@@ -73,10 +76,13 @@ def _conv(
             slot = pieces[0]
             for p in pieces[1:]:
                 ctx.unify(slot, p, "grouped conv slots")  # type: ignore[arg-type]
-            ctx.claim(weight, 1, slot, "in")  # type: ignore[arg-type]
+            slot_claim.append((1, slot, "in"))
+            if isinstance(weight, str):  # claimed before the output space is made, as it always was
+                claim_weight(ctx, weight, slot_claim)
+                slot_claim = []
     out = ctx.new_space(c_out // groups) * groups
-    ctx.claim(weight, 0, out, "out")
-    ctx.claim(bias, 0, out, "out")
+    claim_weight(ctx, weight, [*slot_claim, (0, out, "out")])
+    claim_weight(ctx, bias, [(0, out, "out")])
     ctx.cost(slot, out)
     return Tracked(ch, out)
 
@@ -96,13 +102,14 @@ def _conv_module(ctx: RuleContext) -> Any:
 
 
 def _conv_functional(ctx: RuleContext) -> Any:
+    """``F.conv*``: the weight (and bias) a parameter, or computed from parameters (``WeightExpr``)."""
     w = ctx.info(ctx.arg(1, "weight"))
     groups = ctx.arg(6, "groups", 1)
-    if not isinstance(w, ParamRef) or not isinstance(groups, int):
+    if not isinstance(w, (ParamRef, WeightExpr)) or not isinstance(groups, int):
         ctx.pin_inputs("functional conv with a computed weight or groups")
         return None
     b = ctx.arg(2, "bias", None)
-    if b is not None and not isinstance(ctx.info(b), ParamRef):
+    if b is not None and not isinstance(ctx.info(b), (ParamRef, WeightExpr)):
         ctx.pin_inputs("functional conv with a computed bias")
         return None
     w_shape = tensor_shape(ctx.value(ctx.arg(1, "weight")))
@@ -110,7 +117,9 @@ def _conv_functional(ctx: RuleContext) -> Any:
     literal: int | str | None = None
     if groups > 1:
         literal = 6 if len(ctx.node.args) > 6 else "groups"
-    return _conv(ctx, ctx.arg(0, "input"), w.name, param_name(ctx, "bias"), w_shape, groups, literal)
+    bias = ctx.info(b) if isinstance(ctx.info(b), WeightExpr) else param_name(ctx, "bias")
+    weight = w.name if isinstance(w, ParamRef) else w
+    return _conv(ctx, ctx.arg(0, "input"), weight, bias, w_shape, groups, literal)
 
 
 def _fix_conv(m: nn.Module, before: Mapping[str, int]) -> None:

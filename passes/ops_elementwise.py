@@ -2,7 +2,9 @@
 arithmetic and comparisons, on tensors or on channel counts (``c // 2``, a ``SizeOf``).
 
 Operands aligned with the output's channel dim share their channels (unified: a residual add ties both
-branches); a parameter operand is sliced with them. ONNX translations for add and mul.
+branches); a parameter operand is sliced with them. Arithmetic on parameters alone (a weight computed in a
+subclass's forward) is a ``weight_expr.WeightExpr``, cut by the conv or linear that reads it. ONNX
+translations for add and mul.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from fxprune.passes.rule_context import (
     tensor_shape,
     tie_on_one_dim,
 )
+from fxprune.passes.weight_expr import combine, is_weight
 
 __all__ = ["FAMILY"]
 
@@ -33,6 +36,8 @@ def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
 
     Operands aligned from the right. A parameter operand (``x * self.scale``) is sliced with the channels;
     an untracked tensor that spans the channel dim pins it; a size-1 (broadcast) dim couples nothing.
+    Without tracked channels, arithmetic of parameters (``gain * w``, ``(w - mean) / std``) is a
+    ``WeightExpr`` (``weight_expr.combine``, with the op's kind from ``_WEIGHT_KIND``).
     """
 
     def rule(ctx: RuleContext) -> Any:
@@ -43,6 +48,9 @@ def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
         n = len(so)
         tracked = [(x, ctx.tracked(x)) for x in ops if ctx.tracked(x) is not None]
         if not tracked:
+            kind = _WEIGHT_KIND.get(ctx.node.target)
+            if kind is not None and any(is_weight(ctx.info(x)) for x in ops):
+                return combine(ctx, ops, kind)
             return _size_math(ctx) if isinstance(ctx.out, (int, float)) else None
         tie = tie_on_one_dim(ctx, tracked, lambda x, t: t.dim + n - len(tensor_shape(ctx.value(x)) or ()),
                               "operands carry channels on different dims", "elementwise op")  # fmt: skip
@@ -69,6 +77,18 @@ def _elementwise(operands: Callable[[RuleContext], Sequence[Any]]) -> Rule:
         return Tracked(D, ref)
 
     return rule
+
+
+#: how zero flows through arithmetic on weights (``weight_expr.combine``); ops left out are not followed
+_WEIGHT_KIND: dict[Any, str] = {
+    **dict.fromkeys((operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub,
+                     torch.subtract, torch.maximum, torch.minimum, "add", "add_", "sub", "sub_", "maximum",
+                     "minimum"), "add"),
+    **dict.fromkeys((operator.mul, operator.imul, torch.mul, torch.multiply, "mul", "mul_"), "mul"),
+    **dict.fromkeys((operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide, "div",
+                     "div_"), "div"),
+    **dict.fromkeys((torch.pow, "pow"), "pow"),
+}  # fmt: skip
 
 
 def _two_operands(ctx: RuleContext) -> Sequence[Any]:

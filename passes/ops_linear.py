@@ -19,24 +19,24 @@ import torch.nn.functional as F
 from fxprune.passes.family import AttrFix, CompensationRole, OpFamily, Ops
 from fxprune.passes.onnx_translate import OnnxWriter, Unsupported, arg, fetch, input_node
 from fxprune.passes.rule_context import ParamRef, RuleContext, Tracked, param_name, tensor_shape
+from fxprune.passes.weight_expr import WeightExpr, claim_weight
 
 __all__ = ["FAMILY", "linear_rule"]
 
 
-def linear_rule(ctx: RuleContext, x: Any, weight: str, bias: str | None, w_shape: Sequence[int],
-            out_dim: int | None = None) -> Any:  # fmt: skip
+def linear_rule(ctx: RuleContext, x: Any, weight: str | WeightExpr, bias: str | WeightExpr | None,
+                w_shape: Sequence[int], out_dim: int | None = None) -> Any:  # fmt: skip
     """Linear: the last dim of ``x`` cuts weight columns; the output's last dim (or ``out_dim``, for an op
-    that also reshapes, like Swin's window merge) is a new space."""
+    that also reshapes, like Swin's window merge) is a new space. ``weight``/``bias``: parameter names or
+    values computed from parameters (``WeightExpr``, cut by ``claim_weight``)."""
     t = ctx.tracked(x)
     xs = tensor_shape(ctx.value(x)) or ()
     if t is not None and t.dim != len(xs) - 1:
         ctx.pin(t, "linear applied along a non-channel dim")
         t = None
     out = ctx.new_space(w_shape[0])
-    if t is not None:
-        ctx.claim(weight, 1, t.segs, "in")
-    ctx.claim(weight, 0, out, "out")
-    ctx.claim(bias, 0, out, "out")
+    claim_weight(ctx, weight, [*([(1, t.segs, "in")] if t is not None else []), (0, out, "out")])
+    claim_weight(ctx, bias, [(0, out, "out")])
     ctx.cost(t.segs if t is not None else None, out)
     return Tracked(len(xs) - 1 if out_dim is None else out_dim, out)
 
@@ -50,14 +50,18 @@ def _linear_module(ctx: RuleContext) -> Any:
 
 
 def _linear_functional(ctx: RuleContext) -> Any:
+    """``F.linear``: the weight (and bias) a parameter, or computed from parameters (``WeightExpr``)."""
     w = ctx.info(ctx.arg(1, "weight"))
     b = ctx.arg(2, "bias", None)
-    if not isinstance(w, ParamRef) or (b is not None and not isinstance(ctx.info(b), ParamRef)):
+    usable = (ParamRef, WeightExpr)
+    if not isinstance(w, usable) or (b is not None and not isinstance(ctx.info(b), usable)):
         ctx.pin_inputs("functional linear with a computed weight or bias")
         return None
     w_shape = tensor_shape(ctx.value(ctx.arg(1, "weight")))
     assert w_shape is not None
-    return linear_rule(ctx, ctx.arg(0, "input"), w.name, param_name(ctx, "bias"), w_shape)
+    bias = ctx.info(b) if isinstance(ctx.info(b), WeightExpr) else param_name(ctx, "bias")
+    weight = w.name if isinstance(w, ParamRef) else w
+    return linear_rule(ctx, ctx.arg(0, "input"), weight, bias, w_shape)
 
 
 def _fix_linear(m: nn.Module, before: Mapping[str, int]) -> None:

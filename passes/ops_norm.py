@@ -5,7 +5,9 @@ Rules slice the affine parameters and statistics with the channels (LayerNorm ov
 GroupNorm with wide groups renormalise over the kept channels: role ``"stats"``); attribute fixes set
 ``num_features``, ``normalized_shape``, ``num_channels``/``num_groups``; ONNX emits
 ``BatchNormalization`` and ``LayerNormalization``; a BatchNorm takes a bias-free consumer's compensation
-shift into its ``running_mean`` (``RUNNING_MEAN``).
+shift into its ``running_mean`` (``RUNNING_MEAN``). A functional norm of a parameter (timm's
+``StdConv2d``: ``F.batch_norm(w.reshape(1, out, -1), None, None, training=True)``; ``F.normalize(w, dim=1)``
+of a weight-normalised linear) is followed as a ``weight_expr.WeightExpr`` whose normalised dims are mixed.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from fxprune.passes.family import AttrFix, CompensationRole, OpFamily, Ops
 from fxprune.passes.onnx_translate import OnnxWriter, Unsupported, arg, input_node
-from fxprune.passes.rule_context import ParamRef, RuleContext, param_name, tensor_shape
+from fxprune.passes.rule_context import ParamRef, RuleContext, norm_dim, param_name, tensor_shape
+from fxprune.passes.weight_expr import is_weight, normalise
 
 __all__ = ["FAMILY"]
 
@@ -45,6 +48,9 @@ def _batchnorm_module(ctx: RuleContext) -> Any:
 
 
 def _batchnorm_functional(ctx: RuleContext) -> Any:
+    x = ctx.arg(0, "input")
+    if is_weight(ctx.info(x)):
+        return _batchnorm_weight(ctx, x)
     names = []
     for pos, kw in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
         a = ctx.arg(pos, kw, None)
@@ -56,6 +62,23 @@ def _batchnorm_functional(ctx: RuleContext) -> Any:
             return None
         names.append(info.name)
     return _per_channel(ctx, ctx.arg(0, "input"), names)
+
+
+def _batchnorm_weight(ctx: RuleContext, x: Any) -> Any:
+    """``F.batch_norm`` of a computed weight: per channel of dim 1; with batch statistics (``training`` or
+    no running statistics) normalised over every other dim, which are mixed."""
+    shape = tensor_shape(ctx.value(x))
+    if shape is None or len(shape) < 2:
+        return None
+    stats = [ctx.arg(1, "running_mean", None), ctx.arg(2, "running_var", None)]
+    training = ctx.arg(5, "training", False)
+    batch = training is not False or any(a is None for a in stats)
+    over = [d for d in range(len(shape)) if d != 1] if batch else []
+    affine = [
+        (a, (1,)) for a in (*([] if batch else stats), ctx.arg(3, "weight", None), ctx.arg(4, "bias", None))
+    ]
+    shift = ctx.arg(4, "bias", None) is not None or not batch
+    return normalise(ctx, x, over, affine, shift, "batch_norm")
 
 
 # ------------------------------------------------------------------------------------------ layer norm
@@ -115,6 +138,10 @@ def _functional_affine(ctx: RuleContext, op: str) -> list[str | None] | None:
 
 def _layer_norm_functional(ctx: RuleContext) -> Any:
     shape = ctx.arg(1, "normalized_shape")
+    x = ctx.arg(0, "input")
+    if is_weight(ctx.info(x)):  # a computed shape (``w.shape[1:]``) counts by its traced value
+        dims = shape if isinstance(shape, (list, tuple)) else ctx.value(shape)
+        return _norm_weight(ctx, x, len(dims), "layer_norm") if isinstance(dims, tuple | list) else None
     names = _functional_affine(ctx, "layer_norm")
     if names is None:
         return None
@@ -179,8 +206,47 @@ def _group_norm_module(ctx: RuleContext) -> Any:
     return _group_norm(ctx, ctx.arg(0, "input"), m.num_groups, names, None)
 
 
+def _norm_weight(ctx: RuleContext, x: Any, k: int | None, op: str) -> Any:
+    """``F.layer_norm`` (``k`` normalised trailing dims) or ``F.group_norm`` (``k`` None: every dim from 1)
+    of a computed weight: the normalised dims are mixed; ``weight``/``bias`` align with the trailing ``k``
+    dims (layer_norm) or dim 1 (group_norm)."""
+    shape = tensor_shape(ctx.value(x))
+    if shape is None or (k is not None and not 0 < k <= len(shape)) or len(shape) < 2:
+        return None
+    over = range(len(shape) - k, len(shape)) if k is not None else range(1, len(shape))
+    aligned = tuple(over) if k is not None else (1,)
+    weight, bias = ctx.arg(2, "weight", None), ctx.arg(3, "bias", None)
+    return normalise(ctx, x, over, [(weight, aligned), (bias, aligned)], bias is not None, op)
+
+
+def _normalize(ctx: RuleContext) -> Any:
+    """``F.normalize(x, p, dim)``: ``x`` divided by its p-norm over ``dim``: channel-wise unless ``dim`` is
+    the channel dim (pinned); of a computed weight, that dim is mixed (a weight-normalised linear's rows:
+    ``F.normalize(w, dim=1)`` mixes its input channels)."""
+    x = ctx.arg(0, "input")
+    dim = ctx.arg(2, "dim", 1)
+    shape = tensor_shape(ctx.value(x))
+    if shape is None or not isinstance(dim, int):
+        ctx.pin_inputs("normalize over a computed dim")
+        return None
+    t = ctx.tracked(x)
+    if t is None:
+        return (
+            normalise(ctx, x, [norm_dim(dim, len(shape))], [], False, "normalize")
+            if is_weight(ctx.info(x))
+            else None
+        )
+    if norm_dim(dim, len(shape)) == t.dim:
+        ctx.pin(t, "normalize across the channel dim")
+        return None
+    return t
+
+
 def _group_norm_functional(ctx: RuleContext) -> Any:
     groups = ctx.arg(1, "num_groups")
+    x = ctx.arg(0, "input")
+    if is_weight(ctx.info(x)):
+        return _norm_weight(ctx, x, None, "group_norm")
     names = _functional_affine(ctx, "group_norm")
     if names is None:
         return None
@@ -287,5 +353,6 @@ FAMILY = OpFamily(
             attr_fix=AttrFix(("num_groups", "num_channels"), _fix_group_norm),
         ),
         Ops((F.group_norm,), _group_norm_functional),
+        Ops((F.normalize,), _normalize),
     ),
 )

@@ -1,9 +1,10 @@
 """Op family ``shape``: ops that move, cut or join the channel dim without computing on values.
 
 cat, split, chunk, unbind, indexing (``getitem``), view/reshape/flatten/squeeze/unsqueeze/expand,
-permute/transpose, reductions over other dims (mean, sum...), and shape queries (``x.shape``, ``x.size(1)``:
-a ``SizeOf`` the channels). The rules record the literal sizes the rewrite must follow. ONNX translations
-for cat, permute, reshape-likes and mean.
+permute/transpose, reductions over other dims (mean, sum, norm...), and shape queries (``x.shape``,
+``x.size(1)``: a ``SizeOf`` the channels). The rules record the literal sizes the rewrite must follow.
+Reshapes and reductions of parameters (a weight computed in a subclass's forward) are followed as a
+``weight_expr.WeightExpr``. ONNX translations for cat, permute, reshape-likes and mean.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from fxprune.passes.rule_context import (
     tensor_shape,
 )
 from fxprune.passes.spaces import Seg
+from fxprune.passes.weight_expr import is_weight
+from fxprune.passes.weight_expr import reduce as weight_reduce
+from fxprune.passes.weight_expr import reshape as weight_reshape
 
 __all__ = ["FAMILY"]
 
@@ -289,6 +293,11 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
     def rule(ctx: RuleContext) -> Any:
         if ctx.node.target == "expand" and param_dim(ctx.info(ctx.arg(0, "input")), 0) is not None:
             return _expand_param(ctx)
+        if is_weight(ctx.info(ctx.arg(0, "input"))):
+            weight = _reshape_weight(ctx, literal_args)
+            if weight is not None:
+                _pin_other_sizes(ctx, [])
+                return weight
         used: list[fx.Node] = []
         out = core(ctx, used)
         _pin_other_sizes(ctx, used)
@@ -297,6 +306,33 @@ def _reshape_like(literal_args: Callable[[RuleContext], tuple[int | str, bool]] 
         return out
 
     return rule
+
+
+_WEIGHT_RESHAPES = {torch.flatten, "flatten", torch.squeeze, "squeeze", torch.unsqueeze, "unsqueeze", "view",
+                    "reshape", torch.reshape, "view_as", "reshape_as"}  # fmt: skip
+
+
+def _reshape_weight(
+    ctx: RuleContext, literal_args: Callable[[RuleContext], tuple[int | str, bool]] | None
+) -> Any:
+    """A reshape of a parameter or of a value computed from parameters (``weight_expr.reshape``): the int
+    sizes the call writes (``literal_args``) follow the kept counts. ``expand`` and ``unflatten`` (sizes
+    that are not followed) are not: None, and the call is ruled as any other reshape (untracked)."""
+    if ctx.node.op == "call_module" or ctx.node.target not in _WEIGHT_RESHAPES:
+        return None
+    like = ctx.arg(1, "other") if ctx.node.target in ("view_as", "reshape_as") else None
+    if literal_args is None:
+        return weight_reshape(ctx, ctx.arg(0, "input"), like=like)
+    index, packed = literal_args(ctx)
+
+    def where(e: int) -> tuple[int | str, int | None] | None:
+        if packed:
+            arg = ctx.node.args[index] if isinstance(index, int) else ctx.node.kwargs[index]
+            return (index, e) if isinstance(arg, (list, tuple)) and e < len(arg) else None
+        pos = int(index) + e
+        return (pos, None) if pos < len(ctx.node.args) else None
+
+    return weight_reshape(ctx, ctx.arg(0, "input"), where, like)
 
 
 def _expand_param(ctx: RuleContext) -> ParamView | None:
@@ -436,12 +472,29 @@ def _transpose(ctx: RuleContext) -> Any:
 
 
 def _reduce(ctx: RuleContext) -> Any:
+    keepdim = (
+        ctx.arg(2, "keepdim", False)
+        if ctx.node.target not in (torch.std, torch.var, "std", "var")
+        else ctx.node.kwargs.get("keepdim", False)
+    )
+    return _reduction(ctx, ctx.arg(1, "dim", None), keepdim)
+
+
+def _norm(ctx: RuleContext) -> Any:
+    """``x.norm(p, dim, keepdim)``, ``torch.norm``, ``torch.linalg.vector_norm``: a reduction."""
+    return _reduction(ctx, ctx.arg(2, "dim", None), ctx.arg(3, "keepdim", False))
+
+
+def _reduction(ctx: RuleContext, dim: Any, keepdim: Any) -> Any:
+    """A reduction over ``dim`` (None: all dims): channel-wise unless it runs over the channel dim (pinned);
+    of a parameter or a value computed from parameters, ``weight_expr.reduce``."""
     x = ctx.arg(0, "input")
     t = ctx.tracked(x)
     if t is None:
+        if is_weight(ctx.info(x)) and isinstance(keepdim, bool):
+            return weight_reduce(ctx, x, dim, keepdim, _op_name(ctx))
         return None
     ndim = len(tensor_shape(ctx.value(x)) or ())
-    dim = ctx.arg(1, "dim", None)
     if dim is None:
         ctx.pin(t, "reduction over all dims")
         return None
@@ -449,12 +502,12 @@ def _reduce(ctx: RuleContext) -> Any:
     if t.dim in dims:
         ctx.pin(t, "reduction over the channel dim")
         return None
-    keepdim = (
-        ctx.arg(2, "keepdim", False)
-        if ctx.node.target not in (torch.std, torch.var, "std", "var")
-        else ctx.node.kwargs.get("keepdim", False)
-    )
     return Tracked(t.dim if keepdim else t.dim - sum(1 for d in dims if d < t.dim), t.segs)
+
+
+def _op_name(ctx: RuleContext) -> str:
+    t = ctx.node.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
 
 
 # --------------------------------------------------------------------------------- shape queries
@@ -574,6 +627,7 @@ FAMILY = OpFamily(
             _reduce,
             onnx=_ONNX,
         ),  # fmt: skip
+        Ops((torch.norm, "norm", torch.linalg.vector_norm), _norm),
         Ops(
             (builtins.getattr, "size", "dim", "numel", "type", "stride", "is_contiguous", "get_device"),
             _query,

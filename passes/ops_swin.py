@@ -28,6 +28,8 @@ from fxprune.passes.family import OpFamily, Ops
 from fxprune.passes.ops_linear import linear_rule
 from fxprune.passes.rule_context import ParamRef, RuleContext, Tracked, norm_dim, self_arg, tensor_shape
 from fxprune.passes.spaces import Seg
+from fxprune.passes.weight_expr import is_weight
+from fxprune.passes.weight_expr import pad as weight_pad
 
 from fxprune.trace import Expansion
 
@@ -59,11 +61,17 @@ def _roll(ctx: RuleContext) -> Any:
 
 def _pad(ctx: RuleContext) -> Any:
     """``F.pad(x, pad)`` pads the last ``len(pad) // 2`` dims, last dim first. A channel-wise op when the
-    channel dim's two entries are literal zeros; padding channels adds channels no rule tracks (pins)."""
+    channel dim's two entries are literal zeros; padding channels adds channels no rule tracks (pins). Any
+    mode and fill: the pad of a 'same'-padding conv (timm's ``Conv2dSame``) is channel-wise. Of a parameter
+    or a value computed from parameters: ``weight_expr.pad``."""
     x = self_arg(ctx)
     t = ctx.tracked(x)
     if t is None:
-        return None
+        pad = ctx.arg(1, "pad")
+        if not is_weight(ctx.info(x)) or not isinstance(pad, (list, tuple)):
+            return None
+        mode, value = ctx.arg(2, "mode", "constant"), ctx.arg(3, "value", None)
+        return weight_pad(ctx, x, pad, mode != "constant" or not value)
     pad = ctx.arg(1, "pad")
     ndim = len(tensor_shape(ctx.value(x)) or ())
     if not isinstance(pad, (list, tuple)):

@@ -204,12 +204,15 @@ class RuleContext:
         """The node's FLOPs scale with the kept size of each (non-None) channel dim in ``dims``."""
         self._a.cost_dims[self.node] = tuple(tuple(d) for d in dims if d is not None)
 
-    def literal(
-        self, index: int | str, item: int | None, *segs: Sequence[Seg], kind: str = "size", divisor: int = 1
-    ) -> None:
-        """Argument ``index`` (or its element ``item``) is recomputed from kept counts (``LiteralFix``)."""
+    def literal(self, index: int | str, item: int | None, *segs: Sequence[Seg], kind: str = "size",
+                divisor: int = 1, node: fx.Node | None = None) -> None:  # fmt: skip
+        """Argument ``index`` (or its element ``item``) of this node, or of an earlier ``node`` whose size
+        only the consumer of its value knows (a reshape of a computed weight), is recomputed from kept
+        counts (``LiteralFix``); the same fix recorded twice is kept once."""
         claim = LiteralClaim(index, item, kind, tuple(tuple(s) for s in segs), divisor)
-        self._a.literals.setdefault(self.node, []).append(claim)
+        fixes = self._a.literals.setdefault(self.node if node is None else node, [])
+        if node is None or claim not in fixes:
+            fixes.append(claim)
 
 
 Rule = Callable[[RuleContext], Any]

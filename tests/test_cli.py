@@ -109,6 +109,11 @@ def test_cli_compile_torchvision(tmp_path: Path) -> None:
     assert p.stdout == "" and p.stderr == ""  # --quiet
     rep = _check_artefacts(out, 0.6)
     assert rep["score"] == "magnitude"  # the default (auto) without data
+    assert rep["capture"] == "symbolic_trace"
+    p = _run("compile", "torchvision:resnet18", "--input-shape", "1,3,64,64", "--target-flops", "0.6",
+             "--out", str(out), "--quiet", "--latency-runs", "0", "--capture", "export")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert _check_artefacts(out, 0.6)["capture"] == "torch.export"
 
 
 def test_cli_compile_user_file_trains_on_digits_and_caches(tmp_path: Path, tiny_file: Path) -> None:

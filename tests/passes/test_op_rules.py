@@ -81,6 +81,29 @@ def test_softmax_over_channels_pins_other_dims_do_not() -> None:
     assert _group_with(_groups(M(-1), X), "a.weight").prunable
 
 
+@pytest.mark.parametrize(
+    "norm",
+    [
+        lambda y, d: y / (y.norm(dim=d, keepdim=True) + 1),
+        lambda y, d: y / (torch.linalg.vector_norm(y, dim=d, keepdim=True) + 1),
+        lambda y, d: F.normalize(y, dim=d),
+    ],
+)
+def test_norm_over_channels_pins_other_dims_do_not(norm: object) -> None:
+    class M(nn.Module):
+        def __init__(self, dim: int) -> None:
+            super().__init__()
+            self.a, self.b, self.dim = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1), dim
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(norm(self.a(x), self.dim))  # type: ignore[operator]
+
+    why = _group_with(_groups(M(1), X), "a.weight").pinned
+    assert any("across the channel dim" in w or "over the channel dim" in w for w in why), why
+    assert _group_with(_groups(M(-1), X), "a.weight").prunable
+    _prune_and_check(M(-1))
+
+
 def test_residual_add_couples_producers() -> None:
     class M(nn.Module):
         def __init__(self) -> None:
