@@ -27,12 +27,14 @@ from fxprune.inspection import Inspection, inspect
 from fxprune.passes.dependency import DependencyResult
 from fxprune.pipeline import Pipeline, Stage
 from fxprune.stages import ANALYSE, COMPILE, CompileOptions, CompileState
+from fxprune.submodules import SUBMODULES, SubmodulesResult
 from fxprune.verify import Verification, masked_model
 
 __all__ = [
     "ANALYSE",
     "COMPILE",
     "STAGES",
+    "SUBMODULES",
     "ChannelDim",
     "ChannelGroup",
     "CompileOptions",
@@ -50,6 +52,7 @@ __all__ = [
     "PrunePlan",
     "Site",
     "Stage",
+    "SubmodulesResult",
     "TargetError",
     "TraceError",
     "UnsupportedOpError",

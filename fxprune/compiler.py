@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import gc
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 import torch
 
@@ -25,8 +25,17 @@ from fxprune.passes.dependency import DependencyResult
 from fxprune.passes.score import AUTO, GroupScore, ScorePass
 from fxprune.pipeline import Pipeline
 from fxprune.stages import ANALYSE, COMPILE, CompileOptions, CompileResult, CompileState
+from fxprune.submodules import SubmodulesResult, SubmoduleState, check_paths, submodules_pipeline
 
-__all__ = ["STAGES", "CompileResult", "compile", "count_flops", "count_params", "dependency_graph"]
+__all__ = [
+    "STAGES",
+    "CompileResult",
+    "SubmodulesResult",
+    "compile",
+    "count_flops",
+    "count_params",
+    "dependency_graph",
+]
 
 #: the stages of ``compile``, in order (the keys of ``result.timings``)
 STAGES = COMPILE.names
@@ -69,12 +78,35 @@ def dependency_graph(
     return ANALYSE.run(CompileState(model=model, example_input=example_input, options=options)).dep
 
 
-@_gc_paused
+@overload
 def compile(  # noqa: A001 - the product's name for it
     model: torch.nn.Module,
     example_input: Any,
     target_flops: float | None = None,
     *,
+    submodules: None = None,
+    **options: Any,
+) -> CompileResult: ...
+
+
+@overload
+def compile(  # noqa: A001
+    model: torch.nn.Module,
+    example_input: Any,
+    target_flops: float | None = None,
+    *,
+    submodules: str | Sequence[str],
+    **options: Any,
+) -> SubmodulesResult: ...
+
+
+@_gc_paused
+def compile(  # noqa: A001
+    model: torch.nn.Module,
+    example_input: Any,
+    target_flops: float | None = None,
+    *,
+    submodules: str | Sequence[str] | None = None,
     target_latency: float | str | None = None,
     score: str | type[ScorePass] = AUTO,
     data: Iterable[Any] | None = None,
@@ -99,14 +131,28 @@ def compile(  # noqa: A001 - the product's name for it
     latency_provider: str | None = None,
     pipeline: Pipeline[CompileState] | None = None,
     **score_options: Any,
-) -> CompileResult:
+) -> CompileResult | SubmodulesResult:
     """Prune ``model`` to about ``target_flops`` of its FLOPs; return a new, physically smaller model.
 
     Args:
         model: any ``nn.Module`` that torch.fx or torch.export can capture (never modified; compiled in eval
-            mode).
+            mode); with ``submodules=``, any model whose named submodules can be captured.
         example_input: a tensor or tuple of tensors the model accepts; shapes come from it.
-        target_flops: fraction of the original FLOPs in (0, 1], or an absolute FLOPs count (> 1).
+        target_flops: fraction of the original FLOPs in (0, 1], or an absolute FLOPs count (> 1). With
+            ``submodules=``: a fraction of the *compiled submodules'* FLOPs (each compiled in turn at it;
+            an absolute count is over their sum); ``result.model_flops_before``/``_after`` report the
+            whole model's FLOPs on the example (torch's ``FlopCounterMode``).
+        submodules: compile these parts of ``model`` (qualified names as in ``model.named_modules()``, one
+            ``str`` or a sequence), e.g. ``submodules="backbone"`` for a torchvision detector whose pre- and
+            post-processing torch.fx cannot trace. The model runs once on ``example_input`` with forward
+            hooks recording each submodule's call (its example input), each calibration batch of ``data``
+            (inputs of the whole model) likewise (its calibration data); each submodule is then compiled
+            alone, keeping its output structure and channels, so the code around it needs no change.
+            Returns a ``SubmodulesResult`` (``fxprune.submodules``): ``.model`` is a copy of the model with
+            each submodule replaced by its pruned GraphModule (a drop-in replacement), ``.parts`` each
+            submodule's ``CompileResult`` (its ONNX check), ``.plan`` their plans over the whole model.
+            ``pipeline=`` is then the pipeline each submodule is compiled with; ``leaf_modules`` names and
+            ``scores=`` (a mapping from each name to its part's ``.scores``) are per submodule.
         target_latency: instead of ``target_flops``: a fraction in (0, 1] of the original's latency measured
             in ONNX Runtime, or milliseconds as a string (``"3.5ms"``). Channels are then chosen by score per
             millisecond saved, from per-op latency tables measured at this model's shapes
@@ -165,7 +211,11 @@ def compile(  # noqa: A001 - the product's name for it
             stage replaced, e.g. ``COMPILE.replace("select", MySelect())``. It must provide ``result``.
 
     Raises:
-        InputError, TraceError, TargetError, UnsupportedOpError: see ``fxprune.errors``.
+        InputError, TraceError, TargetError, UnsupportedOpError: see ``fxprune.errors``. With
+            ``submodules=``, an ``InputError`` names the submodule and the fix for a name that is not a
+            submodule, names given twice or nested, a submodule the model never calls on the example, one
+            called with non-tensor or keyword arguments or several times with different shapes, and a
+            calibration batch that calls it at another size; an error compiling a part has a note naming it.
         VerificationError: ``verify`` is on and ONNX Runtime disagrees with the compiled model (the error
             carries the result; the message says whether the original model fails the same check).
     """
@@ -175,6 +225,7 @@ def compile(  # noqa: A001 - the product's name for it
         min_channels=min_channels, round_to=round_to, cost_exponent=cost_exponent, leaf_modules=leaf_modules,
         concrete_args=concrete_args, capture=capture, strict=strict, verify=verify, rtol=rtol, latency_runs=latency_runs,
         latency_threads=latency_threads, latency_provider=latency_provider, score_options=score_options,
+        submodules=() if submodules is None else check_paths(submodules),
     )  # fmt: skip
     stages = COMPILE if pipeline is None else pipeline
     if not isinstance(stages, Pipeline) or "result" not in stages.provides:
@@ -182,4 +233,7 @@ def compile(  # noqa: A001 - the product's name for it
             f"pipeline= must be a fxprune.Pipeline that provides 'result' (a CompileResult), got {stages!r}; "
             "build it from fxprune.COMPILE, e.g. COMPILE.replace('select', MySelect())"
         )
+    if submodules is not None:
+        state = SubmoduleState(model=model, example_input=example_input, options=options)
+        return submodules_pipeline(stages).run(state).model_result
     return stages.run(CompileState(model=model, example_input=example_input, options=options)).result

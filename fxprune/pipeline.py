@@ -93,9 +93,12 @@ class PipelineState:
 
 
 S = TypeVar("S", bound=PipelineState)
+#: a stage only takes its state, so a stage over a state runs over any subclass of it (contravariant):
+#: ``Stage[CompileState]`` is a ``Stage[SubmoduleState]`` (``fxprune.submodules``)
+S_contra = TypeVar("S_contra", bound=PipelineState, contravariant=True)
 
 
-class Stage(abc.ABC, Generic[S]):
+class Stage(abc.ABC, Generic[S_contra]):
     """One step of a pipeline. Subclasses set ``name``, ``requires`` and ``provides`` (field names of the
     state) and implement ``run``, which reads only ``requires`` and writes every field of ``provides``.
     """
@@ -105,7 +108,7 @@ class Stage(abc.ABC, Generic[S]):
     provides: ClassVar[tuple[str, ...]] = ()
 
     @abc.abstractmethod
-    def run(self, state: S) -> None: ...
+    def run(self, state: S_contra) -> None: ...
 
     def __repr__(self) -> str:
         return (

@@ -152,6 +152,9 @@ class CompileOptions:
     latency_threads: int | None = None
     latency_provider: str | None = None
     score_options: Mapping[str, Any] = field(default_factory=dict)
+    #: qualified names of the submodules to compile inside the model (``fxprune.submodules``); () for
+    #: the whole model
+    submodules: tuple[str, ...] = ()
 
 
 @dataclass
