@@ -1,12 +1,15 @@
 """Coverage: every torchvision classification model at 50% FLOPs, fxprune and Torch-Pruning side by side.
 
-    python bench/coverage.py [--family classification,segmentation,video] [--models resnet18,vit_b_16]
+    python bench/coverage.py [--family classification,segmentation,video,detection] [--models resnet18,...]
                              [--size 64] [--timeout 900] [--all] [--no-tp] [--out bench/results/coverage.json]
 
 Families (``FAMILIES``: name -> its cases, each a ``Case``: builder, input, the outputs Torch-Pruning must
 leave alone, which checks apply, and the two tool runners): ``classification`` (the default, every
 torchvision classification model, as below), ``segmentation`` (``bench/segmentation.py``'s ``MODELS``) and
-``video`` (``VIDEO``: torchvision's video classifiers at the smallest input each accepts). A family other
+``video`` (``VIDEO``: torchvision's video classifiers at the smallest input each accepts), and
+``detection``, which ``bench/detection.py`` drives (``run_detection``: the backbone + neck compiled inside
+the full detector with ``submodules="backbone"``, its own checks and Torch-Pruning on the same backbone;
+``--size`` is the image side, default 320; rows to ``--out`` with ``_detection`` added). A family other
 than classification adds two checks independent of fxprune's verdict, as ``bench/segmentation.py`` does:
 the pruned output's structure equals the original's (``output_signature``), and the pruned model equals
 the masked original (``fxprune.masked_model``) within ``RTOL``; a case whose original model torch's ONNX
@@ -706,7 +709,8 @@ def main() -> None:
     ap.add_argument(
         "--family",
         default="classification",
-        help=f"comma-separated families to run, of {', '.join(FAMILIES)} (default: classification)",
+        help=f"comma-separated families to run, of {', '.join([*FAMILIES, 'detection'])} (default: "
+        "classification)",
     )
     ap.add_argument("--models", default=None, help="comma-separated (default: every model of the families)")
     ap.add_argument(
@@ -740,6 +744,14 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     wanted = args.models.split(",") if args.models else None
     for family in families:
+        if family == "detection":  # its own driver: the backbone pruned inside the full detector
+            import detection
+
+            names = [n for n in (wanted or list(detection.MODELS)) if n in detection.MODELS]
+            if names:
+                path = out.with_name(f"{out.stem}_detection{out.suffix}")
+                detection.run_all(names, args.size or 320, 0.5, not args.no_tp, path)
+            continue
         known = list(cases(family))
         names = known if wanted is None else [n for n in wanted if n in known or len(families) == 1]
         if not names:

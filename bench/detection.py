@@ -347,6 +347,29 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run_all(
+    names: list[str], size: int, target: float, torch_pruning: bool, out: Path
+) -> list[dict[str, Any]]:
+    """``run_detection`` for every model of ``names``; prints a row as each finishes and the table at the
+    end, writes JSON to ``out``. A model that raises is a failed row, not the end of the bench."""
+    torch.set_num_threads(1)
+    rows = []
+    for name in names:
+        try:
+            row = run_detection(name, size, target, torch_pruning=torch_pruning)
+        except Exception as exc:
+            row = {"model": name, "error": f"{type(exc).__name__}: {exc}"[:400], "pass": False}
+        rows.append(row)
+        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(table(rows))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"size": size, "target": target, "oracle_rtol": ORACLE_RTOL, "max_flops": MAX_FLOPS,
+            "torch": torch.__version__, "torchvision": torchvision.__version__}  # fmt: skip
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    print(f"wrote {out}")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -355,22 +378,7 @@ def main() -> None:
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "detection.json"))
     args = p.parse_args()
-    torch.set_num_threads(1)
-    rows = []
-    for name in args.models.split(","):
-        try:
-            row = run_detection(name, args.size, args.target, torch_pruning=not args.no_tp)
-        except Exception as exc:  # one model's failure is a row, not the end of the bench
-            row = {"model": name, "error": f"{type(exc).__name__}: {exc}"[:400], "pass": False}
-        rows.append(row)
-        print(table(rows[-1:]).splitlines()[-1], flush=True)
-    print(table(rows))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"size": args.size, "target": args.target, "oracle_rtol": ORACLE_RTOL, "max_flops": MAX_FLOPS,
-            "torch": torch.__version__, "torchvision": torchvision.__version__}  # fmt: skip
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    print(f"wrote {out}")
+    rows = run_all(args.models.split(","), args.size, args.target, not args.no_tp, Path(args.out))
     sys.exit(0 if all(r["pass"] for r in rows) else 1)
 
 
