@@ -52,6 +52,8 @@ META_COST_DIMS = "fxprune.cost_dims"
 META_LITERALS = "fxprune.literals"
 #: In ``GraphModule.meta``: the ``output_signature`` of the traced model's output on the example input.
 META_OUTPUT = "fxprune.output"
+#: In ``GraphModule.meta``: how the model was captured (``fxprune.capture``: ``SYMBOLIC`` or ``EXPORT``).
+META_CAPTURE = "fxprune.capture"
 #: every metadata key fxprune writes starts with this (node.meta and GraphModule.meta)
 META_PREFIX = "fxprune."
 

@@ -28,8 +28,8 @@ result      (every field above)                                 result
 ``compile_pipeline(table)`` builds ``COMPILE`` with another op table (``fxprune.passes.family.OpTable``)
 in every stage that reads op rules. A
 different capture front end is a stage that provides ``gm`` (a GraphModule with shapes propagated and
-``gm.meta[META_OUTPUT]``) and ``capture`` in place of ``trace`` (which has two: torch.fx, and torch.export
-when tracing fails); a different selection (a latency cost, a saved plan) is
+``gm.meta[META_OUTPUT]``, and ``gm.meta[META_CAPTURE]`` naming it) in place of ``trace`` (which has two:
+torch.fx, and torch.export when tracing fails); a different selection (a latency cost, a saved plan) is
 a stage that provides ``kept``, ``indices`` and ``plan``; ``compile(..., pipeline=COMPILE.replace(...))``
 runs it.
 """
@@ -50,6 +50,7 @@ import torch.fx as fx
 from fxprune.calib import Calibration, LossFn, make_calibration
 from fxprune.capture import CAPTURES, EXPORT, SYMBOLIC, export_capture
 from fxprune.data import (
+    META_CAPTURE,
     META_FLOPS,
     META_OUTPUT,
     PrunePlan,
@@ -176,7 +177,6 @@ class CompileState(PipelineState):
     score_pass: type[ScorePass] = UNSET
     # trace, dependency, cost
     gm: fx.GraphModule = UNSET
-    capture: str = UNSET
     dep: DependencyResult = UNSET
     flops_before: int = UNSET
     cost: CostModel = UNSET
@@ -312,25 +312,26 @@ class Trace(_TableStage):
 
     Capture (``options.capture``): ``"auto"`` (the default) traces with torch.fx (``fxprune.trace.trace``)
     and, when that fails, captures with ``torch.export`` (``fxprune.capture.export_capture``); ``"fx"`` and
-    ``"export"`` use one of them only. ``capture`` says which one was used. When neither works, the
+    ``"export"`` use one of them only. ``gm.meta[META_CAPTURE]`` says which one was used. When neither works, the
     ``TraceError`` lists every module symbolic tracing rejects (``untraceable_modules``) and the FLOPs floor
     the model would have with them kept opaque (``leaf_modules=``), or why that is not possible either.
     """
 
     name = "trace"
     requires = ("work", "example", "options")
-    provides = ("gm", "capture")
+    provides = ("gm",)
 
     def run(self, state: CompileState) -> None:
         o, example = state.options, state.example
         if o.capture not in CAPTURES:
             raise InputError(f"capture={o.capture!r} is not one of {', '.join(map(repr, CAPTURES))}")
         try:
-            gm, state.capture = self._capture(state.work, example, o)
+            gm, capture = self._capture(state.work, example, o)
             if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
                 shape_propagate(gm, example, count_flops=False)  # the decomposition needs the input ranks
                 gm = CanonicalizePass()(gm)
             gm.meta[META_OUTPUT] = output_signature(shape_propagate(gm, example))
+            gm.meta[META_CAPTURE] = capture
         except TraceError:
             check_runs(state.work, example)
             raise
@@ -680,7 +681,6 @@ class Result(Stage[CompileState]):
     requires = (
         "work", "example", "gm", "pruned", "plan", "dep", "cost", "scores", "flops_before", "flops_after",
         "target", "verification", "changed", "score_pass", "compensation", "calib", "options", "latency_model",
-        "capture",
     )  # fmt: skip
     provides = ("result",)
 
@@ -704,7 +704,7 @@ class Result(Stage[CompileState]):
             score=state.score_pass.name,
             compensation=state.compensation,
             calibration=state.calib,
-            capture=state.capture,
+            capture=state.gm.meta.get(META_CAPTURE),
         )
         state.result = result
         changed = state.changed
@@ -767,8 +767,9 @@ class CompileResult:
     #: the latency selection aimed at, in ms (``target_latency``), else None
     target_latency_ms: float | None = None
     #: how the model was captured: ``"symbolic_trace"`` (torch.fx) or ``"torch.export"``
-    #: (``fxprune.capture.export_capture``, when symbolic tracing fails or ``capture="export"``)
-    capture: str = SYMBOLIC
+    #: (``fxprune.capture.export_capture``, when symbolic tracing fails or ``capture="export"``); None from
+    #: a capture stage of your own that does not say (``gm.meta[META_CAPTURE]``)
+    capture: str | None = SYMBOLIC
 
     @property
     def predicted_latency_ms(self) -> float | None:
@@ -952,7 +953,7 @@ def _report(r: CompileResult) -> str:
         ),
         f"params  {r.params_before:>16,} -> {r.params_after:>16,}  ({r.params_ratio:.4f})",
     ]
-    if r.capture != SYMBOLIC:
+    if r.capture not in (SYMBOLIC, None):
         lines.append(f"capture {r.capture} (torch.fx symbolic tracing could not capture the model)")
     groups = r.dependency.groups
     pruned = [g for g in groups if g.id in r.plan.kept]
