@@ -86,7 +86,7 @@ from fxprune.passes.scores import get_score
 from fxprune.passes.stats import Reduce, process_group_sum, process_rank
 from fxprune.pipeline import UNSET, Pipeline, PipelineState, Stage
 from fxprune.select import resolve_target, select
-from fxprune.trace import copy_graph_module, shape_propagate, trace, untraceable_modules
+from fxprune.trace import copy_graph_module, shape_propagate, trace, traceable_children, untraceable_modules
 from fxprune.verify import (
     Verification,
     default_threads,
@@ -366,24 +366,33 @@ class Trace(_TableStage):
         lines = [f"neither capture works on {type(work).__name__}:", f"  torch.export: {export_error}"]
         if not bad:
             lines.append(f"  torch.fx: {fx_error}")
-            return "\n".join(lines)
-        lines.append(f"  torch.fx rejects {len(bad)} module(s); symbolic tracing stops inside each of them:")
-        lines += [f"    module '{name}' ({kind}): {why}" for name, kind, why in bad]
-        names = [name for name, _, _ in bad]
-        leaves = [*o.leaf_modules, *names]
-        if top is not None:
+        else:
+            lines.append(
+                f"  torch.fx rejects {len(bad)} module(s); symbolic tracing stops inside each of them:"
+            )
+            lines += [f"    module '{name}' ({kind}): {why}" for name, kind, why in bad]
+            names = [name for name, _, _ in bad]
+            if top is None:
+                try:
+                    share = self._floor(work, example, [*o.leaf_modules, *names], o)
+                    floor = f"the smallest model fxprune can make then has {share:.3f} of the FLOPs"
+                except FxpruneError as exc:
+                    floor = f"the model does not compile with them opaque either ({exc})"
+                lines.append(
+                    f"  fix: pass leaf_modules={names!r} to keep them opaque (their channels are pinned); {floor}"
+                )
+                return "\n".join(lines)
             lines.append(f"  and, with them opaque, the top-level forward: {top}")
             lines.append(
                 "  fix: make that control flow independent of tensor values, or bind it with concrete_args="
             )
-            return "\n".join(lines)
-        try:
-            floor = f"the smallest model fxprune can make then has {self._floor(work, example, leaves, o):.3f} of the FLOPs"
-        except FxpruneError as exc:
-            floor = f"the model does not compile with them opaque either ({exc})"
-        lines.append(
-            f"  fix: pass leaf_modules={names!r} to keep them opaque (their channels are pinned); {floor}"
-        )
+        parts = traceable_children(work)
+        if parts:
+            listed = ", ".join(f"'{n}' ({kind}, {share:.0%} of the parameters)" for n, kind, share in parts)
+            lines.append(
+                f"  or compile the parts that trace inside the model, e.g. submodules={[parts[0][0]]!r} "
+                f"(children torch.fx traces alone: {listed})"
+            )
         return "\n".join(lines)
 
     def _floor(

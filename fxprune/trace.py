@@ -32,6 +32,7 @@ __all__ = [
     "mha_slow_path",
     "shape_propagate",
     "trace",
+    "traceable_children",
     "untraceable_modules",
 ]
 
@@ -366,6 +367,24 @@ def untraceable_modules(
             found.append((inside, type(model.get_submodule(inside)).__name__, why))
             leaves.append(inside)
     return found, f"more than {limit} modules cannot be traced"
+
+
+def traceable_children(model: torch.nn.Module) -> list[tuple[str, str, float]]:
+    """The direct children of ``model`` holding at least 1% of its parameters that symbolic tracing
+    captures alone: ``(name, type name, their share of the model's parameters)``, largest first. Never
+    mutates ``model``."""
+    total = sum(p.numel() for p in model.parameters()) or 1
+    out = []
+    for name, child in model.named_children():
+        n = sum(p.numel() for p in child.parameters())
+        if n < 0.01 * total:
+            continue
+        try:
+            _Tracer().trace(child)
+        except Exception:  # as in ``trace``: every type means "not capturable"
+            continue
+        out.append((name, type(child).__name__, n / total))
+    return sorted(out, key=lambda t: -t[2])
 
 
 def _expand(graph: fx.Graph, expansions: Mapping[Any, Expansion]) -> None:

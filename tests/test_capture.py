@@ -15,12 +15,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
+from conftest import assert_masked_equivalent
 
 import fxprune
 from fxprune.capture import EXPORT, SYMBOLIC, export_capture
 from fxprune.data import output_signature
 from fxprune.errors import InputError, TargetError, TraceError
-from tests.conftest import assert_masked_equivalent
 
 
 class ShapeBranch(nn.Module):
@@ -144,6 +144,24 @@ class Uncapturable(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.s(self.g(torch.relu(self.a(x))))
         return self.fc(torch.relu(self.d(torch.relu(self.b(x)))).mean((2, 3)))
+
+
+class Detector(nn.Module):
+    """A traceable backbone inside a forward that branches on the scores' values (as NMS does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        )  # fmt: skip
+        self.head = nn.Linear(10, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = self.body(x)
+        if scores.max() > 0:
+            return self.head(scores)
+        return self.head(-scores)
 
 
 class InPlaceAndCumsum(ShapeBranch):
@@ -280,6 +298,17 @@ def test_when_neither_capture_works_one_error_lists_every_module_and_the_floor()
     assert ok.flops_ratio <= floor + 0.01
     with pytest.raises(TargetError):
         _compile(model, x, floor - 0.01, leaf_modules=["g", "s"])
+
+
+def test_when_neither_capture_works_the_error_names_the_parts_that_trace() -> None:
+    torch.manual_seed(0)
+    model, x = Detector().eval(), torch.randn(1, 3, 32, 32)
+    with pytest.raises(TraceError) as info:
+        _compile(model, x)
+    message = str(info.value)
+    assert "submodules=['body']" in message and "'body' (Sequential" in message  # the largest first
+    result = _compile(model, x, submodules="body")  # the hint works
+    assert result.parts["body"].flops_ratio <= 0.52
 
 
 def test_capture_value_is_checked() -> None:
