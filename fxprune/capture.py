@@ -182,6 +182,15 @@ def _constant_pad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call:
     return "call_function", F.pad, (a["input"], list(a["pad"])), {"value": a.get("value", 0)}
 
 
+def _to(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Call | None:
+    """``aten.to.<overload>`` -> ``x.to(...)``; its ``dtype_layout`` overload's strided layout and unpinned
+    memory are what ``Tensor.to`` always gives (other layouts are not translated)."""
+    if kwargs.get("layout") not in (None, torch.strided) or kwargs.get("pin_memory"):
+        return None
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("layout", "pin_memory")}
+    return "call_method", "to", tuple(args), kwargs
+
+
 def _reduce(target: Any) -> Translate:
     """``aten.<r>.dim(input, dim, keepdim=False, *, dtype=None)`` -> ``torch.<r>(input, dim, keepdim)``."""
 
@@ -253,6 +262,7 @@ _ATEN: dict[Any, Translate] = {
     aten.unflatten: _fn(torch.unflatten),
     aten.expand: _method("expand"),
     aten.clone: _method("clone"),
+    aten.to: _to,
     aten.contiguous: _method("contiguous"),
     aten.roll: _fn(torch.roll),
     aten.matmul: _fn(torch.matmul),
@@ -611,7 +621,13 @@ def _fold_constants(gm: fx.GraphModule, model: nn.Module, example: tuple[torch.T
 def _check_same(gm: fx.GraphModule, model: nn.Module, example: tuple[torch.Tensor, ...]) -> None:
     with torch.no_grad():
         want = model(*example)
-        got = gm(*example)
+        try:
+            got = gm(*example)
+        except Exception as exc:  # a translation the example rejects: never a crash of another type
+            raise TraceError(
+                f"torch.export capture: the canonical graph fails on the example: {type(exc).__name__}: "
+                f"{(str(exc).strip().splitlines() or [''])[0]}"
+            ) from exc
     w_leaves, w_spec = pytree.tree_flatten(want)
     g_leaves, g_spec = pytree.tree_flatten(got)
     if w_spec != g_spec or len(w_leaves) != len(g_leaves):
