@@ -210,6 +210,7 @@ _ATEN: dict[Any, Translate] = {
     aten.conv_transpose2d: _fn(torch.conv_transpose2d),
     aten.conv_transpose3d: _fn(torch.conv_transpose3d),
     aten.linear: _fn(F.linear),
+    aten.addmm: _fn(torch.addmm),
     aten.batch_norm: _batch_norm,
     aten.layer_norm: _norm(F.layer_norm, 5),
     aten.group_norm: _norm(F.group_norm, 5),

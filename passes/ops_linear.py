@@ -1,5 +1,6 @@
 """Op family ``linear``: ``nn.Linear`` (and subclasses that keep its forward, such as
-``NonDynamicallyQuantizableLinear``) and ``F.linear``.
+``NonDynamicallyQuantizableLinear``), ``F.linear``, and ``torch.addmm`` with a parameter matrix (a linear
+with its weight stored ``[in, out]``: transformers' ``Conv1D``).
 
 The rule (``linear_rule``, shared with Swin's window merge) cuts weight columns with the last dim's
 channels and makes the output features a new space; the attribute fix sets ``in_features`` and
@@ -13,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -64,6 +66,34 @@ def _linear_functional(ctx: RuleContext) -> Any:
     return linear_rule(ctx, ctx.arg(0, "input"), weight, bias, w_shape)
 
 
+def _addmm(ctx: RuleContext) -> Any:
+    """``torch.addmm(bias, x, weight)`` with ``weight`` a ``[in, out]`` parameter and ``bias`` an ``[out]``
+    one (transformers' ``Conv1D``, GPT-2's projections): a linear whose weight is stored transposed. The
+    channels of ``x``'s columns cut the weight's rows; its columns and the bias are a new space. Any other
+    use (a computed matrix, ``beta``/``alpha`` other than 1, a broadcast bias) pins its inputs."""
+    bias, x, weight = ctx.arg(0, "input"), ctx.arg(1, "mat1"), ctx.arg(2, "mat2")
+    w, b = ctx.info(weight), ctx.info(bias)
+    w_shape, b_shape = tensor_shape(ctx.value(weight)), tensor_shape(ctx.value(bias))
+    scaled = ctx.node.kwargs.get("beta", 1) != 1 or ctx.node.kwargs.get("alpha", 1) != 1
+    if not isinstance(w, ParamRef) or not isinstance(b, ParamRef) or scaled or w_shape is None:
+        ctx.pin_inputs("addmm with a computed matrix or bias, or scaled")
+        return None
+    if b_shape != (w_shape[1],):
+        ctx.pin_inputs("addmm with a bias that is not one value per output column")
+        return None
+    t = ctx.tracked(x)
+    if t is not None and t.dim != 1:
+        ctx.pin(t, "addmm applied along a non-channel dim")
+        t = None
+    out = ctx.new_space(w_shape[1])
+    if t is not None:
+        ctx.claim(w.name, 0, t.segs, "in")
+    ctx.claim(w.name, 1, out, "out")
+    ctx.claim(b.name, 0, out, "out")
+    ctx.cost(t.segs if t is not None else None, out)
+    return Tracked(1, out)
+
+
 def _fix_linear(m: nn.Module, before: Mapping[str, int]) -> None:
     assert isinstance(m, nn.Linear)
     m.out_features, m.in_features = m.weight.shape
@@ -109,5 +139,6 @@ FAMILY = OpFamily(
             compensation=CompensationRole.COLUMNS,
         ),
         Ops((F.linear,), _linear_functional, onnx=_linear_fn_onnx),
+        Ops((torch.addmm,), _addmm),
     ),
 )

@@ -44,6 +44,13 @@ def _llama() -> tuple[torch.nn.Module, torch.Tensor]:
     return transformers.LlamaForCausalLM(config).eval(), torch.randint(0, 100, (1, 16))
 
 
+def _gpt2() -> tuple[torch.nn.Module, torch.Tensor]:
+    config = transformers.GPT2Config(
+        vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=32, use_cache=False
+    )
+    return transformers.GPT2LMHeadModel(config).eval(), torch.randint(0, 100, (1, 16))
+
+
 @pytest.mark.parametrize("build", [_bert, _vit], ids=["bert", "vit"])
 def test_encoders_compile_through_export_with_heads_pruned(build: Any) -> None:
     torch.manual_seed(0)
@@ -64,14 +71,16 @@ def test_encoders_compile_through_export_with_heads_pruned(build: Any) -> None:
     assert_masked_equivalent(model, result, x, rtol=1e-4)
 
 
-def test_llama_compiles_through_export_and_equals_its_masked_original() -> None:
-    """Grouped-query attention with rotary embeddings: its MLP widths prune; where the rules cannot follow
-    the heads (the rotary tables), they are pinned, never cut wrong."""
+@pytest.mark.parametrize("build", [_llama, _gpt2], ids=["llama", "gpt2"])
+def test_decoders_compile_through_export_and_equal_their_masked_original(build: Any) -> None:
+    """Llama (grouped-query attention, rotary embeddings) and GPT-2 (``Conv1D``: ``torch.addmm``): their MLP
+    widths prune; where the rules cannot follow the heads (the rotary tables; attention scores), they are
+    pinned, never cut wrong."""
     torch.manual_seed(0)
-    model, x = _llama()
-    result = _compile(model, x)
+    model, x = build()
+    result = fxprune.compile(model, x, 0.6, score="magnitude", latency_runs=0, progress=False, round_to=1)
     assert result.capture == EXPORT
-    mlp = model.config.intermediate_size
+    mlp = getattr(model.config, "intermediate_size", None) or 4 * model.config.n_embd
     assert any(len(result.plan.kept.get(g.id, ())) < mlp for g in result.dependency.groups if g.size == mlp)
     assert result.verification is not None and result.verification.passed
     assert_masked_equivalent(model, result, x, rtol=1e-4)

@@ -880,3 +880,51 @@ def test_interpolation_of_a_dim_carrying_channels_pins() -> None:
     assert "interpolation resamples the dim that carries the channels" in " ".join(
         _group_with(_groups(M(), X), "a.weight").pinned
     )
+
+
+class _Conv1DLike(nn.Module):
+    """transformers' ``Conv1D``: a linear with its weight stored ``[in, out]``, applied by ``torch.addmm``."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.2)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.shape[:-1] + (self.weight.shape[1],))
+
+
+def test_addmm_with_a_parameter_matrix_is_a_linear() -> None:
+    class MLP(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.proj = _Conv1DLike(12, 32), _Conv1DLike(32, 12)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.proj(F.gelu(self.fc(x)))
+
+    x = torch.randn(2, 5, 12, generator=torch.Generator().manual_seed(1))
+    dep = _groups(MLP(), x)
+    hidden = _group_with(dep, "fc.weight")
+    assert hidden.prunable and {(s.param, s.dim) for s in hidden.sites} >= {
+        ("fc.weight", 1),
+        ("fc.bias", 0),
+        ("proj.weight", 0),
+    }
+    _prune_and_check(MLP(), x, 0.6)
+
+
+def test_scaled_addmm_pins() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.w = nn.Linear(6, 8), nn.Parameter(torch.randn(8, 4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.addmm(torch.zeros(4), self.a(x), self.w, beta=0.5)
+
+    assert (
+        "addmm with a computed matrix or bias, or scaled"
+        in _group_with(_groups(M(), torch.randn(3, 6)), "a.weight").pinned[0]
+    )
