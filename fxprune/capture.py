@@ -263,6 +263,9 @@ _ATEN: dict[Any, Translate] = {
     aten.unflatten: _fn(torch.unflatten),
     aten.expand: _method("expand"),
     aten.clone: _method("clone"),
+    # a fresh copy of a constant of the program on every call: a copy, so that mutating it never changes
+    # the stored constant (folded when nothing depends on the input)
+    aten.lift_fresh_copy: _method("clone"),
     aten.to: _to,
     aten.contiguous: _method("contiguous"),
     aten.roll: _fn(torch.roll),
@@ -302,7 +305,7 @@ _BY_NAME = {aten.std: 2, aten.var: 2}
 #: ops that only check (shape guards, asserts) and compute nothing: dropped
 _CHECKS = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size}
 #: ops that return their input: their uses read the input
-_IDENTITY = {aten.alias, aten.detach, aten.lift_fresh_copy}
+_IDENTITY = {aten.alias, aten.detach}
 
 
 def _packet(target: Any) -> Any:
@@ -583,9 +586,19 @@ class _Record(fx.Interpreter):
         return super().run_node(n)
 
 
+def _mutates(node: fx.Node) -> bool:
+    """``node`` writes into one of its arguments (an in-place tensor method, or an ATen op whose schema
+    mutates)."""
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("_")
+    schema = getattr(node.target, "_schema", None)
+    return node.op == "call_function" and schema is not None and schema.is_mutable
+
+
 def _fold_constants(gm: fx.GraphModule, model: nn.Module, example: tuple[torch.Tensor, ...]) -> None:
     """Step 4 of the module docstring, in place on ``gm``: compute what depends on neither an input nor a
-    tensor of the model once, as a buffer of ``gm``."""
+    tensor of the model once, as a buffer of ``gm``; nothing when the input-dependent part writes into one
+    of those values (a buffer would then keep what one call wrote for the next)."""
     graph = gm.graph
     own = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     live: set[fx.Node] = set()
@@ -596,8 +609,8 @@ def _fold_constants(gm: fx.GraphModule, model: nn.Module, example: tuple[torch.T
             live.add(n)
     const = [n for n in graph.nodes if n not in live and n.op in ("call_function", "call_method")]
     frontier = [n for n in const if any(u in live for u in n.users)]
-    if not frontier:
-        return
+    if not frontier or any(_mutates(u) for n in frontier for u in n.users):
+        return  # a value the input-dependent part writes into stays computed on every call
     record = _Record(gm, set(frontier), live)
     with torch.no_grad():
         record.run(*example)
@@ -623,6 +636,7 @@ def _check_same(gm: fx.GraphModule, model: nn.Module, example: tuple[torch.Tenso
     with torch.no_grad():
         want = model(*example)
         try:
+            gm(*example)  # twice: a graph that keeps state between calls (a written constant) differs
             got = gm(*example)
         except Exception as exc:  # a translation the example rejects: never a crash of another type
             raise TraceError(

@@ -146,6 +146,17 @@ class Uncapturable(nn.Module):
         return self.fc(torch.relu(self.d(torch.relu(self.b(x)))).mean((2, 3)))
 
 
+class WritesAConstant(ShapeBranch):
+    """Writes the input's mean into a tensor it builds from a literal (a constant of the exported program)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 32:
+            x = F.interpolate(x, size=(32, 32))
+        t = torch.tensor([1.0, 2.0])
+        t.add_(x.mean())
+        return super().forward(x) * t.sum()
+
+
 class Detector(nn.Module):
     """A traceable backbone inside a forward that branches on the scores' values (as NMS does)."""
 
@@ -220,6 +231,21 @@ def test_a_constant_built_by_inplace_fills_is_folded() -> None:
     assert not any("fill" in str(n.target) for n in graph.nodes)
     assert any(n.op == "get_attr" and "_fxprune_constant" in str(n.target) for n in graph.nodes)
     assert result.verification is not None and result.verification.passed
+    assert_masked_equivalent(model, result, x)
+
+
+def test_a_constant_the_input_writes_into_is_not_kept_between_calls() -> None:
+    torch.manual_seed(0)
+    model, x = WritesAConstant().eval(), torch.randn(1, 3, 40, 40)
+    gm = export_capture(model, (x,))
+    with torch.no_grad():
+        want = model(x)
+        for _ in range(3):
+            torch.testing.assert_close(gm(x), want)
+    result = _compile(model, x)
+    with torch.no_grad():
+        first = result.graph_module(x)
+        torch.testing.assert_close(result.graph_module(x), first)
     assert_masked_equivalent(model, result, x)
 
 
