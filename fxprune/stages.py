@@ -305,6 +305,15 @@ class Calibrate(Stage[CompileState]):
         state.calib, state.score_pass = calib, score
 
 
+def _canonical(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, Any]:
+    """``gm`` with attention canonicalised (``CanonicalizePass``), after one counted run that records
+    shapes and FLOPs; and that run's output."""
+    if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
+        shape_propagate(gm, example, count_flops=False)  # the decomposition needs the input ranks
+        gm = CanonicalizePass()(gm)
+    return gm, shape_propagate(gm, example)
+
+
 class Trace(_TableStage):
     """Capture, attention canonicalisation, and one counted run that records shapes, FLOPs and the output
     structure. A graph that fails on an example the model itself rejects is an ``InputError`` about the
@@ -327,10 +336,8 @@ class Trace(_TableStage):
             raise InputError(f"capture={o.capture!r} is not one of {', '.join(map(repr, CAPTURES))}")
         try:
             gm, capture = self._capture(state.work, example, o)
-            if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
-                shape_propagate(gm, example, count_flops=False)  # the decomposition needs the input ranks
-                gm = CanonicalizePass()(gm)
-            gm.meta[META_OUTPUT] = output_signature(shape_propagate(gm, example))
+            gm, out = _canonical(gm, example)
+            gm.meta[META_OUTPUT] = output_signature(out)
             gm.meta[META_CAPTURE] = capture
         except TraceError:
             check_runs(state.work, example)
@@ -399,11 +406,7 @@ class Trace(_TableStage):
         self, work: torch.nn.Module, example: tuple[torch.Tensor, ...], leaves: list[Any], o: CompileOptions
     ) -> float:
         """The FLOPs of the smallest model with ``leaves`` opaque, as a fraction of the model's."""
-        gm = trace(work, leaves, o.concrete_args, self.ops.expansions)
-        if any(isinstance(m, torch.nn.MultiheadAttention) for m in gm.modules()):
-            shape_propagate(gm, example, count_flops=False)
-            gm = CanonicalizePass()(gm)
-        shape_propagate(gm, example)
+        gm, _ = _canonical(trace(work, leaves, o.concrete_args, self.ops.expansions), example)
         dep = DependencyPass(strict=False, table=self.ops)(gm)
         cost = CostPass({g.id: g.size for g in dep.groups})(gm)
         sizes = {g.id: (min(o.min_channels, g.size) if g.prunable else g.size) for g in dep.groups}

@@ -11,7 +11,7 @@ taps (stride > 1: one per output phase), so its shift is no bias; compensation l
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -96,39 +96,46 @@ def _conv(
     return Tracked(ch, out)
 
 
-def _conv_module(ctx: RuleContext) -> Any:
-    m = ctx.module
-    assert isinstance(m, nn.modules.conv._ConvNd)
-    return _conv(
-        ctx,
-        ctx.arg(0, "input"),
-        f"{ctx.node.target}.weight",
-        param_name(ctx, "bias"),
-        m.weight.shape,
-        m.groups,
-        None,
-    )
+#: the body of a conv-like rule: (ctx, input, weight, bias, weight shape, groups, groups literal)
+ConvCore = Callable[[RuleContext, Any, Any, Any, Sequence[int], int, int | str | None], Any]
 
 
-def _conv_functional(ctx: RuleContext) -> Any:
-    """``F.conv*``: the weight (and bias) a parameter, or computed from parameters (``WeightExpr``)."""
-    w = ctx.info(ctx.arg(1, "weight"))
-    groups = ctx.arg(6, "groups", 1)
-    if not isinstance(w, (ParamRef, WeightExpr)) or not isinstance(groups, int):
-        ctx.pin_inputs("functional conv with a computed weight or groups")
-        return None
-    b = ctx.arg(2, "bias", None)
-    if b is not None and not isinstance(ctx.info(b), (ParamRef, WeightExpr)):
-        ctx.pin_inputs("functional conv with a computed bias")
-        return None
-    w_shape = tensor_shape(ctx.value(ctx.arg(1, "weight")))
-    assert w_shape is not None
-    literal: int | str | None = None
-    if groups > 1:
-        literal = 6 if len(ctx.node.args) > 6 else "groups"
-    bias = ctx.info(b) if isinstance(ctx.info(b), WeightExpr) else param_name(ctx, "bias")
-    weight = w.name if isinstance(w, ParamRef) else w
-    return _conv(ctx, ctx.arg(0, "input"), weight, bias, w_shape, groups, literal)
+def _module_rule(core: ConvCore) -> Callable[[RuleContext], Any]:
+    """The rule of a conv (or transposed conv) module: its own weight, bias and groups."""
+
+    def rule(ctx: RuleContext) -> Any:
+        m = ctx.module
+        assert isinstance(m, nn.modules.conv._ConvNd)
+        weight = f"{ctx.node.target}.weight"
+        return core(ctx, ctx.arg(0, "input"), weight, param_name(ctx, "bias"), m.weight.shape, m.groups, None)
+
+    return rule
+
+
+def _functional_rule(core: ConvCore, what: str, computed: bool) -> Callable[[RuleContext], Any]:
+    """The rule of ``F.<what>`` (``input, weight, bias, ...``, ``groups`` at position 6 in both conv and
+    transposed conv): the weight and bias parameters, or with ``computed`` values computed from parameters
+    (``WeightExpr``: a traced subclass's standardised weight); anything else pins its inputs."""
+    usable: tuple[type, ...] = (ParamRef, WeightExpr) if computed else (ParamRef,)
+
+    def rule(ctx: RuleContext) -> Any:
+        w = ctx.info(ctx.arg(1, "weight"))
+        groups = ctx.arg(6, "groups", 1)
+        if not isinstance(w, usable) or not isinstance(groups, int):
+            ctx.pin_inputs(f"functional {what} with a computed weight or groups")
+            return None
+        b = ctx.arg(2, "bias", None)
+        if b is not None and not isinstance(ctx.info(b), usable):
+            ctx.pin_inputs(f"functional {what} with a computed bias")
+            return None
+        w_shape = tensor_shape(ctx.value(ctx.arg(1, "weight")))
+        assert w_shape is not None
+        literal = (6 if len(ctx.node.args) > 6 else "groups") if groups > 1 else None
+        bias = ctx.info(b) if isinstance(ctx.info(b), WeightExpr) else param_name(ctx, "bias")
+        weight = w.name if isinstance(w, ParamRef) else w
+        return core(ctx, ctx.arg(0, "input"), weight, bias, w_shape, groups, literal)
+
+    return rule
 
 
 def _conv_transpose(
@@ -194,41 +201,6 @@ def _conv_transpose(
     return Tracked(ch, out)
 
 
-def _conv_transpose_module(ctx: RuleContext) -> Any:
-    m = ctx.module
-    assert isinstance(m, nn.modules.conv._ConvTransposeNd)
-    return _conv_transpose(
-        ctx,
-        ctx.arg(0, "input"),
-        f"{ctx.node.target}.weight",
-        param_name(ctx, "bias"),
-        m.weight.shape,
-        m.groups,
-        None,
-    )
-
-
-def _conv_transpose_functional(ctx: RuleContext) -> Any:
-    """``F.conv_transpose{1,2,3}d(input, weight, bias, stride, padding, output_padding, groups, dilation)``."""
-    w = ctx.info(ctx.arg(1, "weight"))
-    groups = ctx.arg(6, "groups", 1)
-    if not isinstance(w, ParamRef) or not isinstance(groups, int):
-        ctx.pin_inputs("functional transposed conv with a computed weight or groups")
-        return None
-    b = ctx.arg(2, "bias", None)
-    if b is not None and not isinstance(ctx.info(b), ParamRef):
-        ctx.pin_inputs("functional transposed conv with a computed bias")
-        return None
-    w_shape = tensor_shape(ctx.value(ctx.arg(1, "weight")))
-    assert w_shape is not None
-    literal: int | str | None = None
-    if groups > 1:
-        literal = 6 if len(ctx.node.args) > 6 else "groups"
-    return _conv_transpose(
-        ctx, ctx.arg(0, "input"), w.name, param_name(ctx, "bias"), w_shape, groups, literal
-    )
-
-
 def _fix_conv(m: nn.Module, before: Mapping[str, int]) -> None:
     assert isinstance(m, nn.modules.conv._ConvNd)
     c_out = m.weight.shape[0]
@@ -286,15 +258,18 @@ FAMILY = OpFamily(
     (
         Ops(
             (nn.Conv1d, nn.Conv2d, nn.Conv3d),
-            _conv_module,
+            _module_rule(_conv),
             attr_fix=AttrFix(("in_channels", "out_channels", "groups"), _fix_conv),
             onnx=_conv_onnx,
             compensation=CompensationRole.COLUMNS,
         ),
-        Ops((F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d), _conv_functional),
+        Ops(
+            (F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d),
+            _functional_rule(_conv, "conv", computed=True),
+        ),
         Ops(
             (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
-            _conv_transpose_module,
+            _module_rule(_conv_transpose),
             attr_fix=AttrFix(("in_channels", "out_channels", "groups"), _fix_conv_transpose),
             onnx=_conv_transpose_onnx,
         ),
@@ -307,7 +282,7 @@ FAMILY = OpFamily(
                 torch.conv_transpose2d,
                 torch.conv_transpose3d,
             ),
-            _conv_transpose_functional,
+            _functional_rule(_conv_transpose, "transposed conv", computed=False),
         ),
     ),
 )

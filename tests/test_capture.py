@@ -281,6 +281,7 @@ def test_export_of_a_traceable_model_gives_the_traced_plan(name: str) -> None:
     assert traced.plan.kept == exported.plan.kept
     assert traced.flops_after == exported.flops_after
     assert exported.verification is not None and exported.verification.passed
+    assert_masked_equivalent(model, exported, x, rtol=1e-4)  # against the user's model, not the other capture
     calls = [n for n in exported.graph_module.graph.nodes if n.op == "call_module"]
     assert len(calls) == len([n for n in traced.graph_module.graph.nodes if n.op == "call_module"])
 

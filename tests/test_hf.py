@@ -81,6 +81,11 @@ def test_decoders_compile_through_export_and_equal_their_masked_original(build: 
     result = fxprune.compile(model, x, 0.6, score="magnitude", latency_runs=0, progress=False, round_to=1)
     assert result.capture == EXPORT
     mlp = getattr(model.config, "intermediate_size", None) or 4 * model.config.n_embd
-    assert any(len(result.plan.kept.get(g.id, ())) < mlp for g in result.dependency.groups if g.size == mlp)
+    kept = [
+        len(result.plan.kept[g.id])
+        for g in result.dependency.groups
+        if g.size == mlp and g.id in result.plan.kept
+    ]
+    assert kept and all(k < mlp for k in kept), "the MLP widths are pruned"
     assert result.verification is not None and result.verification.passed
     assert_masked_equivalent(model, result, x, rtol=1e-4)

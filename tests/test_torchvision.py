@@ -23,12 +23,17 @@ MODELS = [
 
 @pytest.mark.parametrize("name", MODELS)
 def test_torchvision_at_half_flops(name: str) -> None:
+    _check_half_flops(name, (1, 3, 224, 224))
+
+
+def _check_half_flops(name: str, shape: tuple[int, ...]) -> None:
+    """``name`` (random init, non-trivial norms) compiled at 0.5: the user's model unchanged, the FLOPs
+    recounted by torch's counter, fewer parameters, ONNX Runtime and the masked oracle agree."""
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None)
-    model = randomize_norms(model).eval()
-    x = torch.randn(1, 3, 224, 224)
+    model = randomize_norms(torchvision.models.get_model(name, weights=None)).eval()
+    x = torch.randn(*shape)
     snap = snapshot(model)
-    r = fxprune.compile(model, x, 0.5, latency_runs=0, score="magnitude")
+    r = fxprune.compile(model, x, 0.5, latency_runs=0, score="magnitude", progress=False)
     assert_unchanged(model, snap)
     recount = fxprune.count_flops(r.graph_module, (x,))
     assert recount == r.flops_after
@@ -49,16 +54,4 @@ VIDEO = ["r3d_18", "r2plus1d_18"]
 
 @pytest.mark.parametrize("name", VIDEO)
 def test_torchvision_video_at_half_flops(name: str) -> None:
-    torch.manual_seed(0)
-    model = randomize_norms(torchvision.models.get_model(name, weights=None)).eval()
-    x = torch.randn(1, 3, 4, 32, 32)
-    snap = snapshot(model)
-    r = fxprune.compile(model, x, 0.5, latency_runs=0, score="magnitude", progress=False)
-    assert_unchanged(model, snap)
-    recount = fxprune.count_flops(r.graph_module, (x,))
-    assert recount == r.flops_after
-    assert 0.48 <= recount / r.flops_before <= 0.50
-    assert r.params_after < r.params_before
-    v = r.verification
-    assert v is not None and v.passed and v.max_rel_error <= 1e-4, v
-    assert_masked_equivalent(model, r, x)
+    _check_half_flops(name, (1, 3, 4, 32, 32))
