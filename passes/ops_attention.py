@@ -126,12 +126,17 @@ def _sdpa(ctx: RuleContext) -> Any:
 def attention_units(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """Linear layers whose output feeds attention heads -> the head dim (``RuleContext.new_space``).
 
-    From every ``scaled_dot_product_attention`` (or einsum/matmul), each of q, k and v is followed back through layout ops
-    (transpose, permute, view/reshape, contiguous, split/chunk pieces) to a linear layer; when that path
-    splits the features into heads (a view/reshape that adds dims), the linear's output space gets one
-    channel per head of ``u`` = q/k/v's last dim. This only coarsens the space (its ``u`` positions are
-    removed together), so it can never make a model wrong: the rules along the path still check every
-    step. Two different head dims on one linear give their gcd.
+    From every ``scaled_dot_product_attention`` (or einsum/matmul), each of q, k and v is followed back
+    (``_linears_behind``) to the linear layers behind it; when that path splits the features into heads (a
+    view/reshape that adds dims and changes the last one), the linear's output space gets one channel per
+    head of ``u`` = the head dim there. This only coarsens the space (its ``u`` positions are removed
+    together), so it can never make a model wrong: the rules along the path still check every step. Two
+    different head dims on one linear give their gcd.
+
+    Grouped-query attention: when k or v reach the product with ``H`` heads but their linear makes
+    ``H_kv < H`` (``repeat_kv``'s expand + reshape, ``repeat_interleave``, or ``enable_gqa``), query head
+    ``i`` reads key/value head ``i // (H / H_kv)``, so the query's unit is ``H / H_kv`` heads: a key/value
+    head and its query heads are removed together, and every key/value head keeps as many query heads.
 
     A linear reshaped straight to ``(..., 3, heads, head_dim)`` is a fused q/k/v projection: its heads
     are found from the reshape alone, since the attention may be reached through other ops than layout
@@ -148,45 +153,88 @@ def attention_units(gm: fx.GraphModule) -> dict[fx.Node, int]:
             operands = tuple(a for a in flat_args(node) if isinstance(a, fx.Node))
         else:
             continue
-        for x in operands:
-            found = _linear_through_heads(gm, x)
-            if found is not None:
-                units[found[0]] = math.gcd(units.get(found[0], 0), found[1])
+        found = [f for x in operands for f in _linears_behind(gm, x)]
+        so = tensor_shape(node.meta.get(META_VALUE))
+        heads = so[-3] if so is not None and len(so) >= 3 else 0
+        kv = [n for lin, u in found if heads and (n := _features(lin) // u) < heads and heads % n == 0]
+        for lin, u in found:
+            if kv and _features(lin) // u == heads:
+                u *= heads // min(kv)
+            units[lin] = math.gcd(units.get(lin, 0), u)
     return units
 
 
-_LAYOUT_METHODS = {"transpose", "permute", "contiguous", "view", "reshape", "split", "chunk"}
-_LAYOUT_FUNCTIONS = {
+_PASS_METHODS = {"transpose", "permute", "contiguous", "view", "reshape", "split", "chunk", "unsqueeze",
+                   "expand", "repeat_interleave", "to", "float", "type_as", "clone", "neg"}  # fmt: skip
+_PASS_FUNCTIONS = {
     torch.transpose,
     torch.permute,
     torch.reshape,
     torch.split,
     torch.chunk,
+    torch.unsqueeze,
+    torch.repeat_interleave,
+    torch.neg,
     operator.getitem,
+    operator.neg,
 }
+# elementwise ops followed through their operands of the output's own shape (rotary embeddings
+# ``q * cos + rotate_half(q) * sin``, a norm's ``x * rsqrt(...)``, a scaled query)
+_ELEMENTWISE = {torch.add, torch.sub, torch.mul, torch.div, operator.add, operator.sub, operator.mul,
+                operator.truediv, "add", "sub", "mul", "div"}  # fmt: skip
 
 
-def _linear_through_heads(gm: fx.GraphModule, x: Any) -> tuple[fx.Node, int] | None:
-    """The linear layer behind operand ``x`` and the head dim (the last dim after the head split nearest
-    to it), when only layout ops and a head split lie between them."""
-    modules = dict(gm.named_modules())
-    unit = 0
-    while isinstance(x, fx.Node):
-        if (x.op == "call_module" and isinstance(modules.get(str(x.target)), nn.Linear)) or (
-            x.op == "call_function" and x.target is F.linear
-        ):
-            return (x, unit) if unit else None
-        layout = (x.op == "call_method" and x.target in _LAYOUT_METHODS) or (
-            x.op == "call_function" and x.target in _LAYOUT_FUNCTIONS
-        )
-        if not layout or not x.args:
-            return None
+def _is_linear(gm: fx.GraphModule, x: fx.Node) -> bool:
+    return (
+        (x.op == "call_module" and isinstance(gm.get_submodule(str(x.target)), nn.Linear))
+        or (x.op == "call_function" and x.target in (F.linear, torch.addmm))
+    )
+
+
+def _features(linear: fx.Node) -> int:
+    s = tensor_shape(linear.meta.get(META_VALUE))
+    return s[-1] if s else 0
+
+
+def _linears_behind(gm: fx.GraphModule, x: Any) -> list[tuple[fx.Node, int]]:
+    """The linear layers behind operand ``x`` with the head dim of the head split nearest to each, when
+    only layout ops, a head split, elementwise ops on same-shaped operands and a ``cat`` along the last
+    dim (rotary embeddings' ``rotate_half``) lie between them."""
+    found: list[tuple[fx.Node, int]] = []
+    seen: set[tuple[fx.Node, int]] = set()
+    todo: list[tuple[Any, int]] = [(x, 0)]
+    while todo:
+        x, unit = todo.pop()
+        if not isinstance(x, fx.Node) or (x, unit) in seen:
+            continue
+        seen.add((x, unit))
+        if _is_linear(gm, x):
+            if unit:
+                found.append((x, unit))
+            continue
+        if not x.args or x.op not in ("call_method", "call_function"):
+            continue
         if x.target in ("view", "reshape", torch.reshape):
             si, so = tensor_shape(_arg_value(x.args[0])), tensor_shape(x.meta.get(META_VALUE))
-            if si is not None and so is not None and len(so) > len(si):
+            if si is not None and so is not None and len(so) > len(si) and so[-1] != si[-1]:
                 unit = so[-1]
-        x = x.args[0]
-    return None
+        if (x.op == "call_method" and x.target in _PASS_METHODS) or (
+            x.op == "call_function" and x.target in _PASS_FUNCTIONS
+        ):
+            todo.append((x.args[0], unit))
+        elif x.target in _ELEMENTWISE:
+            so = tensor_shape(x.meta.get(META_VALUE))
+            todo.extend((a, unit) for a in x.args[:2] if so is not None and tensor_shape(_arg_value(a)) == so)
+        elif x.target in (torch.cat, torch.concat) and _last_dim_cat(x):
+            todo.extend((a, unit) for a in flat_args(x) if isinstance(a, fx.Node))
+    return found
+
+
+def _last_dim_cat(node: fx.Node) -> bool:
+    """Whether ``torch.cat`` node ``node`` concatenates along the last dim."""
+    so = tensor_shape(node.meta.get(META_VALUE))
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    return so is not None and isinstance(dim, int) and dim in (-1, len(so) - 1)
 
 
 def _fused_qkv(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int] | None:
