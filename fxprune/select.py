@@ -118,6 +118,7 @@ def select(
     min_channels: int = 1,
     round_to: int | Mapping[int, int] = 1,
     cost_exponent: float = 1.0,
+    bundles: Sequence[Sequence[int]] = (),
 ) -> Selection:
     """Remove the channels of least score per unit of cost saved until ``cost.at(sizes) <= target``.
 
@@ -137,10 +138,18 @@ def select(
     channel) or the cost is not FLOPs, the taken steps that still fit are given back at the end, the most
     valuable first (``_refill``), so the result lands close under the target.
 
+    ``bundles``: sets of groups of one size that keep the same *count* (each its own channels: the ones of
+    least score in it), e.g. the MLP of every transformer layer, so that one config value describes them
+    all. A bundle is selected as one group (``_Bundled``): its ``j``-th channel is the ``j``-th least
+    scored channel of every member, with the sum of their scores, and a step changes every member's size.
+
     Raises:
         TargetError: the target is below the cost left with every prunable group at its minimum (FLOPs), or
             below the least cost the search reaches (another cost, which need not be least there).
+        ValueError: a bundle joins groups of different sizes or rounding steps, or a group twice.
     """
+    if bundles:
+        return _select_bundled(groups, scores, cost, target, min_channels, round_to, cost_exponent, bundles)
     sizes = dict(cost.group_sizes)
     prunable = [g for g in groups if g.prunable and g.id in scores]
     steps = round_to if isinstance(round_to, Mapping) else {g.id: round_to for g in prunable}
@@ -240,3 +249,85 @@ def select(
         if k < lad[0]:
             kept[gid] = tuple(sorted(int(i) for i in order[gid][lad[0] - k :]))
     return Selection(kept, flops, min_flops)
+
+
+class _Bundled:
+    """``cost`` seen with each bundle as one group (the id of its first member): a size for the bundle is
+    the size of every member (the ``Cost`` protocol)."""
+
+    def __init__(self, cost: Cost, bundles: Sequence[tuple[int, ...]]) -> None:
+        self.cost = cost
+        self.members = {b[0]: b for b in bundles}
+        self.owner = {g: b[0] for b in bundles for g in b}
+        self.unit = cost.unit
+        self.total = cost.total
+        self.group_sizes = {g: n for g, n in cost.group_sizes.items() if self.owner.get(g, g) == g}
+
+    def expand(self, sizes: Mapping[int, int]) -> dict[int, int]:
+        out = {g: sizes[self.owner.get(g, g)] for g in self.cost.group_sizes}
+        return out
+
+    def at(self, sizes: Mapping[int, int]) -> float:
+        return self.cost.at(self.expand(sizes))
+
+    def step_savings(self, group: int, ladder: np.ndarray, sizes: Mapping[int, int]) -> np.ndarray:
+        full = self.expand(sizes)
+        return sum(  # type: ignore[return-value]
+            (self.cost.step_savings(m, ladder, full) for m in self.members.get(group, (group,))),
+            np.zeros(len(ladder) - 1),
+        )
+
+    def interactions(self) -> dict[int, frozenset[int]]:
+        out: dict[int, frozenset[int]] = {}
+        for g, near in self.cost.interactions().items():
+            o = self.owner.get(g, g)
+            out[o] = out.get(o, frozenset()) | frozenset(self.owner.get(n, n) for n in near)
+        return out
+
+
+def _select_bundled(
+    groups: Sequence[ChannelGroup],
+    scores: Mapping[int, np.ndarray],
+    cost: Cost,
+    target: float,
+    min_channels: int,
+    round_to: int | Mapping[int, int],
+    cost_exponent: float,
+    bundles: Sequence[Sequence[int]],
+) -> Selection:
+    by_id = {g.id: g for g in groups}
+    live = [tuple(g for g in b if g in scores and by_id[g].prunable) for b in bundles]
+    live = [b for b in live if len(b) > 1]
+    seen: set[int] = set()
+    for b in live:
+        if len({by_id[g].size for g in b}) > 1 or (
+            isinstance(round_to, Mapping) and len({round_to.get(g, 1) for g in b}) > 1
+        ):
+            raise ValueError(f"bundle {b} joins groups of different sizes or rounding steps")
+        if seen & set(b):
+            raise ValueError(f"bundle {b} shares a group with another bundle")
+        seen |= set(b)
+    if not live:
+        return select(groups, scores, cost, target, min_channels=min_channels, round_to=round_to,
+                      cost_exponent=cost_exponent)  # fmt: skip
+    sorted_scores = {
+        g: np.sort(np.asarray(scores[g], dtype=np.float64), kind="stable") for b in live for g in b
+    }
+    virtual = dict(scores)
+    for b in live:
+        for g in b[1:]:
+            virtual.pop(g)
+        virtual[b[0]] = np.sum([sorted_scores[g] for g in b], axis=0)
+    bundled = _Bundled(cost, live)
+    members = {g for b in live for g in b[1:]}
+    chosen = select([g for g in groups if g.id not in members], virtual, bundled, target,  # type: ignore[arg-type]
+                    min_channels=min_channels, round_to=round_to, cost_exponent=cost_exponent)  # fmt: skip
+    kept = {g: k for g, k in chosen.kept.items() if g not in bundled.members}
+    for b in live:
+        if b[0] not in chosen.kept:
+            continue
+        k = len(chosen.kept[b[0]])
+        for g in b:
+            order = np.argsort(np.asarray(scores[g], dtype=np.float64), kind="stable")
+            kept[g] = tuple(sorted(int(i) for i in order[len(order) - k :]))
+    return Selection(kept, chosen.predicted_flops, chosen.min_flops)

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 import statistics
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +118,7 @@ __all__ = [
     "Score",
     "Select",
     "Trace",
+    "Units",
     "Verify",
     "compile_pipeline",
     "graph_flops",
@@ -500,37 +501,58 @@ class Score(Stage[CompileState]):
             state.scores = score(state.gm)
 
 
+@dataclass(frozen=True)
+class Units:
+    """Which prunable groups selection may cut and which keep one count together (``Select(units=)``).
+
+    Attributes:
+        allowed: the group ids selection may cut (None: every prunable group).
+        bundles: sets of groups that keep the same count (``fxprune.select.select(bundles=)``).
+    """
+
+    allowed: frozenset[int] | None = None
+    bundles: tuple[tuple[int, ...], ...] = ()
+
+
 class Select(Stage[CompileState]):
     """Global selection under the target (``fxprune.select``), the parameter indices and the plan; warns
-    when a group is left with fewer than ``FEW_CHANNELS`` channels."""
+    when a group is left with fewer than ``FEW_CHANNELS`` channels.
+
+    ``units``: a function of the state (its ``dep`` and ``gm``) giving the ``Units`` to select among, e.g.
+    ``fxprune.hf``'s attention heads and MLP channels with one count per layer; default: every prunable
+    group, each on its own."""
 
     name = "select"
     requires = ("dep", "scores", "budget", "target", "round_to", "flops_before", "score_pass", "options",
-                "latency_model")  # fmt: skip
+                "latency_model", "gm")  # fmt: skip
     provides = ("kept", "indices", "plan")
 
+    def __init__(self, units: Callable[[CompileState], Units] | None = None) -> None:
+        self.units = units
+
     def run(self, state: CompileState) -> None:
-        _choose(state)
+        _choose(state, self.units(state) if self.units is not None else Units())
         if state.latency_model is None:  # else the refit stage chooses again, and warns
             _warn_few_channels(state.dep, state.kept)
 
 
-def _choose(state: CompileState) -> None:
-    """``select`` under ``state.budget`` and ``state.target``; with aligned counts (``round_to=None``) that
-    cannot reach the target, any count, with a warning. Writes ``kept``, ``indices`` and ``plan``."""
+def _choose(state: CompileState, units: Units = Units()) -> None:  # noqa: B008 - frozen, never mutated
+    """``select`` under ``state.budget`` and ``state.target`` among ``units``; with aligned counts
+    (``round_to=None``) that cannot reach the target, any count, with a warning. Writes ``kept``,
+    ``indices`` and ``plan``."""
     o, groups = state.options, state.dep.groups
     exponent = state.score_pass.cost_exponent if o.cost_exponent is None else o.cost_exponent
-    scores = {g: s.mean for g, s in state.scores.items()}
+    scores = {g: s.mean for g, s in state.scores.items() if units.allowed is None or g in units.allowed}
     with _absolute_target_hint(o.target_flops, state.flops_before):
         try:
             chosen = select(groups, scores, state.budget, state.target, min_channels=o.min_channels,
-                            round_to=state.round_to, cost_exponent=exponent)  # fmt: skip
+                            round_to=state.round_to, cost_exponent=exponent, bundles=units.bundles)  # fmt: skip
         except TargetError:
             if o.round_to is not None or all(r == 1 for r in state.round_to.values()):
                 raise
             # aligned counts cannot reach the target: any count may (the target keeps its meaning)
             chosen = select(groups, scores, state.budget, state.target, min_channels=o.min_channels,
-                            round_to=1, cost_exponent=exponent)  # fmt: skip
+                            round_to=1, cost_exponent=exponent, bundles=units.bundles)  # fmt: skip
             warn(
                 "the target cannot be reached with hardware-aligned channel counts (multiples of "
                 f"{max(state.round_to.values())}); kept counts are not aligned, which the runtime may run "
@@ -850,8 +872,17 @@ def _absolute_target_hint(target_flops: float | None, total: int) -> Iterator[No
 
 def _warn_few_channels(dep: DependencyResult, kept: Mapping[int, tuple[int, ...]]) -> None:
     """Warn when the selection leaves a group with fewer than ``FEW_CHANNELS`` channels (from more): such
-    layers are near-bottlenecks, usually a sign of a too aggressive target."""
-    few = [g for g in dep.groups if g.id in kept and len(kept[g.id]) < min(FEW_CHANNELS, g.size)]
+    layers are near-bottlenecks, usually a sign of a too aggressive target. A group whose channels are
+    units of several features (attention heads) counts its features."""
+
+    def unit(g: Any) -> int:
+        return min((s.repeat for s in g.sites if s.role == "out"), default=1)
+
+    few = [
+        g
+        for g in dep.groups
+        if g.id in kept and len(kept[g.id]) * unit(g) < min(FEW_CHANNELS, g.size * unit(g))
+    ]
     if not few:
         return
 

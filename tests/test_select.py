@@ -194,3 +194,40 @@ def test_step_shaped_cost_prunes_to_whole_steps() -> None:
     sel = select(groups, scores, cost, 6.0, round_to=8)
     assert {g: len(k) for g, k in sel.kept.items()} == {0: 16}
     assert sel.predicted_flops == 6.0
+
+
+@settings(max_examples=100, deadline=None)
+@given(problem=problems(), frac=st.floats(0.05, 1.0), round_to=st.sampled_from([1, 2]))
+def test_bundles_keep_one_count_and_each_members_best(problem, frac, round_to) -> None:  # type: ignore[no-untyped-def]
+    """Groups of one size in a bundle keep the same count, each its own highest-scored channels; the
+    target is met as without bundles."""
+    groups, scores, cost = problem
+    by_size: dict[int, list[int]] = {}
+    for g in groups:
+        if g.prunable:
+            by_size.setdefault(g.size, []).append(g.id)
+    bundles = [tuple(ids) for ids in by_size.values() if len(ids) > 1]
+    target = frac * cost.total
+    try:
+        sel = select(groups, scores, cost, target, round_to=round_to, bundles=bundles)
+    except TargetError as e:
+        assert e.min_flops is not None and e.min_flops > target
+        return
+    sizes = {g.id: len(sel.kept.get(g.id, range(g.size))) for g in groups}
+    assert cost.at(sizes) <= target * (1 + 1e-9)
+    for b in bundles:
+        assert len({sizes[g] for g in b}) == 1, (b, sizes)
+        for g in b:
+            if g in sel.kept:
+                k = len(sel.kept[g])
+                best = set(np.argsort(scores[g], kind="stable")[len(scores[g]) - k :].tolist())
+                assert set(sel.kept[g]) == best
+
+
+def test_a_bundle_of_different_sizes_is_refused() -> None:
+    groups = [_group(0, 4), _group(1, 6)]
+    cost = CostModel(
+        (NodeCost("a", 100, (((0, 1),),), (4,)), NodeCost("b", 100, (((1, 1),),), (6,))), {0: 4, 1: 6}
+    )
+    with pytest.raises(ValueError, match="different sizes"):
+        select(groups, {0: np.ones(4), 1: np.ones(6)}, cost, 100, bundles=[(0, 1)])
