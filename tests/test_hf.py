@@ -89,3 +89,147 @@ def test_decoders_compile_through_export_and_equal_their_masked_original(build: 
     assert kept and all(k < mlp for k in kept), "the MLP widths are pruned"
     assert result.verification is not None and result.verification.passed
     assert_masked_equivalent(model, result, x, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- fxprune.hf
+def _vit_classifier() -> tuple[torch.nn.Module, torch.Tensor]:
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=128, num_labels=10,
+    )  # fmt: skip
+    return transformers.ViTForImageClassification(config).eval(), torch.randn(2, 3, 32, 32)
+
+
+def _qwen3() -> tuple[torch.nn.Module, torch.Tensor]:
+    config = transformers.Qwen3Config(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, max_position_embeddings=32, use_cache=False,
+    )  # fmt: skip
+    return transformers.Qwen3ForCausalLM(config).eval(), torch.randint(0, 100, (1, 16))
+
+
+def _token_data(lengths: tuple[int, ...], labels: bool = False) -> list[dict[str, torch.Tensor]]:
+    """Batches of 2 rows of different lengths, right-padded inside each batch (attention_mask 0)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for n in lengths:
+        ids = torch.randint(1, 100, (2, n), generator=g)
+        mask = torch.ones(2, n, dtype=torch.long)
+        mask[1, n - 3 :] = 0  # the second row is 3 tokens shorter
+        ids[1, n - 3 :] = 0
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if labels:
+            batch["labels"] = ids.masked_fill(mask == 0, -100)
+        out.append(batch)
+    return out
+
+
+def _masked_user_model(res: Any) -> torch.nn.Module:
+    overrides = res.result.compensation.overrides if res.result.compensation is not None else None
+    masked = fxprune.masked_model(res.adapter, res.result.plan, overrides)
+    return masked.model.eval()
+
+
+def _max_rel(a: Any, b: Any) -> float:
+    from fxprune.data import flatten_structure
+
+    xs, ys = flatten_structure(a, torch.Tensor), flatten_structure(b, torch.Tensor)
+    assert len(xs) == len(ys) and xs
+    return max(
+        float((x - y).abs().max()) / max(float(y.abs().max()), 1e-12) for x, y in zip(xs, ys, strict=True)
+    )
+
+
+_HF_MODELS = {"bert": _bert, "vit": _vit_classifier, "gpt2": _gpt2, "llama": _llama, "qwen3": _qwen3}
+
+
+@pytest.mark.parametrize("name", list(_HF_MODELS))
+def test_hf_compile_gives_the_users_class_back_smaller(name: str, tmp_path: Any) -> None:
+    """Acceptance of issue 17 per model: 0.5 of the blocks' FLOPs, heads and MLP channels removed, equal to
+    the masked original (also eagerly, at another sequence length), ONNX-checked, config updated, saved
+    and loaded, and (decoders) the same 8 greedy tokens as the masked original."""
+    import fxprune.hf as hf
+
+    torch.manual_seed(0)
+    model, x = _HF_MODELS[name]()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    text = not x.is_floating_point()
+    data = _token_data((16, 12, 9)) if text else None
+    example = x if not text else None
+    res = hf.compile(model, example, 0.5, data=data, score="magnitude", progress=False, latency_runs=0,
+                     round_to=1)  # fmt: skip
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()), (
+        "the user's model is untouched"
+    )
+    assert type(res.model) is type(model)
+    assert 0.40 <= res.block_flops_ratio <= 0.505, res.block_flops_ratio
+    heads0 = model.config.num_attention_heads
+    assert any(w["num_attention_heads"] < heads0 for w in res.widths), res.widths
+    mlp0 = getattr(model.config, "intermediate_size", None) or 4 * model.config.hidden_size
+    assert any(w["intermediate_size"] < mlp0 for w in res.widths), res.widths
+    # the compiled graph equals the masked original; so does the rebuilt class, eagerly, at another length
+    inputs = tuple(res.adapter.names)
+    example_t = tuple(
+        (data[0][n] if text else x) if n != "attention_mask" else data[0][n] for n in inputs
+    ) if text else (x,)  # fmt: skip
+    assert_masked_equivalent(res.adapter, res.result, example_t, rtol=1e-4)
+    masked = _masked_user_model(res)
+    probe = torch.randint(1, 100, (1, 11)) if text else torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert _max_rel(res.model(probe), masked(probe)) < 1e-4
+    assert res.result.verification is not None and res.result.verification.passed
+    # config: the pruned widths, and what from_pretrained needs
+    assert res.model.config.num_attention_heads == max(w["num_attention_heads"] for w in res.widths)
+    assert model.config.num_attention_heads == heads0, "the user's config is untouched"
+    assert res.model.config.fxprune["layers"] == res.widths
+    res.model.save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(tmp_path)
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert _max_rel(loaded(probe), res.model(probe)) == 0.0
+    if res.config_describes_model:  # the class's own loader needs no help
+        plain = type(model).from_pretrained(tmp_path)
+        with torch.no_grad():
+            assert _max_rel(plain(probe), res.model(probe)) == 0.0
+    if hasattr(model, "generate") and text:
+        prompt = torch.randint(1, 100, (1, 5))
+        kw = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+        got = res.model.generate(prompt, **kw)
+        want = masked.generate(prompt, **kw)
+        assert got.shape[1] == 13 and torch.equal(got, want)
+
+
+def test_hf_uniform_llama_loads_with_its_own_class(tmp_path: Any) -> None:
+    """``uniform=True``: one count per layer, so ``LlamaForCausalLM.from_pretrained`` loads the save; the
+    causal-LM loss with labels scores with fisher and compensates."""
+    import fxprune.hf as hf
+
+    torch.manual_seed(0)
+    model, _ = _llama()
+    model.config.num_hidden_layers = 2
+    res = hf.compile(model, None, 0.6, data=_token_data((16, 10, 14), labels=True), uniform=True,
+                     progress=False, latency_runs=0, round_to=1)  # fmt: skip
+    assert res.result.score == "fisher" and res.result.compensation is not None
+    assert len({tuple(sorted(w.items())) for w in res.widths}) == 1, res.widths
+    assert res.config_describes_model
+    assert res.model.config.intermediate_size == res.widths[0]["intermediate_size"] < 128
+    res.model.save_pretrained(tmp_path)
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    probe = torch.randint(1, 100, (1, 9))
+    with torch.no_grad():
+        assert _max_rel(plain(probe), res.model(probe)) == 0.0
+
+
+def test_hf_bad_inputs_are_named() -> None:
+    import fxprune.hf as hf
+    from fxprune.errors import InputError
+
+    model, x = _llama()
+    with pytest.raises(InputError, match="units"):
+        hf.compile(model, x, 0.5, units=("heads", "neurons"))
+    with pytest.raises(InputError, match="max_length"):
+        hf.compile(model, x, 0.5, data=[torch.randint(0, 100, (1, 20))])
+    with pytest.raises(InputError, match="labels"):
+        hf.compile(model, x, 0.5, data=[{"input_ids": x, "labels": x}, {"input_ids": x}])
+    with pytest.raises(InputError, match="target_flops"):
+        hf.compile(model, x, 0.5, target_flops=0.5)
