@@ -53,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.compiler import compile as _compile
 from fxprune.data import ChannelGroup, flatten_structure
-from fxprune.errors import FxpruneError, InputError
+from fxprune.errors import FxpruneError, InputError, warn
 from fxprune.passes.score import auto_score
 from fxprune.stages import COMPILE, CompileResult, CompileState, Select, Units
 
@@ -131,12 +131,10 @@ def block_flops(model: nn.Module, kwargs: Mapping[str, Any]) -> list[int]:
 
 
 def group_kinds(groups: Sequence[ChannelGroup], blocks: str, prefix: str = "") -> dict[int, tuple[str, int]]:
-    """Group id -> (kind, block index; -1 for hidden) of every prunable group (see the module doc)."""
+    """Group id -> (kind, block index; -1 for hidden) of every group (see the module doc)."""
     out: dict[int, tuple[str, int]] = {}
     head = f"{prefix}{blocks}."
     for g in groups:
-        if not g.prunable:
-            continue
         where = set()
         for s in g.sites:
             rest = s.param[len(head) :] if s.param.startswith(head) else None
@@ -153,8 +151,24 @@ def group_kinds(groups: Sequence[ChannelGroup], blocks: str, prefix: str = "") -
 
 def _units(kinds: Sequence[str], uniform: bool, blocks: str) -> Any:
     def units(state: CompileState) -> Units:
-        found = group_kinds(state.dep.groups, blocks, _ADAPTER)
+        kinds_of = group_kinds(state.dep.groups, blocks, _ADAPTER)
+        prunable = {g.id for g in state.dep.groups if g.prunable}
+        found = {g: kb for g, kb in kinds_of.items() if g in prunable}
         allowed = frozenset(g for g, (k, _) in found.items() if k in kinds)
+        missing = [k for k in kinds if not any(kb[0] == k for kb in found.values())]
+        if missing:
+            why = {
+                k: next(
+                    (g.pinned[0] for g in state.dep.groups if kinds_of[g.id][0] == k and g.pinned),
+                    "none found",
+                )
+                for k in missing
+            }
+            text = "; ".join(f"{k}: {why[k]}" for k in missing)
+            if not allowed:
+                raise InputError(f"units={kinds!r}: nothing of these kinds can be pruned ({text}); "
+                                 f"choose among the kinds this model has, e.g. units=('heads', 'mlp')")  # fmt: skip
+            warn(f"units: no {', '.join(missing)} channels can be pruned in this model ({text})")
         bundles: list[tuple[int, ...]] = []
         if uniform:
             sizes = {g.id: g.size for g in state.dep.groups}

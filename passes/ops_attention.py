@@ -73,6 +73,9 @@ def _sdpa(ctx: RuleContext) -> Any:
        removing a contracted feature changes every logit, and the masked oracle has no consumer column
        that could zero it.
 
+    With ``enable_gqa=True`` the key and value have ``H_kv`` heads for the query's ``H``: each of their
+    heads stands for ``H / H_kv`` consecutive query heads (a repeat), as after ``repeat_kv``.
+
     FLOPs scale with the kept heads in case 1; case 2 leaves the cost model conservative (unscaled).
     """
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
@@ -85,14 +88,22 @@ def _sdpa(ctx: RuleContext) -> Any:
     ctx.pin(ctx.tracked(mask), "channels in the attention mask")
     batch: list[Tracked] = []
     v_last: Tracked | None = None
+    sq = tensor_shape(ctx.value(q))
+    taken: list[Any] = []
     for name, x in (("query", q), ("key", k), ("value", v)):
         t = ctx.tracked(x)
         if t is None:
             continue
+        sx = tensor_shape(ctx.value(x))
+        if name != "query" and ctx.node.kwargs.get("enable_gqa") and sq is not None and sx is not None and (
+            len(sx) == len(sq) == n and t.dim == n - 3 and sx[t.dim] < sq[t.dim]
+        ):  # grouped-query attention: query head i reads key/value head i // (H / H_kv)
+            t = Tracked(t.dim, ctx.spaces.scale(t.segs, sq[t.dim] // sx[t.dim]))
         if len(tensor_shape(ctx.value(x)) or ()) != n:
             ctx.pin(t, f"scaled_dot_product_attention {name} of another rank than the output")
         elif t.dim < n - 2:
             batch.append(t)
+            taken.append(x)
         elif name == "value" and t.dim == n - 1:
             v_last = t
         else:
@@ -108,7 +119,7 @@ def _sdpa(ctx: RuleContext) -> Any:
         spans = [
             x
             for x in (q, k, v, mask)
-            if _untracked_spans(ctx, x, D, n) or ctx.tracked(x) not in (None, *batch)
+            if _untracked_spans(ctx, x, D, n) or (ctx.tracked(x) is not None and x not in taken)
         ]
         if spans:
             ctx.spaces.pin(
@@ -185,9 +196,8 @@ _ELEMENTWISE = {torch.add, torch.sub, torch.mul, torch.div, operator.add, operat
 
 
 def _is_linear(gm: fx.GraphModule, x: fx.Node) -> bool:
-    return (
-        (x.op == "call_module" and isinstance(gm.get_submodule(str(x.target)), nn.Linear))
-        or (x.op == "call_function" and x.target in (F.linear, torch.addmm))
+    return (x.op == "call_module" and isinstance(gm.get_submodule(str(x.target)), nn.Linear)) or (
+        x.op == "call_function" and x.target in (F.linear, torch.addmm)
     )
 
 

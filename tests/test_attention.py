@@ -385,3 +385,57 @@ def test_product_of_two_activations_over_the_channels_pins() -> None:
 
     g = _group_with(fxprune.dependency_graph(M().eval(), torch.randn(2, 5, 6)), "a.weight", "out")
     assert "product contracts the channels of two activations" in " ".join(g.pinned)
+
+
+class _RotaryGQA(nn.Module):
+    """Llama-style attention: rotary embeddings on q and k (``rotate_half``: halves of the head dim),
+    grouped-query attention by ``repeat_kv`` (unsqueeze, expand, reshape) or ``enable_gqa``."""
+
+    def __init__(self, gqa: str, d: int = 64, heads: int = 4, kv: int = 2, hd: int = 16) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(d, heads * hd), nn.Linear(d, kv * hd)
+        self.v, self.o = nn.Linear(d, kv * hd), nn.Linear(heads * hd, d)
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.gqa, self.hd, self.rep = gqa, hd, heads // kv
+        angle = torch.arange(8)[:, None] * torch.linspace(0.1, 1.0, hd // 2)[None]
+        self.register_buffer("cos", torch.cat([angle, angle], -1).cos())
+        self.register_buffer("sin", torch.cat([angle, angle], -1).sin())
+
+    def _rope(self, x: torch.Tensor) -> torch.Tensor:
+        half = torch.cat([-x[..., self.hd // 2 :], x[..., : self.hd // 2]], dim=-1)
+        return x * self.cos + half * self.sin
+
+    def _repeat(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, t, hd = x.shape
+        return x[:, :, None].expand(b, h, self.rep, t, hd).reshape(b, h * self.rep, t, hd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self._rope(self.q(x).view(b, t, -1, self.hd).transpose(1, 2))
+        k = self._rope(self.k(x).view(b, t, -1, self.hd).transpose(1, 2))
+        v = self.v(x).view(b, t, -1, self.hd).transpose(1, 2)
+        if self.gqa == "repeat_kv":
+            a = F.scaled_dot_product_attention(q, self._repeat(k), self._repeat(v), is_causal=True)
+        else:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        h = x + self.o(a.transpose(1, 2).reshape(b, t, -1))
+        return h + self.down(F.relu(self.up(h)))
+
+
+@pytest.mark.parametrize("gqa", ["repeat_kv", "enable_gqa"])
+def test_grouped_query_heads_with_rotary_embeddings_prune_by_key_value_group(gqa: str) -> None:
+    """A key/value head and its query heads are one channel of one group (rotary embeddings and the head
+    repeat followed); pruning it removes query heads ``2j, 2j+1`` with key/value head ``j``."""
+    torch.manual_seed(0)
+    model, x = _RotaryGQA(gqa).eval(), torch.randn(2, 8, 64)
+    dep = fxprune.dependency_graph(model, x)
+    heads = [g for g in dep.groups if set(g.producers) >= {"q", "k", "v"}]
+    assert len(heads) == 1 and heads[0].prunable and heads[0].size == 2, [
+        (g.size, g.producers, g.pinned) for g in dep.groups
+    ]
+    r = fxprune.compile(model, x, 0.55, score="magnitude", latency_runs=0, progress=False, round_to=1)
+    assert r.plan.kept.get(heads[0].id) is not None and len(r.plan.kept[heads[0].id]) == 1
+    (kv,) = r.plan.kept[heads[0].id]
+    assert r.plan.modules["q"]["out"] == tuple(range(kv * 32, kv * 32 + 32))  # two query heads of 16
+    assert r.plan.modules["k"]["out"] == tuple(range(kv * 16, kv * 16 + 16))
+    assert_masked_equivalent(model, r, x, rtol=1e-4)

@@ -233,3 +233,20 @@ def test_hf_bad_inputs_are_named() -> None:
         hf.compile(model, x, 0.5, data=[{"input_ids": x, "labels": x}, {"input_ids": x}])
     with pytest.raises(InputError, match="target_flops"):
         hf.compile(model, x, 0.5, target_flops=0.5)
+
+
+def test_hf_hidden_units_say_why_they_are_pinned() -> None:
+    """Hidden-size pruning is off by default; asked for alone on Llama (RMSNorm over the hidden size), it
+    is refused with the reason; with other units it warns and prunes those."""
+    import fxprune.hf as hf
+    from fxprune.errors import InputError
+
+    torch.manual_seed(0)
+    model, x = _llama()
+    with pytest.raises(InputError, match=r"hidden: .*(reduction|spans|packed)"):
+        hf.compile(model, x, 0.5, units=("hidden",), score="magnitude", progress=False, latency_runs=0)
+    with pytest.warns(UserWarning, match="no hidden channels"):
+        res = hf.compile(model, x, 0.7, units=("mlp", "hidden"), score="magnitude", progress=False,
+                         latency_runs=0, round_to=1)  # fmt: skip
+    assert all(w["num_attention_heads"] == 4 for w in res.widths), "heads were not asked for"
+    assert any(w["intermediate_size"] < 128 for w in res.widths)
