@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxprune.calib import Calibration, LossFn, make_calibration
+from fxprune.calib import Calibration, LossFn, batch_sizes, make_calibration
 from fxprune.capture import CAPTURES, EXPORT, SYMBOLIC, export_capture
 from fxprune.data import (
     META_CAPTURE,
@@ -306,6 +306,20 @@ class Calibrate(Stage[CompileState]):
         state.calib, state.score_pass = calib, score
 
 
+def _check_export_batches(calib: Calibration, example: tuple[torch.Tensor, ...]) -> None:
+    """torch.export specialises the graph to the example's shapes, its batch size included: every
+    calibration batch must have it (the calibration stage checked the other dims)."""
+    n = int(example[0].shape[0]) if example and example[0].dim() else 1
+    for i, size in enumerate(batch_sizes(calib.batches)):
+        if size != n:
+            raise InputError(
+                f"data[{i}] has batch size {size}, but the model was captured by torch.export for "
+                f"example_input's batch size {n} (its graph is specialised to the example's shapes): give "
+                f"batches of exactly {n} (e.g. DataLoader(..., batch_size={n}, drop_last=True)), or an example "
+                "of the batches' size; for transformers models fxprune.hf.compile pads and regroups token batches"
+            )
+
+
 def _canonical(gm: fx.GraphModule, example: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, Any]:
     """``gm`` with attention canonicalised (``CanonicalizePass``), after one counted run that records
     shapes and FLOPs; and that run's output."""
@@ -487,11 +501,13 @@ class Score(Stage[CompileState]):
     """Per-channel scores of every prunable group, or ``options.scores`` checked against the groups."""
 
     name = "score"
-    requires = ("gm", "dep", "calib", "score_pass", "device", "reduce", "progress", "options")
+    requires = ("gm", "dep", "calib", "score_pass", "device", "reduce", "progress", "options", "example")
     provides = ("scores",)
 
     def run(self, state: CompileState) -> None:
         o = state.options
+        if state.gm.meta.get(META_CAPTURE) == EXPORT and state.calib is not None:
+            _check_export_batches(state.calib, state.example)  # before scores or compensation read them
         if o.scores is not None:
             state.scores = _check_scores(o.scores, state.dep)
             return

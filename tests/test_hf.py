@@ -250,3 +250,14 @@ def test_hf_hidden_units_say_why_they_are_pinned() -> None:
                          latency_runs=0, round_to=1)  # fmt: skip
     assert all(w["num_attention_heads"] == 4 for w in res.widths), "heads were not asked for"
     assert any(w["intermediate_size"] < 128 for w in res.widths)
+
+
+def test_export_capture_refuses_calibration_batches_of_another_batch_size() -> None:
+    """An exported graph is specialised to the example's shapes: a batch of another size is named with the
+    fix, not a RuntimeError from inside the graph."""
+    from fxprune.errors import InputError
+
+    model, x = _llama()
+    with pytest.raises(InputError, match=r"data\[1\] has batch size 2.*batch_size=1"):
+        fxprune.compile(model, x, 0.6, data=[x, torch.randint(0, 100, (2, 16))], progress=False,
+                        latency_runs=0)  # fmt: skip
