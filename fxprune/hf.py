@@ -86,6 +86,7 @@ class HFResult:
         result: the ``CompileResult`` of the captured graph (plan, scores, ONNX check, report).
         adapter: the module that was compiled: the original model called with ``input_names`` as keywords.
         input_names: the keyword of each example tensor.
+        example: the example tensors the graph was captured with (``adapter(*example)``).
         block_flops_before, block_flops_after: FLOPs of the blocks on the example (torch's counter).
         widths: per block, the kept ``num_attention_heads``, ``num_key_value_heads`` and
             ``intermediate_size`` (the ones the block has).
@@ -97,6 +98,7 @@ class HFResult:
     result: CompileResult
     adapter: nn.Module
     input_names: tuple[str, ...]
+    example: tuple[torch.Tensor, ...]
     block_flops_before: int
     block_flops_after: int
     widths: list[dict[str, int]]
@@ -414,6 +416,7 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
     uniform: bool = False,
     score: str = "auto",
     max_length: int | None = None,
+    batch_size: int = 4,
     rtol: float = 1e-4,
     **options: Any,
 ) -> HFResult:
@@ -422,8 +425,9 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
     Args:
         model: a transformers ``PreTrainedModel`` (never modified).
         example: the model's main input (``input_ids`` ``[B, L]``, ``pixel_values``...), or a dict of keyword
-            tensors (``input_ids``, ``attention_mask``); default: ``[B, L]`` from ``data`` (``B`` its first
-            batch's rows, ``L`` its longest row, or ``max_length``). Shapes are fixed by it.
+            tensors (``input_ids``, ``attention_mask``); default: ``[batch_size, L]`` from ``data`` (``L``
+            its longest row, or ``max_length``). The captured graph's shapes are fixed by it: the rows of
+            ``data`` are regrouped into batches of its ``B`` rows.
         target: fraction in (0, 1) of the blocks' FLOPs to keep.
         data: calibration token batches (see the module doc); default: the example only.
         units: what selection may cut among ``KINDS``: ``"heads"`` (whole attention heads; a key/value head
@@ -432,6 +436,8 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
         uniform: every block keeps the same count of each kind (the config fields then describe the model).
         score: as in ``fxprune.compile``; ``"auto"``: ``fisher`` with labels, else ``magnitude``.
         max_length: pad rows to this length (default: the longest row).
+        batch_size: rows per calibration batch when ``example`` is not given (default 4: ``fisher``'s
+            micro-batch; an exported graph runs at one batch size, so micro-batches are whole batches).
         rtol: tolerance of the rebuilt model against the compiled graph, and of the ONNX check.
         options: passed to ``fxprune.compile`` (``compensate=``, ``device=``, ``progress=``, ``verify=``...).
 
@@ -471,8 +477,7 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
     elif isinstance(example, torch.Tensor):
         kwargs = {input_name: example}
     elif rows:
-        first = data[0] if isinstance(data, Sequence) else None  # type: ignore[index]
-        b = len(_rows(0, first, input_name)) if first is not None else 1
+        b = batch_size
         length = max_length or max(len(r[0]) for r in rows)
         kwargs = {input_name: torch.full((b, length), pad_id, dtype=torch.long),
                   "attention_mask": torch.ones((b, length), dtype=torch.long)}  # fmt: skip
@@ -547,7 +552,7 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
             if getattr(m, "config", None) is config:
                 m.config = pruned.config  # type: ignore[assignment]
     after_flops = sum(block_flops(pruned, {**kwargs, **extra}))
-    return HFResult(pruned, result, adapter, names, blocks_total, after_flops, after, describes)
+    return HFResult(pruned, result, adapter, names, example_t, blocks_total, after_flops, after, describes)
 
 
 def from_pretrained(path: str | Path, cls: Any = None, **kwargs: Any) -> nn.Module:

@@ -95,8 +95,12 @@ def _sdpa(ctx: RuleContext) -> Any:
         if t is None:
             continue
         sx = tensor_shape(ctx.value(x))
-        if name != "query" and ctx.node.kwargs.get("enable_gqa") and sq is not None and sx is not None and (
-            len(sx) == len(sq) == n and t.dim == n - 3 and sx[t.dim] < sq[t.dim]
+        if (
+            name != "query"
+            and ctx.node.kwargs.get("enable_gqa")
+            and sq is not None
+            and sx is not None
+            and (len(sx) == len(sq) == n and t.dim == n - 3 and sx[t.dim] < sq[t.dim])
         ):  # grouped-query attention: query head i reads key/value head i // (H / H_kv)
             t = Tracked(t.dim, ctx.spaces.scale(t.segs, sq[t.dim] // sx[t.dim]))
         if len(tensor_shape(ctx.value(x)) or ()) != n:

@@ -17,6 +17,8 @@ from fxprune.passes.masking import MaskedLoss, MaskScorePass, split_batch
 from fxprune.passes.stats import Joint, Moments, Sum
 
 from fxprune.calib import Batch
+from fxprune.capture import EXPORT
+from fxprune.data import META_CAPTURE
 
 __all__ = ["FisherScore", "InfCPScore", "TaylorScore"]
 
@@ -49,6 +51,8 @@ class FisherScore(MaskScorePass):
     """Group Fisher / OBD on the mask (Liu et al. 2021): ``1/2 E[(dl/dm_c)^2]`` over micro-batches.
 
     ``chunk`` samples per micro-batch (1 = the per-sample empirical Fisher; larger is cheaper and noisier).
+    A graph captured by torch.export runs only at the example's batch size: its micro-batches are whole
+    batches (pass batches of ``chunk`` samples for ``chunk``-sample micro-batches; ``fxprune.hf`` does).
     """
 
     name = "fisher"
@@ -58,8 +62,9 @@ class FisherScore(MaskScorePass):
     def statistics(self, loss: MaskedLoss, batches: Iterable[Batch]) -> Sum:
         """``sum over micro-batches of (dl/dm)^2``; count: the micro-batches."""
         stat = Sum.zeros_like([torch.zeros(loss.size, device=loss.device)])
+        fixed = loss.model.meta.get(META_CAPTURE) == EXPORT  # shapes specialised to the example's
         for b in batches:
-            for mb in split_batch(b, int(self.options["chunk"])):
+            for mb in split_batch(b, b.size if fixed else int(self.options["chunk"])):
                 stat.update([loss.grad(mb)[1].pow(2)])
         return stat
 
