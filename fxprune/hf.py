@@ -62,6 +62,7 @@ __all__ = ["KINDS", "HFResult", "block_flops", "compile", "from_pretrained", "gr
 KINDS = ("heads", "mlp", "hidden")
 _ADAPTER = "model."  # the user's model inside the adapter
 _IGNORE = -100  # labels of padded tokens (transformers' convention)
+_SECOND_ORDER = ("influence", "grad_norm", "ifso_code", "sosp_h")  # scores that differentiate twice
 
 
 class _Adapter(nn.Module):
@@ -499,10 +500,15 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
         raise InputError(f"data has 'labels', used as causal-LM labels, but {type(user).__name__} is not a "
                          "causal LM; drop the labels (label-free scoring) or use fxprune.compile(loss_fn=)")  # fmt: skip
 
+    chosen = auto_score(labelled) if score == "auto" else score
     names = tuple(kwargs)
     sig = inspect.signature(user.forward).parameters
     extra: dict[str, Any] = {"use_cache": False} if "use_cache" in sig else {}
     base = copy.deepcopy(user).eval()
+    if chosen in _SECOND_ORDER and hasattr(base, "set_attn_implementation"):
+        # torch has no double backward of its fused CPU attention kernels; the eager (matmul, softmax)
+        # attention computes the same function and the rules follow its heads as well
+        base.set_attn_implementation("eager")  # type: ignore[operator]
     adapter = _Adapter(base, names, extra).eval()
     example_t = tuple(kwargs[n] for n in names)
 
@@ -520,7 +526,6 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
                     ref = [t.detach() for t in flatten_structure(adapter(*inputs), torch.Tensor)]
                 batches.append((inputs, (ref, mask)))
     loss_fn = (_causal_lm_loss if labelled else _masked_matching) if batches else None
-    chosen = auto_score(labelled) if score == "auto" else score
 
     per_block = block_flops(base, {**kwargs, **extra})
     blocks_total = sum(per_block)
@@ -546,11 +551,18 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
     after = _widths(pruned, blocks)
     describes = True
     if config is not None:
-        pruned.config = copy.deepcopy(config)  # type: ignore[assignment]
-        describes = _update_config(pruned.config, before, after, shapes)
+        old, new = pruned.config, copy.deepcopy(config)
+        describes = _update_config(new, before, after, shapes)
         for m in pruned.modules():  # the submodules' config is the model's (transformers shares one object)
-            if getattr(m, "config", None) is config:
-                m.config = pruned.config  # type: ignore[assignment]
+            if getattr(m, "config", None) is old:
+                m.config = new  # type: ignore[assignment]
+        impl = getattr(config, "_attn_implementation", None)
+        if (
+            impl
+            and hasattr(pruned, "set_attn_implementation")
+            and getattr(old, "_attn_implementation", impl) != impl
+        ):
+            pruned.set_attn_implementation(impl)  # type: ignore[operator]  # the user's attention kernels again
     after_flops = sum(block_flops(pruned, {**kwargs, **extra}))
     return HFResult(pruned, result, adapter, names, example_t, blocks_total, after_flops, after, describes)
 

@@ -257,3 +257,19 @@ def test_export_capture_refuses_calibration_batches_of_another_batch_size() -> N
     with pytest.raises(InputError, match=r"data\[1\] has batch size 2.*batch_size=1"):
         fxprune.compile(model, x, 0.6, data=[x, torch.randint(0, 100, (2, 16))], progress=False,
                         latency_runs=0)  # fmt: skip
+
+
+def test_hf_second_order_scores_run_on_eager_attention_and_return_the_users_kernels() -> None:
+    """torch has no double backward of the fused CPU attention: second-order scores capture the eager
+    attention (the same function); the returned model has the user's attention implementation again."""
+    import fxprune.hf as hf
+
+    torch.manual_seed(0)
+    model, x = _llama()
+    assert model.config._attn_implementation == "sdpa"
+    res = hf.compile(model, x, 0.6, score="grad_norm", progress=False, latency_runs=0, round_to=1)
+    assert res.adapter.model.config._attn_implementation == "eager"
+    assert res.model.config._attn_implementation == "sdpa"
+    assert all(m.config is res.model.config for m in res.model.modules() if hasattr(m, "config"))
+    assert model.config._attn_implementation == "sdpa", "the user's model is untouched"
+    assert_masked_equivalent(res.adapter, res.result, res.example, rtol=1e-4)
