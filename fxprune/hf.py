@@ -269,6 +269,45 @@ def _out_width(m: Any) -> int:
     return int(m.weight.shape[0] if isinstance(m, nn.Linear) else m.weight.shape[1])
 
 
+# the query projection of an attention module, and how many head-widths of output it has per head
+_QUERY = {"q_proj": 1, "query": 1, "q_lin": 1, "c_attn": 3, "query_key_value": 3}
+# the MLP's first projection, and how many intermediate widths of output it has
+_UP = {"up_proj": 1, "fc1": 1, "c_fc": 1, "lin1": 1, "dense_h_to_4h": 1, "gate_up_proj": 2}
+
+
+def _heads(m: Any) -> tuple[int, int | None, int] | None:
+    """``(query heads, key/value heads or None, head_dim)`` of an attention module, from its weights."""
+    head_dim = next(
+        (
+            v
+            for a in ("head_dim", "attention_head_size", "head_size")
+            if isinstance(v := getattr(m, a, None), int)
+        ),
+        None,
+    )
+    name = next((n for n in _QUERY if isinstance(getattr(m, n, None), nn.Module)), None)
+    if (
+        head_dim is None
+        or name is None
+        or not isinstance(getattr(getattr(m, name), "weight", None), torch.Tensor)
+    ):
+        return None
+    per = 1 if name == "c_attn" and getattr(m, "is_cross_attention", False) else _QUERY[name]
+    heads = _out_width(getattr(m, name)) // per // head_dim
+    k = getattr(m, "k_proj", None)
+    kv = (
+        _out_width(k) // head_dim if isinstance(k, nn.Linear) and hasattr(m, "num_key_value_groups") else None
+    )
+    return heads, kv, head_dim
+
+
+def _mlp_width(m: Any) -> int | None:
+    name = next((n for n in _UP if isinstance(getattr(m, n, None), nn.Module)), None)
+    if name is None or not isinstance(getattr(getattr(m, name), "weight", None), torch.Tensor):
+        return None
+    return _out_width(getattr(m, name)) // _UP[name]
+
+
 def _fix_attributes(model: nn.Module) -> None:
     """Set the attributes transformers' forwards read from the parameters' shapes."""
     m: Any
@@ -278,95 +317,93 @@ def _fix_attributes(model: nn.Module) -> None:
             m.out_features, m.in_features = m.weight.shape
         elif type(m).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and hasattr(m, "nf"):
             m.nf = int(w.shape[1])
-        head_dim = getattr(m, "head_dim", None) or getattr(m, "attention_head_size", None)
-        q = next((getattr(m, n) for n in ("q_proj", "query", "c_attn") if hasattr(m, n)), None)
-        if isinstance(head_dim, int) and isinstance(q, nn.Module) and isinstance(q.weight, torch.Tensor):
-            width = _out_width(q)
-            fused = q is getattr(m, "c_attn", None) and not getattr(m, "is_cross_attention", False)
-            heads = width // (3 if fused else 1) // head_dim
-            for attr in ("num_heads", "num_attention_heads"):
+        found = _heads(m)
+        if found is not None:
+            heads, kv, head_dim = found
+            for attr in ("num_heads", "num_attention_heads", "n_heads"):
                 if isinstance(getattr(m, attr, None), int):
                     setattr(m, attr, heads)
             for attr in ("all_head_size", "split_size"):
                 if isinstance(getattr(m, attr, None), int):
                     setattr(m, attr, heads * head_dim)
-            k = getattr(m, "k_proj", None)
-            if isinstance(k, nn.Linear):
-                kv = int(k.weight.shape[0]) // head_dim
-                for attr in ("num_key_value_heads",):
-                    if isinstance(getattr(m, attr, None), int):
-                        setattr(m, attr, kv)
-                if isinstance(getattr(m, "num_key_value_groups", None), int) and kv:
-                    m.num_key_value_groups = heads // kv
-        up: Any = next((getattr(m, n) for n in ("up_proj", "fc1", "c_fc") if hasattr(m, n)), None)
-        if isinstance(getattr(m, "intermediate_size", None), int) and isinstance(up, nn.Module):
-            m.intermediate_size = _out_width(up)
+            if kv:
+                if isinstance(getattr(m, "num_key_value_heads", None), int):
+                    m.num_key_value_heads = kv
+                m.num_key_value_groups = heads // kv
+        width = _mlp_width(m)
+        if width is not None and isinstance(getattr(m, "intermediate_size", None), int):
+            m.intermediate_size = width
 
 
 def _widths(model: nn.Module, blocks: str) -> list[dict[str, int]]:
+    """Per block: ``num_attention_heads``, ``num_key_value_heads`` (grouped-query attention) and
+    ``intermediate_size``, read from the weights (the ones the block has)."""
     out = []
     layers: Any = model.get_submodule(blocks)
-    m: Any
     for block in layers:
         w: dict[str, int] = {}
         for m in block.modules():
-            for attr, key in (("num_heads", "num_attention_heads"), ("num_attention_heads", "num_attention_heads"),
-                              ("num_key_value_heads", "num_key_value_heads"),
-                              ("intermediate_size", "intermediate_size")):  # fmt: skip
-                v = getattr(m, attr, None)
-                if isinstance(v, int) and key not in w:
-                    w[key] = v
-            if "num_key_value_heads" not in w and isinstance(getattr(m, "k_proj", None), nn.Linear):
-                hd = getattr(m, "head_dim", None)
-                if isinstance(hd, int) and "num_attention_heads" not in w:
-                    w["num_attention_heads"] = int(m.q_proj.weight.shape[0]) // hd  # type: ignore[union-attr]
-                if isinstance(hd, int):
-                    w["num_key_value_heads"] = int(m.k_proj.weight.shape[0]) // hd  # type: ignore[union-attr]
-            up: Any = next((getattr(m, n) for n in ("up_proj", "fc1", "c_fc") if hasattr(m, n)), None)
-            if "intermediate_size" not in w and isinstance(up, nn.Module):
-                w["intermediate_size"] = _out_width(up)
-            if "intermediate_size" not in w and type(m).__name__.endswith("Intermediate"):
+            found = _heads(m)
+            if found is not None and "num_attention_heads" not in w:
+                w["num_attention_heads"] = found[0]
+                if found[1] is not None:
+                    w["num_key_value_heads"] = found[1]
+            width = _mlp_width(m)
+            if width is None and type(m).__name__.endswith("Intermediate"):  # BERT, ViT: intermediate.dense
                 dense = getattr(m, "dense", None)
-                if isinstance(dense, nn.Linear):
-                    w["intermediate_size"] = dense.out_features
+                width = dense.out_features if isinstance(dense, nn.Linear) else None
+            if width is not None and "intermediate_size" not in w:
+                w["intermediate_size"] = width
         out.append(w)
     return out
 
 
-_CONFIG_KEYS = {"num_attention_heads": ("num_attention_heads", "n_head"),
+_CONFIG_KEYS = {"num_attention_heads": ("num_attention_heads", "n_head", "n_heads"),
                 "num_key_value_heads": ("num_key_value_heads",),
-                "intermediate_size": ("intermediate_size", "n_inner")}  # fmt: skip
+                "intermediate_size": ("intermediate_size", "n_inner", "ffn_dim")}  # fmt: skip
 
 
 def _update_config(config: Any, before: list[dict[str, int]], after: list[dict[str, int]],
-                   shapes: dict[str, list[int]]) -> bool:  # fmt: skip
-    """Write the pruned widths into ``config`` (one value per field when every block agrees, else the
-    largest, with the per-block widths in ``config.fxprune``); returns whether the standard fields alone
-    describe the model."""
+                   shapes: dict[str, list[int]], head_dim: int | None) -> None:  # fmt: skip
+    """Write the pruned widths into ``config``: one value per field when every block agrees, else the
+    largest; ``head_dim`` made explicit when the heads change (so that a class reading
+    ``config.head_dim`` does not derive it from the new head count); the original values, the per-block
+    widths and every pruned parameter's shape in ``config.fxprune`` (for ``from_pretrained``)."""
     original: dict[str, Any] = {}
-    describes = True
     changed: dict[str, int] = {}
     for key, names in _CONFIG_KEYS.items():
         values = {w[key] for w in after if key in w}
         if not values or values == {w[key] for w in before if key in w}:
             continue
-        describes &= len(values) == 1
         for name in names:  # every alias's value before any is set (GPT-2 maps n_head to num_attention_heads)
             if name in config.to_dict() or hasattr(config, name):
                 original.setdefault(name, getattr(config, name, None))
                 changed[name] = max(values)
     for name, value in changed.items():
         setattr(config, name, value)
-    if original and any(k in original for k in ("num_attention_heads", "n_head")):
-        head_dim = getattr(config, "head_dim", None)
-        if isinstance(head_dim, int) and "head_dim" in config.to_dict():
-            original["head_dim"] = (
-                head_dim  # explicit already: from_pretrained derives nothing from the heads
-            )
-        else:
-            describes = False  # the class derives head_dim = hidden_size // num_attention_heads
+    if (
+        "num_attention_heads" in original
+        and head_dim
+        and not isinstance(getattr(config, "head_dim", None), int)
+    ):
+        config.head_dim = head_dim  # equal before and after: never restored
     config.fxprune = {"original": original, "layers": after, "shapes": shapes}
-    return describes
+
+
+def _config_describes(model: nn.Module) -> bool:
+    """Whether the class built from ``model.config`` alone (on the meta device, no fxprune entry) has
+    ``model``'s parameter and buffer shapes: then its own ``from_pretrained`` loads the save."""
+    config = copy.deepcopy(model.config)  # type: ignore[arg-type]
+    if hasattr(config, "fxprune"):
+        del config.fxprune
+    try:
+        with torch.device("meta"):
+            cls: Any = type(model)
+            probe = cls._from_config(config) if hasattr(cls, "_from_config") else cls(config)
+    except Exception:  # a config the class cannot build from (a per-layer width it does not read)
+        return False
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in probe.state_dict().items()} == want
 
 
 def _rebuild(user: nn.Module, gm: nn.Module) -> tuple[nn.Module, dict[str, list[int]]]:
@@ -552,7 +589,8 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
     describes = True
     if config is not None:
         old, new = pruned.config, copy.deepcopy(config)
-        describes = _update_config(new, before, after, shapes)
+        head_dim = next((h[2] for m in base.modules() if (h := _heads(m)) is not None), None)
+        _update_config(new, before, after, shapes, head_dim)
         for m in pruned.modules():  # the submodules' config is the model's (transformers shares one object)
             if getattr(m, "config", None) is old:
                 m.config = new  # type: ignore[assignment]
@@ -563,6 +601,7 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
             and getattr(old, "_attn_implementation", impl) != impl
         ):
             pruned.set_attn_implementation(impl)  # type: ignore[operator]  # the user's attention kernels again
+        describes = _config_describes(pruned)
     after_flops = sum(block_flops(pruned, {**kwargs, **extra}))
     return HFResult(pruned, result, adapter, names, example_t, blocks_total, after_flops, after, describes)
 

@@ -273,3 +273,58 @@ def test_hf_second_order_scores_run_on_eager_attention_and_return_the_users_kern
     assert all(m.config is res.model.config for m in res.model.modules() if hasattr(m, "config"))
     assert model.config._attn_implementation == "sdpa", "the user's model is untouched"
     assert_masked_equivalent(res.adapter, res.result, res.example, rtol=1e-4)
+
+
+_COMMON = {"vocab_size": 100, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "intermediate_size": 128, "max_position_embeddings": 64}  # fmt: skip
+_MORE = {
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(**_COMMON, num_key_value_heads=2)
+    ),
+    "mistral": lambda: transformers.MistralForCausalLM(
+        transformers.MistralConfig(**_COMMON, num_key_value_heads=2)
+    ),
+    "gemma2": lambda: transformers.Gemma2ForCausalLM(
+        transformers.Gemma2Config(**_COMMON, num_key_value_heads=2, head_dim=16)
+    ),
+    "phi3": lambda: transformers.Phi3ForCausalLM(
+        transformers.Phi3Config(**_COMMON, num_key_value_heads=2, pad_token_id=0)
+    ),
+    "opt": lambda: transformers.OPTForCausalLM(
+        transformers.OPTConfig(
+            vocab_size=100,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            ffn_dim=128,
+            max_position_embeddings=64,
+            word_embed_proj_dim=64,
+        )  # fmt: skip
+    ),
+    "roberta": lambda: transformers.RobertaModel(transformers.RobertaConfig(**_COMMON)),
+    "distilbert": lambda: transformers.DistilBertModel(
+        transformers.DistilBertConfig(
+            vocab_size=100, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64
+        )  # fmt: skip
+    ),
+    "gpt_neox": lambda: transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**_COMMON)),
+}
+
+
+@pytest.mark.parametrize("name", list(_MORE))
+def test_hf_more_architectures_compile_and_reload(name: str, tmp_path: Any) -> None:
+    """Fused q/k/v (GPT-NeoX, Phi-3), gated MLPs (Mistral, Gemma 2, Phi-3's gate_up_proj), q/k norms and
+    biases: the class comes back, equal to its masked original, ONNX-checked, saved and reloaded equal."""
+    import fxprune.hf as hf
+
+    torch.manual_seed(0)
+    model, x = _MORE[name]().eval(), torch.randint(1, 100, (1, 16))
+    res = hf.compile(model, x, 0.5, score="magnitude", progress=False, latency_runs=0, round_to=1)
+    assert type(res.model) is type(model) and res.block_flops_ratio <= 0.505
+    assert res.result.verification is not None and res.result.verification.passed
+    assert_masked_equivalent(res.adapter, res.result, res.example, rtol=1e-4)
+    assert any(w.get("intermediate_size", 10**9) < 128 for w in res.widths), res.widths
+    res.model.save_pretrained(tmp_path)
+    loaded = hf.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert _max_rel(loaded(x), res.model(x)) == 0.0
