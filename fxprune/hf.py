@@ -49,13 +49,13 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.compiler import compile as _compile
 from fxprune.data import ChannelGroup, flatten_structure
 from fxprune.errors import FxpruneError, InputError, warn
 from fxprune.passes.score import auto_score
 from fxprune.stages import COMPILE, CompileResult, CompileState, Select, Units
+from fxprune.trace import flop_counter
 
 __all__ = ["KINDS", "HFResult", "block_flops", "compile", "from_pretrained", "group_kinds"]
 
@@ -126,7 +126,7 @@ def block_flops(model: nn.Module, kwargs: Mapping[str, Any]) -> list[int]:
     """FLOPs of each block (``_blocks``) of ``model`` called with ``kwargs`` (torch's counter)."""
     path = _blocks(model)
     n = len(model.get_submodule(path))  # type: ignore[arg-type]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter(per_module=True) as counter:
         model(**kwargs)
     counts = counter.get_flop_counts()
     root = type(model).__name__
@@ -566,7 +566,7 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
 
     per_block = block_flops(base, {**kwargs, **extra})
     blocks_total = sum(per_block)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), flop_counter() as counter:
         adapter(*example_t)
     total = counter.get_total_flops()
     absolute = total - (1 - target) * blocks_total

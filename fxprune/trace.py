@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import traceback
 from collections import OrderedDict
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from fxprune.data import META_FLOPS, META_VALUE, TensorValue
 from fxprune.errors import InputError, TraceError
@@ -421,10 +422,32 @@ class _GlobalOnly:
         return None
 
 
-def flop_counter() -> FlopCounterMode:
-    """``FlopCounterMode(display=False)`` that counts only the total (``_GlobalOnly``); same totals."""
-    counter = FlopCounterMode(display=False)
-    if hasattr(counter, "mod_tracker"):
+def _sdpa_cpu_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    """torch's own attention formula (``sdpa_flop_count``: ``q k^T`` and ``attn v``, grouped-query heads
+    broadcast), for the fused CPU kernel that torch's counter has no formula for (it counts it as 0 while
+    counting the GPU kernels): attention then costs the same on every device. Operands of other ranks than
+    4 are read as ``[batch, heads, length, dim]`` with the missing leading dims 1 (more dims: the leading
+    ones multiplied into the batch)."""
+
+    def four(shape: Any) -> tuple[int, ...]:
+        s = tuple(int(v) for v in shape)
+        return (1,) * (4 - len(s)) + s if len(s) <= 4 else (math.prod(s[:-3]), *s[-3:])
+
+    return int(sdpa_flop_count(four(query_shape), four(key_shape), four(value_shape)))
+
+
+_CPU_SDPA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+#: formulas ``flop_counter`` adds to torch's (``FlopCounterMode(custom_mapping=)``)
+EXTRA_FLOP_FORMULAS: dict[Any, Callable[..., int]] = (
+    {_CPU_SDPA: _sdpa_cpu_flops} if _CPU_SDPA is not None else {}
+)
+
+
+def flop_counter(per_module: bool = False) -> FlopCounterMode:
+    """``FlopCounterMode(display=False)`` with ``EXTRA_FLOP_FORMULAS``, counting only the total
+    (``_GlobalOnly``; the same totals) unless ``per_module`` (``get_flop_counts()`` by module then)."""
+    counter = FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS)
+    if not per_module and hasattr(counter, "mod_tracker"):
         counter.mod_tracker = _GlobalOnly()  # type: ignore[assignment]
     return counter
 

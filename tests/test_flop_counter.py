@@ -1,4 +1,5 @@
-"""``fxprune.trace.flop_counter``: torch's ``FlopCounterMode`` without per-module attribution, same totals."""
+"""``fxprune.trace.flop_counter``: torch's ``FlopCounterMode`` without per-module attribution, same totals;
+and with torch's attention formula for the fused CPU kernel, which torch's counter counts as 0."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxprune
 from fxprune.stages import graph_flops
-from fxprune.trace import flop_counter, mha_slow_path, shape_propagate, trace
+from fxprune.trace import EXTRA_FLOP_FORMULAS, flop_counter, mha_slow_path, shape_propagate, trace
 
 
 class Attention(nn.Module):
@@ -44,7 +45,7 @@ def test_flop_counter_totals_equal_torchs_counter(make: Any, shape: tuple[int, .
     model = make().eval()
     x = torch.randn(shape)
     with torch.no_grad(), mha_slow_path():
-        with FlopCounterMode(display=False) as plain:
+        with FlopCounterMode(display=False, custom_mapping=EXTRA_FLOP_FORMULAS) as plain:
             model(x)
         with flop_counter() as slim:
             model(x)
@@ -55,3 +56,25 @@ def test_flop_counter_totals_equal_torchs_counter(make: Any, shape: tuple[int, .
     gm = trace(model)
     shape_propagate(gm, (x,))
     assert graph_flops(gm) == plain.get_total_flops()
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_attention_costs_on_the_cpu_what_torch_counts_on_a_gpu(gqa: bool) -> None:
+    """torch's counter has formulas for the GPU attention kernels, none for the CPU one (0 FLOPs): fxprune's
+    counter adds torch's own formula for it, so head pruning saves the attention FLOPs on every device."""
+    q, k = torch.randn(2, 4, 16, 8), torch.randn(2, 2 if gqa else 4, 16, 8)
+
+    def run() -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, k, k, enable_gqa=gqa)
+
+    with FlopCounterMode(display=False) as plain:
+        run()
+    with flop_counter() as ours:
+        run()
+    assert plain.get_total_flops() == 0  # the gap (a torch that counts it makes this test say so)
+    assert ours.get_total_flops() == 2 * (2 * 2 * 4 * 16 * 16 * 8)  # q k^T and attn v, every query head
+    if torch.cuda.is_available():
+        with FlopCounterMode(display=False) as gpu:
+            torch.nn.functional.scaled_dot_product_attention(q.cuda().half(), k.cuda().half(), k.cuda().half(),
+                                                             enable_gqa=gqa)  # fmt: skip
+        assert gpu.get_total_flops() == ours.get_total_flops()
