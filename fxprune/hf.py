@@ -20,9 +20,14 @@ How it works:
    block (``fxprune.select.select(bundles=)``), so the standard config fields describe the model.
 3. **Scoring on tokens.** ``data`` is token batches: ``[B, L]`` id tensors or dicts with ``input_ids`` and
    optionally ``attention_mask`` and ``labels``, of any lengths. Every row is right-padded to the example's
-   length (``attention_mask`` 0, ``labels`` -100) and rows are regrouped to the example's batch size. With
-   labels the loss is the causal-LM loss over the labelled tokens (``score="auto"``: ``fisher``); without,
-   the label-free output matching over the unpadded tokens (``score="auto"``: ``magnitude``).
+   length (``attention_mask`` 0, ``labels`` -100) and rows are regrouped to the example's batch size.
+   ``loss="auto"``: a causal LM (``model.can_generate()``) is scored on the causal-LM loss over the
+   labelled tokens, the ``labels`` given or else the tokens themselves (next-token prediction needs no
+   labels); any other model on the label-free output matching over the unpadded tokens.
+   ``loss="matching"`` forces the latter. ``score="auto"`` is ``fisher`` on the causal-LM loss and
+   ``magnitude`` on output matching (whose per-sample gradient is zero at the unpruned model). On the
+   stdlib bench (``bench/llm_quality.py``) magnitude on output matching cut most heads and lost far more
+   perplexity than fisher on the next-token loss.
 4. **The target** is a fraction of the FLOPs of the blocks (the children of the model's longest
    ``nn.ModuleList``: its attention and MLP layers), counted by ``torch.utils.flop_counter``; the
    embeddings and the head are not counted in it (but are in ``res.result``'s whole-graph figures).
@@ -455,6 +460,7 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
     score: str = "auto",
     max_length: int | None = None,
     batch_size: int = 4,
+    loss: str = "auto",
     rtol: float = 1e-4,
     **options: Any,
 ) -> HFResult:
@@ -472,7 +478,9 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
             with its query heads), ``"mlp"`` (MLP channels), ``"hidden"`` (the hidden size; off by default,
             and pinned with a reason in models that normalise over it, listed by ``res.result.inspect()``).
         uniform: every block keeps the same count of each kind (the config fields then describe the model).
-        score: as in ``fxprune.compile``; ``"auto"``: ``fisher`` with labels, else ``magnitude``.
+        score: as in ``fxprune.compile``; ``"auto"``: ``fisher`` on the causal-LM loss, else ``magnitude``.
+        loss: ``"auto"`` (the causal-LM loss for a causal LM, on its ``labels`` or its tokens; output
+            matching for other models) or ``"matching"`` (label-free output matching).
         max_length: pad rows to this length (default: the longest row).
         batch_size: rows per calibration batch when ``example`` is not given (default 4: ``fisher``'s
             micro-batch; an exported graph runs at one batch size, so micro-batches are whole batches).
@@ -481,7 +489,8 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
 
     Raises:
         InputError: a bad ``units`` / ``target`` / batch (named, with the fix), ``target_flops`` or
-            ``target_latency`` in ``options``, labels for a model without causal-LM logits.
+            ``target_latency`` in ``options``, labels for a model that is not a causal LM (or with
+            ``loss="matching"``), an unknown ``loss``.
         FxpruneError: the rebuilt model does not compute what the compiled graph computes.
     """
     bad = [u for u in units if u not in KINDS]
@@ -510,6 +519,15 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
     labelled = bool(rows) and rows[0][2] is not None
     if any((r[2] is not None) != labelled for r in rows):
         raise InputError("data mixes batches with and without 'labels'; give labels for all or none")
+    if loss not in ("auto", "matching"):
+        raise InputError(f"loss={loss!r}: pass 'auto' (the causal-LM loss for a causal LM) or 'matching'")
+    causal = bool(getattr(user, "can_generate", lambda: False)())
+    if labelled and (loss == "matching" or not causal):
+        raise InputError(f"data has 'labels', used as causal-LM labels, but {type(user).__name__} is not a "
+                         "causal LM or loss='matching'; drop the labels or use fxprune.compile(loss_fn=)")  # fmt: skip
+    if rows and causal and loss == "auto" and not labelled:  # next-token prediction on the tokens themselves
+        rows = [(ids, mask, ids.masked_fill(mask == 0, _IGNORE)) for ids, mask, _ in rows]
+        labelled = True
     if isinstance(example, Mapping):
         kwargs = {k: torch.as_tensor(v) for k, v in example.items()}
     elif isinstance(example, torch.Tensor):
@@ -533,9 +551,6 @@ def compile(  # noqa: A001 - the module's entry point, like fxprune.compile
                     f"a row of data has {len(r[0])} tokens but the example has {length}: pass max_length= "
                     f"or an example of at least that length (row {i})"
                 )
-    if labelled and not hasattr(user, "generate"):
-        raise InputError(f"data has 'labels', used as causal-LM labels, but {type(user).__name__} is not a "
-                         "causal LM; drop the labels (label-free scoring) or use fxprune.compile(loss_fn=)")  # fmt: skip
 
     chosen = auto_score(labelled) if score == "auto" else score
     names = tuple(kwargs)

@@ -229,6 +229,10 @@ def test_hf_bad_inputs_are_named() -> None:
         hf.compile(model, x, 0.5, data=[{"input_ids": x, "labels": x}, {"input_ids": x}])
     with pytest.raises(InputError, match="target_flops"):
         hf.compile(model, x, 0.5, target_flops=0.5)
+    with pytest.raises(InputError, match="loss="):
+        hf.compile(model, x, 0.5, loss="mse")
+    with pytest.raises(InputError, match="not a causal LM or loss='matching'"):
+        hf.compile(model, x, 0.5, data=[{"input_ids": x, "labels": x}], loss="matching")
 
 
 def test_hf_hidden_units_say_why_they_are_pinned() -> None:
@@ -328,3 +332,21 @@ def test_hf_more_architectures_compile_and_reload(name: str, tmp_path: Any) -> N
     loaded = hf.from_pretrained(tmp_path)
     with torch.no_grad():
         assert _max_rel(loaded(x), res.model(x)) == 0.0
+
+
+def test_hf_causal_lm_scores_on_next_token_prediction_without_labels() -> None:
+    """A causal LM's tokens are their own labels: ``loss="auto"`` scores on the causal-LM loss (fisher);
+    ``loss="matching"`` on label-free output matching (magnitude); an encoder gets output matching."""
+    import fxprune.hf as hf
+
+    torch.manual_seed(0)
+    model, _ = _llama()
+    data = _token_data((16, 12))
+    opts = {"progress": False, "latency_runs": 0, "round_to": 1}
+    lm = hf.compile(model, None, 0.6, data=data, **opts)
+    assert lm.result.score == "fisher" and lm.result.compensation is not None
+    matching = hf.compile(model, None, 0.6, data=data, loss="matching", **opts)
+    assert matching.result.score == "magnitude"
+    assert lm.result.plan.kept != matching.result.plan.kept
+    bert, _ = _bert()
+    assert hf.compile(bert, None, 0.6, data=data, **opts).result.score == "magnitude"
