@@ -243,6 +243,17 @@ def block_flops(model: torch.nn.Module, seq_len: int, attention: str = "eager") 
     return int(sum(sum(counts[k].values()) for k in layers))
 
 
+def widths(model: Any) -> str:
+    """Per decoder layer, the kept query heads / key-value heads / MLP width (``8/4/384 8/4/384 ...``)."""
+    out = []
+    for layer in model.model.layers:
+        a, d = layer.self_attn, layer.self_attn.head_dim
+        out.append(
+            f"{a.q_proj.out_features // d}/{a.k_proj.out_features // d}/{layer.mlp.gate_proj.out_features}"
+        )
+    return " ".join(out)
+
+
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -252,11 +263,12 @@ class TimeLimit(Exception):
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float) -> Iterator[None]:
-    """Interrupt the body with ``TimeLimit`` after ``seconds`` (SIGALRM: main thread, POSIX)."""
+def time_limit(seconds: float, what: str = "the call") -> Iterator[None]:
+    """Interrupt the body with ``TimeLimit`` (``"<what> did not finish in <seconds> s"``) after ``seconds``
+    (SIGALRM: main thread, POSIX)."""
 
     def _raise(signum: int, frame: Any) -> None:
-        raise TimeLimit(f"did not finish in {seconds:g} s")
+        raise TimeLimit(f"{what} did not finish in {seconds:g} s")
 
     old = signal.signal(signal.SIGALRM, _raise)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -330,7 +342,7 @@ def tp_at_target(base: torch.nn.Module, target: float, seq_len: int, heads: bool
     best: tuple[torch.nn.Module, float, float] | None = None
     for _ in range(steps):
         mid = (lo + hi) / 2
-        with time_limit(timeout):
+        with time_limit(timeout, "Torch-Pruning's MetaPruner"):
             m = tp_prune(base, mid, x, heads)
         r = block_flops(m, seq_len) / full
         if r <= target:
@@ -338,7 +350,7 @@ def tp_at_target(base: torch.nn.Module, target: float, seq_len: int, heads: bool
         else:
             lo = mid
     if best is None:
-        with time_limit(timeout):
+        with time_limit(timeout, "Torch-Pruning's MetaPruner"):
             m = tp_prune(base, hi, x, heads)
         best = (m, block_flops(m, seq_len) / full, hi)
     return best
@@ -367,7 +379,8 @@ def measure(model: torch.nn.Module, base: torch.nn.Module, test: torch.Tensor, s
         "block_flops_ratio_no_scores": (
             block_flops(model, seq_len, "sdpa") / block_flops(base, seq_len, "sdpa")
         ),
-        "params": n_params(model), "perplexity": ppl, "loss": loss, "increase": ppl / (ppl0 or ppl) - 1,
+        "params": n_params(model), "hidden": model.lm_head.in_features, "widths": widths(model),
+        "perplexity": ppl, "loss": loss, "increase": ppl / (ppl0 or ppl) - 1,
     }  # fmt: skip
 
 
@@ -455,6 +468,8 @@ def main() -> None:
             rows.append(row)
             print(_row_line(row), flush=True)
             _write(args, header, rows)
+    header["load_at_end"] = os.getloadavg()[0]
+    _write(args, header, rows)
     print()
     print(table(header, rows))
     print(f"\nwrote {args.out}")
@@ -477,23 +492,24 @@ def table(header: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
     tok = header["tokens"]
     lines = [
         f"Train {header['train_seconds']:.0f} s ({header['steps']} steps, seed {header['seed']}, "
-        f"{header['threads']} threads, load {header['load_at_start']:.2f} at start); stdlib bytes "
+        f"{header['threads']} threads, 1-min load {header['load_at_start']:.2f} at start, "
+        f"{header.get('load_at_end', float('nan')):.2f} at end); stdlib bytes "
         f"train/calib/test {tok['train']}/{tok['calib']}/{tok['test']} from {header['files']['train']}/"
         f"{header['files']['calib']}/{header['files']['test']} files (Python {header['python']}, data "
         f"{header['data_sha']}); {header['test_windows']} test windows.",
         "",
         "| method | target | block FLOPs ratio | (without attention scores) | params | perplexity "
-        "| increase vs unpruned |",
-        "|---|---|---|---|---|---|---|",
+        "| increase vs unpruned | per layer: q heads/kv heads/MLP |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         name = LABELS.get(r["method"], r["method"])
         if "failed" in r:
-            lines.append(f"| {name} | {r['target']:.2f} | - | - | - | failed: {r['failed']} | - |")
+            lines.append(f"| {name} | {r['target']:.2f} | - | - | - | failed: {r['failed']} | - | - |")
             continue
         lines.append(f"| {name} | {r['target']:.2f} | {r['block_flops_ratio']:.3f} | "
                      f"{r['block_flops_ratio_no_scores']:.3f} | {r['params']:,} | "
-                     f"{r['perplexity']:.3f} | {100 * r['increase']:+.1f}% |")  # fmt: skip
+                     f"{r['perplexity']:.3f} | {100 * r['increase']:+.1f}% | {r['widths']} |")  # fmt: skip
     return "\n".join(lines)
 
 

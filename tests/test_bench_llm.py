@@ -104,7 +104,7 @@ def test_tp_flops_matching_lands_near_the_target() -> None:
 
 
 def test_time_limit_interrupts_a_loop_and_restores_the_alarm() -> None:
-    with pytest.raises(llm.TimeLimit), llm.time_limit(0.05):
+    with pytest.raises(llm.TimeLimit, match="the loop did not finish"), llm.time_limit(0.05, "the loop"):
         while True:
             pass
     with llm.time_limit(5.0):
