@@ -20,10 +20,10 @@ Issue 17's quality acceptance. Everything ships with Python; nothing is download
 3. **Evaluation**: perplexity ``exp(mean token loss)`` over non-overlapping windows of the test split (the
    causal-LM loss of ``labels=input_ids``, every window's ``L - 1`` predicted tokens weighted equally).
 4. **fxprune** (``fxprune.hf.compile``, its model again a ``LlamaForCausalLM``; ``latency_runs=0``, the
-   rest its defaults): the default score (``auto``) and ``magnitude`` on unlabelled calibration batches
-   (``auto`` *is* ``magnitude`` without labels, so these two rows agree), and the default with labelled
-   batches (dicts with ``labels``: ``auto`` is ``fisher`` on the causal-LM loss). Its ``target`` is a
-   fraction of the blocks' FLOPs by its own count.
+   rest its defaults; unlabelled calibration token batches): the default (``score="auto"``, ``loss="auto"``:
+   ``fisher`` on the next-token loss of the calibration tokens, least-squares compensation), ``influence``
+   on the same loss, ``magnitude``, and ``loss="matching"`` (label-free output matching: ``auto`` is then
+   ``magnitude``). Its ``target`` is a fraction of the blocks' FLOPs by its own count.
 5. **Torch-Pruning 1.6** with the settings of its ``examples/LLMs/prune_llm.py``: ``MetaPruner``, L2
    magnitude importance with mean group reduction, one ratio for every layer (no global ranking), heads
    pruned whole (``num_heads`` of q/k/v, ``prune_num_heads``, no head-dim pruning, so the rotary tables
@@ -37,9 +37,9 @@ Issue 17's quality acceptance. Everything ships with Python; nothing is download
 
 Block FLOPs are counted the same way for every model: ``torch.utils.flop_counter.FlopCounterMode`` over the
 decoder layers (attention + MLP; norms count nothing) of one ``--seq-len`` window, on a copy with eager
-attention (on CPU the fused scaled-dot-product op counts as 0 FLOPs, which would hide the attention
-scores); a second column counts with that fused op, i.e. without the scores, as ``fxprune.hf`` counts on
-CPU. Torch-Pruning's ratio is matched on the first count. Prints a markdown table; writes JSON (``--out``).
+attention (on CPU torch's counter counts the fused scaled-dot-product op as 0 FLOPs, which would hide the
+attention scores; ``fxprune.hf`` counts it with torch's attention formula); a second column counts with
+that fused op, i.e. without the scores. Torch-Pruning's ratio is matched on the first count. Prints a markdown table; writes JSON (``--out``).
 """
 
 from __future__ import annotations
@@ -282,13 +282,13 @@ def time_limit(seconds: float, what: str = "the call") -> Iterator[None]:
 # --- fxprune -----------------------------------------------------------------------------------------------
 
 
-def fx_prune(model: torch.nn.Module, target: float, calib: list[Any], score: str) -> tuple[Any, float]:
+def fx_prune(model: torch.nn.Module, target: float, calib: list[Any], score: str,
+             loss: str = "auto") -> tuple[Any, float]:  # fmt: skip
     """``fxprune.hf.compile``'s pruned ``LlamaForCausalLM`` and its own block FLOPs ratio."""
-    try:
-        import fxprune.hf as fx_hf
-    except ModuleNotFoundError as e:
-        raise RuntimeError(f"fxprune.hf.compile is not in this checkout yet ({e})") from e
-    res = fx_hf.compile(model, target=target, data=calib, score=score, progress=False, latency_runs=0)
+    import fxprune.hf as fx_hf
+
+    res = fx_hf.compile(model, target=target, data=calib, score=score, loss=loss, progress=False,
+                        latency_runs=0)  # fmt: skip
     return res.model.eval(), float(res.block_flops_ratio)
 
 
@@ -358,11 +358,12 @@ def tp_at_target(base: torch.nn.Module, target: float, seq_len: int, heads: bool
 
 # --- main --------------------------------------------------------------------------------------------------
 
-METHODS = ("fx_auto", "fx_magnitude", "fx_auto_lm_loss", "tp_llm", "tp_llm_mlp_only")
+METHODS = ("fx_auto", "fx_influence", "fx_magnitude", "fx_matching", "tp_llm", "tp_llm_mlp_only")
 LABELS = {
-    "fx_auto": "fxprune default (auto)",
-    "fx_magnitude": "fxprune magnitude",
-    "fx_auto_lm_loss": "fxprune default + causal-LM loss",
+    "fx_auto": "fxprune default (fisher, next-token loss, lsq)",
+    "fx_influence": "fxprune influence (next-token loss, lsq)",
+    "fx_magnitude": "fxprune magnitude (lsq)",
+    "fx_matching": "fxprune loss='matching' (magnitude, lsq)",
     "tp_llm": "Torch-Pruning LLM path (heads, hidden, MLP)",
     "tp_llm_mlp_only": "Torch-Pruning LLM path, q/k/v/o ignored (MLP only)",
 }
@@ -389,11 +390,9 @@ def run_method(method: str, model: torch.nn.Module, target: float, args: argpars
     if method.startswith("tp_"):
         pruned, _, ratio = tp_at_target(model, target, args.seq_len, method == "tp_llm", args.tp_timeout)
         return pruned, {"tp_ratio": ratio}
-    score = "magnitude" if method == "fx_magnitude" else "auto"
-    data: list[Any] = calib
-    if method == "fx_auto_lm_loss":
-        data = [{"input_ids": b, "labels": b} for b in calib]
-    pruned, own = fx_prune(model, target, data, score)
+    score = {"fx_magnitude": "magnitude", "fx_influence": "influence"}.get(method, "auto")
+    loss = "matching" if method == "fx_matching" else "auto"
+    pruned, own = fx_prune(model, target, calib, score, loss)
     return pruned, {"fxprune_block_flops_ratio": own}
 
 
