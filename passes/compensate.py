@@ -229,17 +229,23 @@ def compensate(
             result.skipped[key] = "never called on the calibration data"
             continue
         target = _bias_target(new, c, table)
+        w2 = _weight(c.module).detach().double()
+        if target is None and method == "lsq":  # the kept columns alone re-fit (no shift to fold)
+            _, refit = _lsq(c, stat, w2, damping, shift=False)
+            result.overrides[f"{key}.weight"] = refit.to(w2.device, _weight(c.module).dtype)
+            continue
         if target is None:
             result.skipped[key] = "no bias and no BatchNorm right after it to fold a shift into"
             continue
         mean = (stat.result()[0] / stat.count).double()
-        w2 = _weight(c.module).detach().double()
         weight_in = w2 if isinstance(c.module, nn.Linear) else _shift_conv_weight(c.module)
+        new_weight: torch.Tensor | None = None
         if method == "bias":
             shift = weight_in[:, c.removed] @ mean[c.removed.to(mean.device)]
-            new_weight = None
         else:
-            shift, new_weight = _lsq(c, stat, w2, damping)
+            fitted, new_weight = _lsq(c, stat, w2, damping)
+            assert fitted is not None
+            shift = fitted
         name, sign = target
         t = state[name]
         value = (t.detach().double() + sign * shift.to(t.device)).to(t.dtype)
@@ -250,24 +256,28 @@ def compensate(
     return new, result
 
 
-def _lsq(c: Consumer, stat: Sum, w: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _lsq(
+    c: Consumer, stat: Sum, w: torch.Tensor, damping: float, shift: bool = True
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Re-fit kept columns + a bias shift from the consumer's statistics (``consumer_statistics`` with
-    ``lsq``): returns (output shift, new full weight)."""
+    ``lsq``): returns (output shift, new full weight). ``shift=False`` (a consumer with no bias and no
+    BatchNorm after it, e.g. a transformer's bias-free projections): the kept columns alone, no shift."""
     _, gram_sum = stat.result()
     gram = gram_sum / stat.count
     out_dim = w.shape[0]
     w_mat = w.reshape(out_dim, -1)
     per_chan = w_mat.shape[1] // w.shape[1]  # unfolded positions per input channel (k*k for a conv)
     kept_cols = (c.kept[:, None] * per_chan + torch.arange(per_chan)[None, :]).reshape(-1)
-    cols = torch.cat([kept_cols, torch.tensor([w_mat.shape[1]])]).to(gram.device)  # kept + constant row
+    constant = torch.tensor([w_mat.shape[1]]) if shift else torch.tensor([], dtype=torch.long)
+    cols = torch.cat([kept_cols, constant]).to(gram.device)  # kept (+ the constant row)
     w_ext = torch.cat([w_mat, w_mat.new_zeros(out_dim, 1)], 1).to(gram.device)  # original: bias shift 0
     sub = gram[cols][:, cols]
     reg = damping * float(sub.diagonal().mean()) * torch.eye(len(cols), dtype=sub.dtype, device=sub.device)
     rhs = w_ext @ gram[:, cols]
-    fitted = torch.linalg.solve(sub + reg, rhs.T).T  # out x |S|+1
+    fitted = torch.linalg.solve(sub + reg, rhs.T).T  # out x |cols|
     new_w = w_mat.clone().to(gram.device)
-    new_w[:, kept_cols.to(gram.device)] = fitted[:, :-1]
-    return fitted[:, -1], new_w.reshape(w.shape)
+    new_w[:, kept_cols.to(gram.device)] = fitted[:, : len(kept_cols)]
+    return (fitted[:, -1] if shift else None), new_w.reshape(w.shape)
 
 
 def _apply(gm: fx.GraphModule, overrides: Mapping[str, torch.Tensor]) -> None:

@@ -176,6 +176,41 @@ def test_lsq_refit_solves_the_least_squares_problem_on_the_calibration_data(cls:
         assert loss_opt <= loss_fit <= loss_opt * 1.001 + 1e-12, (loss_opt, loss_fit, loss0)
 
 
+class BiasFreeNet(nn.Module):
+    """``b`` has no bias and no BatchNorm after it (a transformer's projections): the refit has no shift."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.b = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_lsq_refits_the_kept_columns_of_a_consumer_without_bias() -> None:
+    """No bias to fold a shift into: the kept columns alone solve the least-squares problem (they were
+    skipped before), to ``torch.linalg.lstsq``'s optimum without a constant column."""
+    model, data = _setup(LinearNet)
+    model = BiasFreeNet().eval()
+    r = _compile(model, data, "lsq")
+    assert "b" not in r.compensation.skipped and "b.weight" in r.compensation.overrides
+    orig, new = model.get_submodule("b"), r.graph_module.get_submodule("b")
+    w = orig.weight.detach().double()
+    kept, _ = _kept_and_removed(r, "b", w.shape[1])
+    x = torch.cat(_inputs_of(model, "b", data)).double()
+    zero = torch.zeros(3, dtype=torch.float64)
+    sol = torch.linalg.lstsq(x[:, kept], x @ w.T).solution
+    loss_opt = float(_lsq_loss(F.linear, [x], kept, True, w, zero, sol.T, zero))
+    loss_fit = float(_lsq_loss(F.linear, [x], kept, True, w, zero, new.weight.detach().double(), zero))
+    loss0 = float(_lsq_loss(F.linear, [x], kept, True, w, zero, w[:, kept], zero))
+    assert loss_opt <= loss_fit <= loss_opt * 1.001 + 1e-12 and loss_fit < 0.9 * loss0, (
+        loss_opt,
+        loss_fit,
+        loss0,
+    )
+
+
 def _output_matching_loss(pruned: nn.Module, model: nn.Module, batches: list[torch.Tensor]) -> float:
     """``sum ||pruned(x) - model(x)||^2`` over the batches: the label-free calibration loss, up to a factor."""
     with torch.no_grad():
