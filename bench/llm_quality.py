@@ -411,7 +411,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-bytes", type=int, default=8_000_000)
-    ap.add_argument("--calib-bytes", type=int, default=8 * 8 * 128)
+    ap.add_argument("--calib-bytes", type=int, default=32 * 8 * 128)
     ap.add_argument("--test-bytes", type=int, default=1024 * 128)
     ap.add_argument("--max-file-bytes", type=int, default=32_768)
     ap.add_argument("--calib-batch", type=int, default=8, help="calibration windows per batch")
