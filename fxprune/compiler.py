@@ -174,7 +174,9 @@ def compile(  # noqa: A001
             (influence update) or ``"none"``; default ``"lsq"`` when ``data`` is given, else ``"none"``.
             ``lsq`` re-fits each consumer's kept columns *and* its bias shift, so its layer-wise error is at
             most the mean fold's (one feasible point of the same least-squares problem); on the digits bench
-            (``bench/quality.py``) it was the only method that recovered accuracy without fine-tuning.
+            (``bench/quality.py``) it was the only method that recovered accuracy without fine-tuning. A
+            consumer with no bias and no BatchNorm after it (pre-activation convs, transformers' bias-free
+            projections) re-fits its kept columns alone; ``bias`` skips it (``result.compensation.skipped``).
         device: where scoring runs (default: CUDA if available, else CPU); the result is on the CPU.
         seed: seeds random probes, so the same inputs give the same plan.
         progress: report scoring and compensation over calibration batches on stderr: a tqdm bar on a
