@@ -2,7 +2,8 @@
 
 ``fxprune.compile(model, example_input, target_flops)`` returns a physically smaller model with about
 ``target_flops`` of the original FLOPs; ``fxprune.inspect`` shows which channels are coupled and why; ``fxprune.save``/``load``/``apply_plan``
-turn a result into deployable artefacts. Each is a configuration of one stage pipeline
+turn a result into deployable artefacts; ``fxprune.penalty`` is a loss term that trains a model so that it prunes
+without fine-tuning. Each is a configuration of one stage pipeline
 (``fxprune.COMPILE``, ``fxprune.pipeline.Pipeline``): replace a stage or stop after one to change what runs.
 """
 
@@ -25,6 +26,7 @@ from fxprune.errors import (
 )
 from fxprune.inspection import Inspection, inspect
 from fxprune.passes.dependency import DependencyResult
+from fxprune.penalties import GroupPenalty, PenaltyReport, PenaltySchedule, penalty
 from fxprune.pipeline import Pipeline, Stage
 from fxprune.stages import ANALYSE, COMPILE, CompileOptions, CompileState
 from fxprune.submodules import SUBMODULES, SubmodulesResult
@@ -43,10 +45,13 @@ __all__ = [
     "DependencyResult",
     "ExportError",
     "FxpruneError",
+    "GroupPenalty",
     "InputError",
     "Inspection",
     "NumericalError",
     "PassContractError",
+    "PenaltyReport",
+    "PenaltySchedule",
     "Pipeline",
     "PipelineError",
     "PrunePlan",
@@ -66,6 +71,7 @@ __all__ = [
     "inspect",
     "load",
     "masked_model",
+    "penalty",
     "save",
 ]
 

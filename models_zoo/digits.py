@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -95,27 +96,49 @@ def train(
     batch_size: int = 64,
     seed: int = 0,
     progress: Callable[[int, float], None] | None = None,
+    *,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_backward: Callable[[nn.Module], None] | None = None,
+    after_step: Callable[[], None] | None = None,
+    start_epoch: int = 0,
 ) -> nn.Module:
     """SGD with momentum and cosine decay, in place; returns the model in eval mode.
 
     ``progress(epoch, loss)`` is called after every epoch with the epoch's mean training loss (e.g. to advance
-    a progress bar).
+    a progress bar). Hooks for training-time pruning: ``penalty(model)`` is added to every step's loss
+    (``fxprune.penalty``); ``after_backward(model)`` runs between the backward pass and the optimizer step
+    (e.g. Torch-Pruning's ``pruner.regularize``, which edits gradients); ``after_step()`` after each
+    optimizer step (e.g. ``GroupPenalty.step``). ``start_epoch``: train epochs ``start_epoch..epochs-1``
+    only, with the learning rate and the batch order those epochs have in a run from epoch 0 (to train a
+    model pruned after ``start_epoch`` epochs on to the same end; the optimizer's momentum starts afresh).
     """
     torch.manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    steps = epochs * ((len(data.x_train) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    per_epoch = (len(data.x_train) + batch_size - 1) // batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=epochs * per_epoch, pct_start=0.15
+    )
+    if start_epoch:
+        with warnings.catch_warnings():  # the schedule moved on without optimizer steps, on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(start_epoch * per_epoch):
+                sched.step()
     t = time.perf_counter()
     model.train()
-    for epoch in range(epochs):
+    for epoch in range(start_epoch, epochs):
         total = 0.0
         for xb, yb in batches(data.x_train, data.y_train, batch_size, seed=seed * 1000 + epoch):
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
+            ce = F.cross_entropy(model(xb), yb)
+            loss = ce if penalty is None else ce + penalty(model)
             loss.backward()
+            if after_backward is not None:
+                after_backward(model)
             opt.step()
             sched.step()
-            total += float(loss.detach()) * len(xb)
+            if after_step is not None:
+                after_step()
+            total += float(ce.detach()) * len(xb)
         if progress is not None:
             progress(epoch, total / len(data.x_train))
     model.eval()
