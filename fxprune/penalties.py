@@ -26,8 +26,8 @@ Two penalties (``kind=``):
    so the loss alone shapes them while the removed ones go to zero. The choice follows the weights as they
    train, so the budget steers it. Compile the trained model with ``compensate="bias"`` (the mean-value
    recovery). Unlike the paper, the weights are not normalised onto a hypersphere and the kept channels
-   get no push away from zero: on the digits bench the chosen channels empty and the model loses nothing
-   when they go (README), so fxprune keeps the layers as the user wrote them.
+   get no push away from zero: fxprune keeps the layers as the user wrote them (how much accuracy this
+   form keeps against the paper's is what ``bench/penalty.py``, still to come, is for).
 
 ``schedule`` (``PenaltySchedule``): the strength is 0 for ``delay`` steps, then ramps linearly to full over
 ``warmup`` steps; ``GroupPenalty.step()`` counts the steps (call it after each optimizer step).
