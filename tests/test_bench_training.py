@@ -80,7 +80,9 @@ def _cell(crit: str, **kw: Any) -> dict[str, Any]:
 def test_gradient_flow_claims_are_decided_by_the_majority_of_cells() -> None:
     early = _bench("early_pruning")
 
-    def cells(k: int, seed: int, *, mag_fast: bool, lp_lowest: bool, raise_poor: bool) -> list[dict[str, Any]]:
+    def cells(
+        k: int, seed: int, *, mag_fast: bool, lp_lowest: bool, raise_poor: bool
+    ) -> list[dict[str, Any]]:
         common = {"k": k, "seed": seed}
         return [
             _cell("magnitude", mean_train_loss=0.3 if mag_fast else 0.6, **common),
@@ -108,13 +110,23 @@ def test_gradient_flow_claims_are_decided_by_the_majority_of_cells() -> None:
 
 
 def _prow(arm: str, target: float, how: str, acc: float, seed: int = 0) -> dict[str, Any]:
-    return {"model": "resnet20", "seed": seed, "arm": arm, "target": target, "how": how, "acc": acc, "flops": target}
+    return {
+        "model": "resnet20",
+        "seed": seed,
+        "arm": arm,
+        "target": target,
+        "how": how,
+        "acc": acc,
+        "flops": target,
+    }
 
 
 def test_penalty_acceptance_compares_seed_means_and_takes_the_best_tp_reg() -> None:
     pen = _bench("penalty")
     rows = []
-    for seed, (ref, ours5, ours3, plain3) in enumerate([(0.99, 0.988, 0.97, 0.90), (0.97, 0.968, 0.95, 0.96)]):
+    for seed, (ref, ours5, ours3, plain3) in enumerate(
+        [(0.99, 0.988, 0.97, 0.90), (0.97, 0.968, 0.95, 0.96)]
+    ):
         rows += [
             _prow("plain", 1.0, "unpruned", ref, seed),
             _prow("plain", 0.3, "default", plain3, seed),
@@ -133,3 +145,20 @@ def test_penalty_acceptance_compares_seed_means_and_takes_the_best_tp_reg() -> N
     rows[3] = _prow("onthefly@0.5", 0.5, "magnitude+bias", 0.97, 0)  # mean 0.969: 1.1 points below
     acc = {a["target"]: a for a in pen.summarise(rows, [0.5, 0.3])["acceptance"]}
     assert acc[0.5]["within_half_point"] is False
+
+
+def test_batchnorm_recalibration_is_the_plain_average_over_the_training_set() -> None:
+    """A BatchNorm on the input: after recalibration its running mean is the per-channel mean of the training
+    images, and its variance the mean of the per-batch (unbiased) variances; mode and momentum are kept."""
+    early = _bench("early_pruning")
+    from fxprune.models_zoo.digits import Digits
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 3, 4, 4, generator=g) * torch.tensor([1.0, 2.0, 3.0])[:, None, None] + 5
+    data = Digits(x, torch.zeros(40, dtype=torch.long), x[:2], torch.zeros(2, dtype=torch.long))
+    bn = nn.BatchNorm2d(3, momentum=0.3).eval()
+    early.recalibrate_batchnorm(bn, data, batch_size=10)
+    assert not bn.training and bn.momentum == 0.3 and int(bn.num_batches_tracked) == 4
+    torch.testing.assert_close(bn.running_mean, x.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+    want_var = torch.stack([x[i : i + 10].var((0, 2, 3), unbiased=True) for i in range(0, 40, 10)]).mean(0)
+    torch.testing.assert_close(bn.running_var, want_var, rtol=1e-5, atol=1e-5)
