@@ -37,7 +37,19 @@ from scipy import stats
 import fxprune
 
 RESULTS = Path(__file__).parent / "results"
-FX_SCORES = ["influence", "magnitude", "taylor", "fisher", "grad_norm", "sosp_h", "inf_cp", "ifso_code"]
+FX_SCORES = [
+    "influence",
+    "magnitude",
+    "taylor",
+    "fisher",
+    "grad_norm",
+    "sosp_h",
+    "inf_cp",
+    "ifso_code",
+    "obs",
+]
+#: scores that take no weight_decay option (obs models the data loss alone, as the measured changes are)
+NO_WEIGHT_DECAY = ("magnitude", "obs")
 TP_SCORES = ["tp_magnitude", "tp_taylor", "tp_hessian"]
 WEIGHT_DECAY = 5e-4
 
@@ -267,6 +279,7 @@ def main() -> None:
     ap.add_argument("--units", type=int, default=30, help="channels sampled for the correlation study")
     ap.add_argument("--retrain-steps", type=int, default=10)
     ap.add_argument("--calib-batches", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS / "quality.json")
     args = ap.parse_args()
@@ -274,6 +287,8 @@ def main() -> None:
         args.models, args.targets = args.models[:1], [0.5]
         args.criteria = ["influence", "magnitude", "tp_magnitude"]
         args.units, args.retrain_steps, args.finetune_steps = 12, 5, 10
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data = load_digits_32()
     x1 = data.x_test[:1]
@@ -334,7 +349,7 @@ def main() -> None:
                                  "acc_ft": acc_ft, "seconds": secs})  # fmt: skip
                     _print_row(rows[-1])
                 continue
-            options: dict[str, Any] = {"weight_decay": WEIGHT_DECAY} if crit != "magnitude" else {}
+            options: dict[str, Any] = {"weight_decay": WEIGHT_DECAY} if crit not in NO_WEIGHT_DECAY else {}
             t = time.perf_counter()  # the scores, once per criterion (compile time includes scoring)
             first = fxprune.compile(model, x1, 0.5, score=crit, data=calib_batches, compensate="none",
                                     verify=False, progress=False, **options)  # fmt: skip
