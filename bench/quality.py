@@ -303,7 +303,7 @@ def main() -> None:
         print(f"## {name}: test accuracy {acc0:.4f}, loss {loss0:.4f} (trained/loaded in "
               f"{time.perf_counter() - t:.0f}s)", flush=True)  # fmt: skip
         # the compile pipeline up to the channel groups, with the calibration data validated
-        options = fxprune.CompileOptions(score="fisher", data=calib_batches, progress=False)
+        options = fxprune.CompileOptions(score="fisher", data=calib_batches, progress=False, target_flops=0.5)
         state = fxprune.COMPILE.until("dependency").run(
             fxprune.CompileState(model=model, example_input=x1, options=options)
         )
