@@ -50,6 +50,9 @@ FX_SCORES = [
 ]
 #: scores that take no weight_decay option (obs models the data loss alone, as the measured changes are)
 NO_WEIGHT_DECAY = ("magnitude", "obs")
+#: options under which a criterion scores each channel alone, for the single-channel correlation study, where
+#: its default differs (obs: the marginal costs of a greedy removal order, joint=True, for selection)
+SINGLE_CHANNEL: dict[str, dict[str, Any]] = {"obs": {"joint": False}}
 TP_SCORES = ["tp_magnitude", "tp_taylor", "tp_hessian"]
 WEIGHT_DECAY = 5e-4
 
@@ -354,7 +357,11 @@ def main() -> None:
             first = fxprune.compile(model, x1, 0.5, score=crit, data=calib_batches, compensate="none",
                                     verify=False, progress=False, **options)  # fmt: skip
             first_secs = time.perf_counter() - t
-            pred = np.array([first.scores[g].mean[c] for g, c in units])
+            single = first
+            if crit in SINGLE_CHANNEL:  # the correlation study removes one channel at a time
+                single = fxprune.compile(model, x1, 0.5, score=crit, data=calib_batches, compensate="none",
+                                         verify=False, progress=False, **options, **SINGLE_CHANNEL[crit])  # fmt: skip
+            pred = np.array([single.scores[g].mean[c] for g, c in units])
             corr.append({**row_common, "retrain_lr": lr, "units": len(units), "pred": _listed(pred),
                          "no_retrain": correlations(pred, d_now),
                          "retrained": correlations(pred, d_rt)})  # fmt: skip

@@ -42,10 +42,24 @@ damped towards ``W``; it adds ``delta |W_Q|^2`` to every channel and overstated 
 others nearly reproduce by up to 13% at ``damping=1e-3`` on a tiny net, where the ridge form is within 0.5%
 (lsq's ``delta`` uses the mean diagonal of the kept block, not of all of ``A``: the rest of the gap).
 
-The score of channel ``c`` is ``sum_k dL_k(c)`` over the consumers of its group: K-FAC's curvature is
-block-diagonal across layers, and compensation refits each consumer alone on the original inputs. What this
-leaves out: the interaction of channels removed together (the sum of singles is not the OBS of the set), and
-the change of a later consumer's input when an earlier one is refitted.
+Single channels (``joint=False``): the score of channel ``c`` is ``sum_k dL_k(c)`` over the consumers of its
+group (K-FAC's curvature is block-diagonal across layers, and compensation refits each consumer alone on the
+original inputs).
+
+Sets (``joint=True``, the default): selection removes many channels of a group at once and lsq refits them
+together, and two channels that stand in for each other are each cheap alone but not together. So within
+each group the channels are removed greedily (OBC, ZipLM): at each step the one whose removal, given those
+already removed, costs least (``1/2 tr(G W_Q [M_QQ]^-1 W_Q^T)``, summed over its consumers), then every
+consumer's ``W`` takes that refit and ``M = (A + delta I)^-1`` its block downdate (``_greedy_obs``). A
+channel's score is its marginal cost in that order, kept non-decreasing along it (a running maximum), so the
+selection (lowest scores first) follows the order and the scores it removes from a group sum to the OBS cost
+of removing them together, ``1/2 tr(G W_S [((A + delta I)^-1)_SS]^-1 W_S^T)``. On the digits ResNet-20 at
+half the FLOPs, with lsq: 0.982 accuracy against 0.651 for the single-channel scores (fisher: 0.940).
+
+What this leaves out: the interaction of groups that share a consumer (a concatenation's segments), the
+change of a later consumer's input when an earlier one is refitted, and K-FAC's own approximations (positions
+independent: a conv whose output gradients are correlated across positions, e.g. before a global pool, is
+under-weighted, by 2-14x per layer on the digits ResNet-20 against the per-sample Gauss-Newton form).
 
 Statistics: ``Joint`` of one ``Sum`` per consumer (``consumer_statistics``: ``[sum x, [X 1]^T [X 1]]``) and
 one ``Sum`` of ``N_b * G_b`` per consumer counted in samples, so splits merge and ``reduce`` makes them global.
@@ -267,22 +281,98 @@ def _ridge_obs(
     return 0.5 * (trace + constant)
 
 
-class OBSScore(MaskScorePass):
-    """Group OBS with K-FAC curvature per consumer: the predicted loss change of removing channel ``c``
-    after lsq compensation (the module docstring has the formula, the factors and what it leaves out):
+@dataclass(frozen=True)
+class _Factors:
+    """One consumer's curvature, ready to score: its extended weight ``[W 0]`` (``out x d``, ``d`` with the
+    constant when lsq refits a shift), ``M = (A + delta I)^-1``, ``delta``, ``G``, and per group it reads
+    the weight columns of each channel (``channels x q``)."""
 
-        score_c = sum over consumers k of 1/2 tr(G_k W_Q [((A_k + delta I)^-1)_QQ]^-1 W_Q^T)
+    w: torch.Tensor
+    m: torch.Tensor
+    g: torch.Tensor
+    delta: float
+    cols: tuple[tuple[int, torch.Tensor], ...]
+
+    @classmethod
+    def of(cls, lay: ConsumerLayout, gram_stat: Sum, g: torch.Tensor, damping: float) -> _Factors:
+        """From the merged Gram (``consumer_statistics``) and the merged ``G``.
+
+        Raises:
+            NumericalError: ``A + delta I`` is not positive definite (``damping=0``, a rank-deficient input).
+        """
+        _, gram = gram_stat.result()
+        w = lay.consumer.module.weight
+        assert isinstance(w, torch.Tensor)
+        w_mat = w.detach().reshape(w.shape[0], -1).double().to(gram.device)
+        d = w_mat.shape[1] + (1 if lay.shift else 0)
+        a = gram[:d, :d] / gram[-1, -1]  # the corner counts the rows: a mean over rows
+        delta = damping * float(a.diagonal().mean())
+        chol, info = torch.linalg.cholesky_ex(a + delta * torch.eye(d, dtype=a.dtype, device=a.device))
+        if int(info) != 0:
+            raise NumericalError(
+                f"score='obs': the input second moment of {lay.key} is singular (damping={damping}); "
+                "raise damping="
+            )
+        w_ext = torch.cat([w_mat, w_mat.new_zeros(w_mat.shape[0], 1)], 1)[:, :d]  # the shift starts at 0
+        taps = torch.arange(lay.per_position, device=gram.device)
+        cols = tuple(
+            (gid, (pos.to(gram.device)[:, :, None] * lay.per_position + taps).reshape(pos.shape[0], -1))
+            for gid, pos in lay.reads
+        )
+        return cls(w_ext, torch.cholesky_inverse(chol), g.to(gram.device), delta, cols)
+
+
+def _greedy_obs(reads: Sequence[tuple[_Factors, torch.Tensor]], size: int) -> torch.Tensor:
+    """Marginal costs of removing one group's channels one after another in the greedy OBS order (OBC):
+    at each step the channel whose removal costs least, summed over the consumers that read it,
+    ``1/2 tr(G W_Q [M_QQ]^-1 W_Q^T)``; then every consumer's ``W`` takes that channel's refit
+    (``W -= W_Q M_QQ^-1 M_Q:``) and ``M`` its block downdate (``M -= M_:Q M_QQ^-1 M_Q:``, the damped inverse of
+    the remaining columns' ``A``). The sum of the first ``k`` marginals is the OBS cost of removing those
+    ``k`` together, ``1/2 tr(G W_S [M_SS]^-1 W_S^T)``. Made non-decreasing along the order (a running
+    maximum), so that selection, which removes the lowest scores first, follows it."""
+    ws = [f.w.clone() for f, _ in reads]
+    ms = [f.m.clone() for f, _ in reads]
+    left = list(range(size))
+    out = torch.zeros(size, dtype=torch.float64, device=ws[0].device)
+    floor = 0.0
+    while left:
+        idx = torch.tensor(left, device=ws[0].device)
+        cost = torch.zeros(len(left), dtype=torch.float64, device=idx.device)
+        for (f, cols), w, m in zip(reads, ws, ms, strict=True):
+            q = cols[idx]  # left x q
+            block = m[q[:, :, None], q[:, None, :]]
+            w_q = w[:, q].permute(1, 0, 2)  # left x out x q
+            inner = w_q.transpose(1, 2) @ f.g @ w_q
+            cost += 0.5 * torch.linalg.solve(block, inner).diagonal(dim1=1, dim2=2).sum(1)
+        best = int(cost.argmin())
+        c = left.pop(best)
+        floor = max(floor, float(cost[best]))
+        out[c] = floor
+        for i, ((_, cols), w, m) in enumerate(zip(reads, ws, ms, strict=True)):
+            q = cols[c]
+            solve = torch.linalg.solve(m[q][:, q], m[q])  # M_QQ^-1 M_Q:
+            ws[i] = w - w[:, q] @ solve
+            ms[i] = m - m[:, q] @ solve
+    return out
+
+
+class OBSScore(MaskScorePass):
+    """Group OBS with K-FAC curvature per consumer: the predicted loss change of removing channels after lsq
+    compensation (the module docstring has the formulas, the factors and what it leaves out). With
+    ``joint=False`` each channel alone, ``sum over consumers k of 1/2 tr(G_k dW A_k dW^T)`` at lsq's refit;
+    with ``joint=True`` (default) each channel's marginal cost in the greedy removal order of its group, so
+    the scores of the channels selection removes sum to the cost of removing them together.
 
     Options: ``damping`` (``delta = damping * mean diag A``; lsq compensation's default), ``max_rows`` (rows
     of each call in the Gram, as compensation), ``rank`` (eigenvectors of each sample's output Hessian that
     are back-propagated: 9 of ten-class cross-entropy's 10 are nonzero), ``max_outputs`` (the largest output
-    per sample whose Hessian is factored).
+    per sample whose Hessian is factored), ``joint``.
     """
 
     name = "obs"
 
     cost_exponent = 1.0
-    defaults = {"damping": 1e-3, "max_rows": 65536, "rank": 16, "max_outputs": 4096}
+    defaults = {"damping": 1e-3, "max_rows": 65536, "rank": 16, "max_outputs": 4096, "joint": True}
 
     def statistics(self, loss: MaskedLoss, batches: Iterable[Batch]) -> Joint:
         """``Joint(*one Sum per consumer (consumer_statistics), Sum of [N_b G_b per consumer])``; the last
@@ -353,36 +443,22 @@ class OBSScore(MaskScorePass):
         score = torch.zeros(loss.size, dtype=torch.float64, device=loss.device)
         if curvature.empty or curvature.count == 0:
             return score, None
-        g_all = curvature.mean()
         damping = float(self.options["damping"])
-        for lay, gram_stat, g in zip(layouts, grams, g_all, strict=True):
+        factors = []
+        for lay, gram_stat, g in zip(layouts, grams, curvature.mean(), strict=True):
             if gram_stat.empty or gram_stat.count == 0:  # never called: removing its inputs changes nothing
                 continue
-            _, gram = gram_stat.result()
-            w = lay.consumer.module.weight
-            assert isinstance(w, torch.Tensor)
-            w_mat = w.detach().reshape(w.shape[0], -1).double().to(gram.device)
-            d = w_mat.shape[1]
-            keep = torch.arange(d + 1 if lay.shift else d, device=gram.device)
-            a = gram[keep][:, keep] / gram[-1, -1]  # the corner counts the rows: a mean over rows
-            delta = damping * float(a.diagonal().mean())
-            chol, info = torch.linalg.cholesky_ex(
-                a + delta * torch.eye(len(keep), dtype=a.dtype, device=a.device)
-            )
-            if int(info) != 0:
-                raise NumericalError(
-                    f"score='obs': the input second moment of {lay.key} is singular (damping={damping}); "
-                    "raise damping="
-                )
-            m = torch.cholesky_inverse(chol)  # (A + delta I)^-1
-            w_ext = torch.cat([w_mat, w_mat.new_zeros(w_mat.shape[0], 1)], 1)[:, : len(keep)]  # shift 0
-            taps = torch.arange(lay.per_position, device=gram.device)
-            g = g.to(gram.device)
-            for gid, positions in lay.reads:
-                pos = positions.to(gram.device)
-                cols = (pos[:, :, None] * lay.per_position + taps).reshape(pos.shape[0], -1)  # channel x q
+            factors.append(_Factors.of(lay, gram_stat, g, damping))
+        if self.options["joint"]:
+            for gid, sl in loss.slices.items():
+                reads = [(f, cols) for f in factors for rid, cols in f.cols if rid == gid]
+                if reads:
+                    score[sl] = _greedy_obs(reads, sl.stop - sl.start).to(score.device)
+            return score, None
+        for f in factors:
+            for gid, cols in f.cols:
                 sl = loss.slices[gid]
-                score[sl] += _ridge_obs(w_ext, m, g, delta, cols).to(score.device)
+                score[sl] += _ridge_obs(f.w, f.m, f.g, f.delta, cols).to(score.device)
         return score, None
 
     def estimate(self, loss: MaskedLoss, gen: torch.Generator) -> tuple[torch.Tensor, None]:

@@ -7,6 +7,8 @@ channel and applying lsq compensation (``fxprune.passes.compensate.compensate``,
    ``1/2 tr(G dW A dW^T)`` with ``dW`` the refit compensation computed, ``A`` the unfolded input's second
    moment and ``G`` the K-FAC factor built from full per-sample Jacobians and loss Hessians.
 3. On a small trained net the ranking follows the measured loss change after removal + lsq.
+4. ``joint=True`` (the default): the scores are marginal costs along the greedy OBS order, whose running sums
+   are the loss after removing those channels together + lsq, where K-FAC is exact.
 """
 
 from __future__ import annotations
@@ -127,11 +129,54 @@ def test_score_is_the_loss_change_after_lsq_where_kfac_is_exact(net: str, loss: 
     gm, groups, calib = _setup(model, batches)
     (group,) = [g for g in groups if g.prunable]
     base = _loss(gm, calib)
-    got = _scores(gm, groups, calib, damping=damping, rank=32)[group.id]
+    got = _scores(gm, groups, calib, damping=damping, rank=32, joint=False)[group.id]
     measured = np.array([_loss(_removed(gm, groups, calib, group.id, c, damping)[0], calib) - base
                          for c in range(group.size)])  # fmt: skip
     assert measured.min() > 0
     np.testing.assert_allclose(got, measured, rtol=1e-5 if damping < 1e-6 else 2e-2)
+
+
+def _removed_set(gm, groups, calib, gid: int, removed: set[int], damping: float):
+    size = next(g.size for g in groups if g.id == gid)
+    plan = build_plan(groups, {gid: tuple(i for i in range(size) if i not in removed)})
+    new, _ = compensate(gm, groups, plan, calib, "lsq", damping=damping)
+    params = dict(new.named_parameters())
+    with torch.no_grad():
+        for name, (dim, kept) in plan.inputs.items():
+            mask = torch.ones(params[name].shape[dim], dtype=torch.bool)
+            mask[list(kept)] = False
+            params[name].index_fill_(dim, mask.nonzero().flatten(), 0.0)
+    return new
+
+
+@pytest.mark.parametrize("loss", ["mse", "label_free"])
+def test_joint_scores_sum_to_the_loss_after_removing_a_set_and_lsq(loss: str) -> None:
+    """``joint=True``: removing the ``k`` lowest-scored channels together, then lsq, changes the loss by the sum
+    of their scores (the greedy order's marginal costs; exact on the linear head, up to the first tie, where
+    the running maximum that keeps them in order takes over), while the sum of single-channel scores
+    misses it (channels that stand in for each other are each cheap alone)."""
+    torch.manual_seed(0)
+    model = LinearHead().double().eval()
+    data = [
+        (torch.randn(n, 6, dtype=torch.float64), torch.randn(n, 3, dtype=torch.float64)) for n in (16, 12)
+    ]
+    _fit_last_layer(model, data)
+    gm, groups, calib = _setup(model, data if loss == "mse" else [x for x, _ in data])
+    (group,) = [g for g in groups if g.prunable]
+    base = _loss(gm, calib)
+    joint = _scores(gm, groups, calib, damping=1e-10)[group.id]
+    singles = _scores(gm, groups, calib, damping=1e-10, joint=False)[group.id]
+    order = np.argsort(joint, kind="stable")
+    ties = np.flatnonzero(np.diff(joint[order]) <= 0)
+    upto = int(ties[0]) + 1 if len(ties) else group.size - 1
+    assert upto >= 3
+    for k in range(1, upto + 1):
+        measured = (
+            _loss(_removed_set(gm, groups, calib, group.id, set(order[:k].tolist()), 1e-10), calib) - base
+        )
+        np.testing.assert_allclose(joint[order[:k]].sum(), measured, rtol=1e-5)
+        if k > 1:
+            assert abs(singles[order[:k]].sum() - measured) > 1e-3 * measured
 
 
 class ConvConsumer(nn.Module):
@@ -170,7 +215,7 @@ def test_conv_consumer_score_is_half_the_refit_output_change_weighted_by_g(varia
     group = next(gr for gr in groups if gr.prunable and any(s.param == "conv2.weight" for s in gr.sites
                                                             if s.role == "in"))  # fmt: skip
     damping = 1e-9
-    got = _scores(gm, groups, calib, damping=damping)[group.id]
+    got = _scores(gm, groups, calib, damping=damping, joint=False)[group.id]
 
     total = sum(len(x) for x, _ in batches)
     kfac_g = torch.zeros(5, 5, dtype=torch.float64)
@@ -250,7 +295,7 @@ def test_ranking_follows_the_loss_change_after_removal_and_lsq(trained) -> None:
     gm, groups, calib = _setup(model, batches)
     prunable = [g for g in groups if g.prunable]
     assert sum(g.size for g in prunable) == 16
-    got = _scores(gm, groups, calib)
+    got = _scores(gm, groups, calib, joint=False)
     base = _loss(gm, calib)
     pred, measured = [], []
     for g in prunable:
