@@ -331,6 +331,7 @@ def _greedy_obs(reads: Sequence[tuple[_Factors, torch.Tensor]], size: int) -> to
     ``k`` together, ``1/2 tr(G W_S [M_SS]^-1 W_S^T)``. Made non-decreasing along the order (a running
     maximum), so that selection, which removes the lowest scores first, follows it."""
     ws = [f.w.clone() for f, _ in reads]
+    gws = [f.g @ f.w for f, _ in reads]  # G W, kept up to date: the per-channel cost needs only its columns
     ms = [f.m.clone() for f, _ in reads]
     left = list(range(size))
     out = torch.zeros(size, dtype=torch.float64, device=ws[0].device)
@@ -338,20 +339,21 @@ def _greedy_obs(reads: Sequence[tuple[_Factors, torch.Tensor]], size: int) -> to
     while left:
         idx = torch.tensor(left, device=ws[0].device)
         cost = torch.zeros(len(left), dtype=torch.float64, device=idx.device)
-        for (f, cols), w, m in zip(reads, ws, ms, strict=True):
+        for (_, cols), w, gw, m in zip(reads, ws, gws, ms, strict=True):
             q = cols[idx]  # left x q
             block = m[q[:, :, None], q[:, None, :]]
-            w_q = w[:, q].permute(1, 0, 2)  # left x out x q
-            inner = w_q.transpose(1, 2) @ f.g @ w_q
+            inner = w[:, q].permute(1, 2, 0) @ gw[:, q].permute(1, 0, 2)  # W_Q^T G W_Q: left x q x q
             cost += 0.5 * torch.linalg.solve(block, inner).diagonal(dim1=1, dim2=2).sum(1)
         best = int(cost.argmin())
         c = left.pop(best)
         floor = max(floor, float(cost[best]))
         out[c] = floor
-        for i, ((_, cols), w, m) in enumerate(zip(reads, ws, ms, strict=True)):
+        for i, (_, cols) in enumerate(reads):
             q = cols[c]
+            m = ms[i]
             solve = torch.linalg.solve(m[q][:, q], m[q])  # M_QQ^-1 M_Q:
-            ws[i] = w - w[:, q] @ solve
+            ws[i] = ws[i] - ws[i][:, q] @ solve
+            gws[i] = gws[i] - gws[i][:, q] @ solve
             ms[i] = m - m[:, q] @ solve
     return out
 
