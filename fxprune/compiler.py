@@ -162,7 +162,8 @@ def compile(  # noqa: A001
         score: name of the scoring pass (``fxprune.passes.scores.SCORES``), or a ``ScorePass`` subclass
             (``fxprune.passes.score``; your own score): ``influence`` (the retrained
             loss change), ``magnitude``, ``taylor``, ``fisher``, ``grad_norm``, ``sosp_h``, ``inf_cp``,
-            ``ifso_code``; or ``"auto"`` (default): ``fisher`` with labelled ``data``, else ``magnitude``
+            ``ifso_code``, ``obs`` (group OBS with K-FAC curvature: the loss after lsq compensation,
+            ``passes/score_obs.py``); or ``"auto"`` (default): ``fisher`` with labelled ``data``, else ``magnitude``
             (``passes.score.auto_score``: the winner of ``bench/quality.py``). ``result.score`` names the
             pass that ran. Score-specific options (``probes=``, ``damping=``...) go in ``**score_options``.
         data: calibration batches for data-driven scores and compensation: an iterable of model inputs, or

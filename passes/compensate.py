@@ -42,7 +42,15 @@ from fxprune.data import ChannelGroup, PrunePlan
 from fxprune.errors import InputError
 from fxprune.trace import copy_graph_module
 
-__all__ = ["COMPENSATIONS", "Compensation", "Consumer", "compensate", "consumer_statistics", "find_consumers"]
+__all__ = [
+    "COMPENSATIONS",
+    "Compensation",
+    "Consumer",
+    "compensate",
+    "consumer_statistics",
+    "find_consumers",
+    "shift_target",
+]
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +166,10 @@ def consumer_statistics(gm: fx.GraphModule, consumers: Mapping[str, Consumer], b
     return stats
 
 
-def _bias_target(gm: fx.GraphModule, c: Consumer, table: OpTable) -> tuple[str, float] | None:
+def shift_target(gm: fx.GraphModule, c: Consumer, table: OpTable) -> tuple[str, float] | None:
     """Where a shift of the consumer's output goes: its bias (+1) or the following BatchNorm's mean (-1):
-    a module of role ``RUNNING_MEAN`` in ``table``."""
+    a module of role ``RUNNING_MEAN`` in ``table``. ``None``: nowhere, so lsq refits the kept columns alone
+    (no constant column in the least squares)."""
     if c.module.bias is not None:  # type: ignore[union-attr]
         return f"{c.node.target}.bias", 1.0
     users = list(c.node.users)
@@ -228,7 +237,7 @@ def compensate(
         if stat.count == 0 or stat.empty:
             result.skipped[key] = "never called on the calibration data"
             continue
-        target = _bias_target(new, c, table)
+        target = shift_target(new, c, table)
         w2 = _weight(c.module).detach().double()
         if target is None and method == "lsq":  # the kept columns alone re-fit (no shift to fold)
             _, refit = _lsq(c, stat, w2, damping, shift=False)

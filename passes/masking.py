@@ -45,6 +45,7 @@ __all__ = [
     "interactive",
     "progress",
     "split_batch",
+    "tensor_leaves",
 ]
 
 log = logging.getLogger(__name__)
@@ -340,7 +341,7 @@ class MaskedLoss:
         w, m = self.leaves()
         b = batch.to(self.device)
         out = self.forward(w, m, b)
-        outs, rebuild = _tensor_leaves(out)
+        outs, rebuild = tensor_leaves(out)
         leaf_out = [o.detach().requires_grad_(True) for o in outs]
         loss = self.calib.loss(rebuild(leaf_out), b)
         g_out = torch.autograd.grad(loss, leaf_out, create_graph=True)
@@ -447,15 +448,22 @@ class MaskedLoss:
         return xs
 
 
-def _tensor_leaves(out: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
+def tensor_leaves(
+    out: Any, what: str = "curvature='gn'", instead: str = "use curvature='hessian'"
+) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
+    """The tensors of a model output that is a tensor or a tuple/list of tensors, and the function that
+    builds the same structure from other tensors (to evaluate the loss at stand-in outputs).
+
+    Raises:
+        InputError: any other output; the message says that ``what`` needs this and to ``instead``.
+    """
     if isinstance(out, torch.Tensor):
         return [out], lambda ts: ts[0]
     if isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
         kind = type(out)
         return list(out), lambda ts: kind(ts)
     raise InputError(
-        f"curvature='gn' needs the model to return a tensor or a tuple of tensors, got {type(out).__name__}; "
-        "use curvature='hessian'"
+        f"{what} needs the model to return a tensor or a tuple of tensors, got {type(out).__name__}; {instead}"
     )
 
 

@@ -16,6 +16,7 @@ from fxprune.passes.score import AUTO, ScorePass
 from fxprune.passes.score_gradient import FisherScore, InfCPScore, TaylorScore
 from fxprune.passes.score_hessian import GradNormScore, IFSOCodeScore, InfluenceScore, SOSPHScore
 from fxprune.passes.score_magnitude import MagnitudeScore
+from fxprune.passes.score_obs import OBSScore
 
 from fxprune.errors import InputError
 
@@ -34,6 +35,7 @@ SCORES: Mapping[str, type[ScorePass]] = MappingProxyType(
             GradNormScore,
             SOSPHScore,
             IFSOCodeScore,
+            OBSScore,
         )
     }
 )

@@ -40,7 +40,7 @@ def oracle_error(m: nn.Module, r: fxprune.CompileResult, x: torch.Tensor) -> flo
 
 
 @pytest.mark.parametrize(
-    "score", ["taylor", "fisher", "inf_cp", "grad_norm", "sosp_h", "ifso_code", "influence"]
+    "score", ["taylor", "fisher", "inf_cp", "grad_norm", "sosp_h", "ifso_code", "influence", "obs"]
 )
 def test_every_data_score_compiles_to_a_verified_model(score: str) -> None:
     m = model()
@@ -254,6 +254,7 @@ def test_every_registered_score_is_tested_here() -> None:
         "sosp_h",
         "ifso_code",
         "influence",
+        "obs",
     }
 
 

@@ -28,6 +28,7 @@ CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
     ("sosp_h", "bias", {}),
     ("ifso_code", "none", {}),
     ("influence", "newton", {"probes": 2, "cg_iters": 3, "hessian_batches": None}),
+    ("obs", "lsq", {}),
 ]
 WORLD = 2
 BATCHES = 4  # two per process

@@ -323,6 +323,7 @@ SPLIT_OPTIONS = {
     "sosp_h": {},
     "ifso_code": {},
     "influence": {"diag": "exact", "hessian_batches": None, "damping": 0.5, "cg_iters": 6},
+    "obs": {},
 }
 
 
@@ -339,7 +340,7 @@ def _scores(scores, dep) -> tuple[np.ndarray, np.ndarray | None]:
     return mean, None if spreads[0] is None else np.concatenate(spreads)
 
 
-@pytest.mark.parametrize("name", ["taylor", "fisher", "inf_cp", "grad_norm", "sosp_h"])
+@pytest.mark.parametrize("name", ["taylor", "fisher", "inf_cp", "grad_norm", "sosp_h", "obs"])
 def test_one_pass_score_statistics_of_a_split_merge_to_those_of_the_whole(split_setup, name: str) -> None:
     """statistics(A).merge(statistics(B)) == statistics(A + B) (float64 sums of float32 mask gradients added
     in another order: rtol 1e-6), and the score computed from the merged statistics is the whole-data score."""
