@@ -37,7 +37,9 @@ accuracy is 0.5 points, about two test images):
    the other criteria and ends below every other criterion's final accuracy by more than the margin.
    Decided as 1.
 
-    python bench/early_pruning.py                # 3 models x 2 seeds (about 40 minutes on 2 idle cores)
+    python bench/early_pruning.py                # 3 models x 2 seeds: resnet20 and mobilenetv2 took about 15
+                                                 # minutes a seed each at --threads 1 beside two other jobs on
+                                                 # 2 cores, densenet about three times that
     python bench/early_pruning.py --quick        # resnet20, one seed, k in (0, 1) (a smoke run)
 """
 

@@ -20,7 +20,8 @@ Also reported per arm: the unpruned accuracy (the penalty's own cost), the FLOPs
 onthefly arms the Jaccard overlap between the channels the penalty emptied (its last choice) and those the
 compile removed. Accuracy is on the 450 test images (one image = 0.22 points), the mean over seeds.
 
-    python bench/penalty.py                     # 3 models x 3 seeds (about 40 minutes on 2 idle cores)
+    python bench/penalty.py                     # 3 models x 3 seeds: each seed of the three models took about an
+                                                # hour at --threads 1 beside two other jobs on 2 cores
     python bench/penalty.py --quick             # resnet20, one seed, 0.5 only (a smoke run)
 """
 
