@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -10,6 +14,18 @@ import torch
 import fxprune
 from fxprune.trace import detached_caches
 from fxprune.verify import flatten_outputs
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(name: str) -> ModuleType:
+    """A bench/ script as a module (bench/ is no package), registered under ``name``."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def randomize_norms(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

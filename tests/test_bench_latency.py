@@ -2,28 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import load_bench
 
 import fxprune.verify
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _bench(name: str) -> ModuleType:
-    """A bench/ script as a module (bench/ is no package)."""
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class _Session:
@@ -44,7 +30,7 @@ class _Session:
 def test_interleaved_own_loop_rotates_the_order(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    lat = _bench("latency")
+    lat = load_bench("latency")
     monkeypatch.delattr(fxprune.verify, "time_interleaved", raising=False)
     log: list[int] = []
     sessions = [_Session(i, log) for i in range(3)]
@@ -58,7 +44,7 @@ def test_interleaved_own_loop_rotates_the_order(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_interleaved_uses_fxprune_timer_per_round(monkeypatch: pytest.MonkeyPatch) -> None:
-    lat = _bench("latency")
+    lat = load_bench("latency")
     seen: dict[str, Any] = {}
 
     def fake(sessions: Any, example: Any, **kw: Any) -> list[list[float]]:
@@ -95,7 +81,7 @@ def _row(
 
 
 def test_acceptance_bounds() -> None:
-    lat = _bench("latency")
+    lat = load_bench("latency")
     ok = lat.acceptance(_row(0.54, 0.5, 0.45, -0.099, 59.0, 5.0))
     assert ok == {
         "flops_latency_within_1.10": True,
@@ -117,7 +103,7 @@ def test_acceptance_bounds() -> None:
 
 
 def test_interpolate_brackets_on_the_latency_axis() -> None:
-    q = _bench("latency_quality")
+    q = load_bench("latency_quality")
     points = [(0.9, 1), (0.5, 2), (0.7, 3)]  # unsorted (latency ratio, index)
     assert q.interpolate(points, 0.6) == pytest.approx((2, 3, 0.5))
     i, j, w = q.interpolate(points, 0.85)
@@ -127,7 +113,7 @@ def test_interpolate_brackets_on_the_latency_axis() -> None:
 
 
 def test_paired_bootstrap_difference_and_interval() -> None:
-    q = _bench("latency_quality")
+    q = load_bench("latency_quality")
     rng = np.random.default_rng(1)
     ours = rng.random(400) < 0.8
     mix = np.where(rng.random(400) < 0.7, 1.0, 0.0) * 0.5 + 0.25

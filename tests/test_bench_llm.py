@@ -3,33 +3,19 @@ Skipped without ``transformers``."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_bench
 
 transformers = pytest.importorskip("transformers")
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
-
-def _bench(name: str) -> ModuleType:
-    """A bench/ script as a module (bench/ is no package)."""
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-llm = _bench("llm_quality")
+llm = load_bench("llm_quality")
 
 
 def _tiny_llama(seed: int = 0) -> Any:

@@ -3,10 +3,6 @@ the verdicts on the gradient-flow claims) and the signed gradient-norm criterion
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -14,19 +10,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import load_bench
 
 import fxprune
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _bench(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 class Net(nn.Module):
@@ -44,7 +30,7 @@ class Net(nn.Module):
 def test_grad_norm_raise_ranks_by_the_signed_first_order_change_of_the_gradient_norm() -> None:
     """score_c - score_d == a_c - a_d with a_c = w_c . (H g), w_c channel c's consumer columns, from autograd:
     removing channel c changes ||g||^2 / 2 by about -a_c, so the lowest score raises it most."""
-    early = _bench("early_pruning")
+    early = load_bench("early_pruning")
     torch.manual_seed(0)
     model = Net().double().eval()
     x = torch.randn(16, 3, 6, 6, dtype=torch.float64)
@@ -78,7 +64,7 @@ def _cell(crit: str, **kw: Any) -> dict[str, Any]:
 
 
 def test_gradient_flow_claims_are_decided_by_the_majority_of_cells() -> None:
-    early = _bench("early_pruning")
+    early = load_bench("early_pruning")
 
     def cells(
         k: int, seed: int, *, mag_fast: bool, lp_lowest: bool, raise_poor: bool
@@ -122,7 +108,7 @@ def _prow(arm: str, target: float, how: str, acc: float, seed: int = 0) -> dict[
 
 
 def test_penalty_acceptance_compares_seed_means_and_takes_the_best_tp_reg() -> None:
-    pen = _bench("penalty")
+    pen = load_bench("penalty")
     rows = []
     for seed, (ref, ours5, ours3, plain3) in enumerate(
         [(0.99, 0.988, 0.97, 0.90), (0.97, 0.968, 0.95, 0.96)]
@@ -150,7 +136,7 @@ def test_penalty_acceptance_compares_seed_means_and_takes_the_best_tp_reg() -> N
 def test_batchnorm_recalibration_is_the_plain_average_over_the_training_set() -> None:
     """A BatchNorm on the input: after recalibration its running mean is the per-channel mean of the training
     images, and its variance the mean of the per-batch (unbiased) variances; mode and momentum are kept."""
-    early = _bench("early_pruning")
+    early = load_bench("early_pruning")
     from fxprune.models_zoo.digits import Digits
 
     g = torch.Generator().manual_seed(0)
