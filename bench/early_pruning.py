@@ -141,6 +141,7 @@ def run_model(name: str, seed: int, data: Digits, args: argparse.Namespace) -> l
     for k in sorted(snapshots):
         snap = recalibrate_batchnorm(snapshots[k], data).eval()
         g_before = grad_norm(snap, calib)
+        loss_before = evaluate(snap, data.x_train, data.y_train)[1]  # once per snapshot, not per criterion
         for crit, score in CRITERIA.items():
             t = time.perf_counter()
             opts = {} if crit == "magnitude" else {"weight_decay": WEIGHT_DECAY}
@@ -161,7 +162,7 @@ def run_model(name: str, seed: int, data: Digits, args: argparse.Namespace) -> l
                 train(pruned, data, epochs=args.epochs, weight_decay=WEIGHT_DECAY, seed=seed, start_epoch=k,
                       progress=record)  # fmt: skip
             row = {"model": name, "seed": seed, "k": k, "criterion": crit, "flops": res.flops_ratio,
-                   "loss_before": evaluate(snap, data.x_train, data.y_train)[1], "loss_after_prune": loss_after,
+                   "loss_before": loss_before, "loss_after_prune": loss_after,
                    "grad_norm_before": g_before, "grad_norm_after": g_after,
                    "train_curve": later, "test_acc_curve": accs,
                    "mean_train_loss": float(np.mean(later)) if later else None,
