@@ -9,7 +9,8 @@ import math
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,7 @@ from fxprune.trace import detached_caches, fold_parametrizations, is_container_c
 __all__ = [
     "LatencyReport",
     "LatencyStats",
+    "StatsMasked",
     "Verification",
     "default_threads",
     "export_onnx",
@@ -530,11 +532,11 @@ def masked_model(
             shape[dim] = -1
             t.mul_(keep.view(shape).to(t.dtype))
     if plan.stats:
-        return _StatsMasked(masked, plan.stats)
+        return StatsMasked(masked, plan.stats)
     return masked
 
 
-class _StatsMasked(torch.nn.Module):
+class StatsMasked(torch.nn.Module):
     """``model`` whose layer/group norms over a pruned channel dim normalise over the kept channels only.
 
     For every ``plan.stats`` entry (the norm's weight and the kept positions of its channels), a call
@@ -553,6 +555,13 @@ class _StatsMasked(torch.nn.Module):
         self.stats = dict(stats)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with self.kept_norms():
+            return self.model(*args, **kwargs)
+
+    @contextmanager
+    def kept_norms(self) -> Iterator[None]:
+        """While it is open, ``F.layer_norm`` and ``F.group_norm`` calls with a site's weight run over the
+        kept channels only (``model`` run another way, e.g. node by node, computes the pruned model)."""
         import torch.nn.functional as F
 
         sites: dict[int, torch.Tensor] = {}
@@ -566,7 +575,7 @@ class _StatsMasked(torch.nn.Module):
         F.layer_norm = _over_kept(real_ln, sites, -1, lambda shape, idx: (len(idx),))  # type: ignore[assignment]
         F.group_norm = _over_kept(real_gn, sites, 1, lambda groups, idx: groups)  # type: ignore[assignment]
         try:
-            return self.model(*args, **kwargs)
+            yield
         finally:
             F.layer_norm, F.group_norm = real_ln, real_gn
 

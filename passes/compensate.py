@@ -7,9 +7,18 @@ new full tensor) so the masked-equivalence oracle can apply the same change to t
 
 - ``"bias"`` — mean-value recovery (Pruning On-the-Fly): each removed input channel is replaced by its mean
   over the calibration data, folded into the consumer's bias as ``W[:, c] . E[x_c]``.
-- ``"lsq"`` — layer-wise least squares (ThiNet / OBS family): each consumer re-fits its kept input columns
-  and its bias to reproduce its original output, ``W' = W C[:, S] (C[S, S] + delta I)^-1`` with ``C`` the
-  second-moment matrix of its (unfolded) input plus a constant row.
+- ``"lsq"`` — layer-wise least squares (ThiNet / OBS family), sequential: each consumer re-fits its kept
+  input columns and its bias so that, fed what the *pruned and already compensated* network gives it, it
+  reproduces its original output on the original network's input: ``W' = W C[:, S] (D[S, S] + delta I)^-1``
+  with ``D`` the second-moment matrix of its pruned-network input (unfolded, plus a constant row) and ``C``
+  the cross moment of the original input with it. Consumers are refitted in graph order while both networks
+  are run over the calibration batches, so the error of the layers above is corrected where it arrives
+  instead of accumulating through depth (SparseGPT / OBC refit on the pruned model's inputs). Held batches
+  (a list) are walked node by node all at once, holding every batch's live activations of both networks;
+  streamed ones are read once per wave of consumers (``_sequential_lsq``).
+- ``"lsq_independent"`` — the same refit of every consumer at once on the *original* network's inputs
+  (``C = D``): one pass with hooks, nothing held, but the errors of consecutive layers add up (on the digits
+  ResNet-20 at 10% of the FLOPs, fisher scores: 0.29 accuracy against 0.96 for ``"lsq"``).
 - ``"newton"`` — the influence update ``dw = (H_ww + delta I)^-1 H_wm 1_S`` over all weights, the Newton step
   retraining would take, with a line search on the calibration loss.
 
@@ -25,8 +34,10 @@ of it; ``reduce`` (e.g. ``torch.distributed.all_reduce``) makes them global in a
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -54,7 +65,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-COMPENSATIONS = ("none", "bias", "lsq", "newton")
+COMPENSATIONS = ("none", "bias", "lsq", "lsq_independent", "newton")
 
 
 @dataclass
@@ -227,8 +238,14 @@ def compensate(
         return _newton(new, groups, plan, calib, device or torch.device("cpu"), damping, newton_options or {},
                        reduce)  # fmt: skip
     consumers, result.skipped = find_consumers(new, plan, groups, table)
+    if method == "lsq":
+        result.overrides = _sequential_lsq(new, consumers, plan, calib.batches, damping, max_rows, reduce, table,
+                                           progress)  # fmt: skip
+        _apply(new, result.overrides)
+        return new, result
+    lsq = method == "lsq_independent"
     batches = show_progress(calib.batches, progress, f"compensate {method}: batch")
-    stats = consumer_statistics(new, consumers, batches, method == "lsq", max_rows)
+    stats = consumer_statistics(new, consumers, batches, lsq, max_rows)
     if reduce is not None:
         stats = {key: stat.reduce(reduce) for key, stat in stats.items()}
     state = dict(new.state_dict(keep_vars=True))
@@ -239,7 +256,7 @@ def compensate(
             continue
         target = shift_target(new, c, table)
         w2 = _weight(c.module).detach().double()
-        if target is None and method == "lsq":  # the kept columns alone re-fit (no shift to fold)
+        if target is None and lsq:  # the kept columns alone re-fit (no shift to fold)
             _, refit = _lsq(c, stat, w2, damping, shift=False)
             result.overrides[f"{key}.weight"] = refit.to(w2.device, _weight(c.module).dtype)
             continue
@@ -273,20 +290,214 @@ def _lsq(
     BatchNorm after it, e.g. a transformer's bias-free projections): the kept columns alone, no shift."""
     _, gram_sum = stat.result()
     gram = gram_sum / stat.count
+    cols = _columns(c, w, shift).to(gram.device)
+    return _solve(c, gram[cols][:, cols], gram[:, cols], w, damping, shift)
+
+
+def _columns(c: Consumer, w: torch.Tensor, shift: bool) -> torch.Tensor:
+    """The columns of the extended input ``[x 1]`` a refit keeps: the kept channels' (times the kernel
+    taps of a conv), and the constant one when ``shift``."""
+    per_chan = w[0].numel() // w.shape[1]  # unfolded positions per input channel (k*k for a conv)
+    kept_cols = (c.kept[:, None] * per_chan + torch.arange(per_chan)[None, :]).reshape(-1)
+    constant = torch.tensor([w[0].numel()]) if shift else torch.tensor([], dtype=torch.long)
+    return torch.cat([kept_cols, constant])
+
+
+def _solve(c: Consumer, gram: torch.Tensor, cross: torch.Tensor, w: torch.Tensor, damping: float,
+           shift: bool) -> tuple[torch.Tensor | None, torch.Tensor]:  # fmt: skip
+    """The ridge refit ``W' = W_ext cross (gram + delta I)^-1`` of the kept columns ``S`` (``_columns``):
+    ``gram`` the second moment of the input the consumer will see, over ``S`` (``|S| x |S|``), ``cross`` the
+    moment of the extended input it saw in the original network against it (all columns x ``S``), ``delta =
+    damping * mean(diag gram)``. Returns (output shift, new full weight)."""
     out_dim = w.shape[0]
     w_mat = w.reshape(out_dim, -1)
-    per_chan = w_mat.shape[1] // w.shape[1]  # unfolded positions per input channel (k*k for a conv)
-    kept_cols = (c.kept[:, None] * per_chan + torch.arange(per_chan)[None, :]).reshape(-1)
-    constant = torch.tensor([w_mat.shape[1]]) if shift else torch.tensor([], dtype=torch.long)
-    cols = torch.cat([kept_cols, constant]).to(gram.device)  # kept (+ the constant row)
+    cols = _columns(c, w, shift)
+    kept_cols = cols[: len(cols) - int(shift)].to(gram.device)
     w_ext = torch.cat([w_mat, w_mat.new_zeros(out_dim, 1)], 1).to(gram.device)  # original: bias shift 0
-    sub = gram[cols][:, cols]
-    reg = damping * float(sub.diagonal().mean()) * torch.eye(len(cols), dtype=sub.dtype, device=sub.device)
-    rhs = w_ext @ gram[:, cols]
-    fitted = torch.linalg.solve(sub + reg, rhs.T).T  # out x |cols|
+    reg = damping * float(gram.diagonal().mean()) * torch.eye(len(cols), dtype=gram.dtype, device=gram.device)
+    rhs = w_ext @ cross
+    fitted = torch.linalg.solve(gram + reg, rhs.T).T  # out x |cols|
     new_w = w_mat.clone().to(gram.device)
-    new_w[:, kept_cols.to(gram.device)] = fitted[:, : len(kept_cols)]
+    new_w[:, kept_cols] = fitted[:, : len(kept_cols)]
     return (fitted[:, -1] if shift else None), new_w.reshape(w.shape)
+
+
+def _rows(mod: nn.Module, x: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """The consumer's input rows (``_features``), at most ``max_rows`` of them (a fixed random subset, the
+    same for two inputs of one shape), extended by a constant 1, in float64."""
+    rows = _features(mod, x.detach().float())
+    if rows.shape[0] > max_rows:
+        idx = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]
+        rows = rows[idx.to(rows.device)]
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1).double()
+
+
+def _sequential_lsq(gm: fx.GraphModule, consumers: Mapping[str, Consumer], plan: PrunePlan,
+                    batches: Iterable[Batch], damping: float, max_rows: int, reduce: Reduce | None, table: OpTable,
+                    progress: bool) -> dict[str, torch.Tensor]:  # fmt: skip
+    """``"lsq"``: the overrides of every consumer, refitted in graph order on the pruned network's inputs.
+
+    Two networks see every batch: ``gm`` as it is (the target outputs) and the masked oracle of the plan
+    (``fxprune.verify.masked_model``: the pruned network, in the original coordinates). At the first call of
+    each consumer, the sums of ``[x~ 1]^T [x~ 1]`` and ``[x 1]^T [x~ 1]`` over every batch (``x``: its input in
+    ``gm``, ``x~``: in the pruned network, kept columns; one ``Sum``, all-reduced by ``reduce``) give its
+    refit (``_solve``), which the pruned network takes (removed columns zero) before anything downstream of
+    it is read; its shift goes to the bias or the BatchNorm after it (``shift_target``). A module called at
+    several nodes is refitted from its first call.
+
+    Held batches (a list or tuple) are walked node by node, all at once (``_walk``): one run of each
+    network, holding every batch's live values of both. Streamed batches are read once per wave of
+    consumers (``_waves``: those with no consumer between them and the last wave), with hooks, one batch at a
+    time: the same refits, at one pass over the data per wave."""
+    from fxprune.verify import StatsMasked, masked_model
+
+    masked = masked_model(gm, plan)
+    inner = masked.model if isinstance(masked, StatsMasked) else masked
+    assert isinstance(inner, fx.GraphModule)
+    nodes = list(gm.graph.nodes)
+    twin = dict(zip(nodes, inner.graph.nodes, strict=True))  # a deep copy: the same graph, in order
+    refit_at: dict[fx.Node, str] = {}
+    for n in nodes:
+        if n.op == "call_module" and str(n.target) in consumers and str(n.target) not in refit_at.values():
+            refit_at[n] = str(n.target)
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    overrides: dict[str, torch.Tensor] = {}
+    ticks = iter(show_progress(range(len(refit_at)), progress, "compensate lsq: consumer"))
+
+    def refit(node: fx.Node, stat: Sum) -> None:
+        key = refit_at[node]
+        overrides.update(_refit(gm, inner, consumers[key], key, stat, damping, reduce, table))
+        next(ticks, None)
+
+    norms = masked.kept_norms() if isinstance(masked, StatsMasked) else nullcontext()
+    with torch.no_grad(), norms:
+        if isinstance(batches, (list, tuple)):
+            _walk(gm, inner, twin, refit_at, consumers, [tuple(t.to(device) for t in b.inputs) for b in batches],
+                  max_rows, refit)  # fmt: skip
+        else:
+            for wave in _waves(nodes, refit_at):
+                stats = _wave_statistics(gm, inner, wave, refit_at, consumers, batches, device, max_rows)
+                for node in wave:
+                    refit(node, stats[node])
+    return overrides
+
+
+def _walk(gm: fx.GraphModule, inner: fx.GraphModule, twin: Mapping[fx.Node, fx.Node],
+          refit_at: Mapping[fx.Node, str], consumers: Mapping[str, Consumer], inputs: Sequence[tuple[Any, ...]],
+          max_rows: int, refit: Callable[[fx.Node, Sum], None]) -> None:  # fmt: skip
+    """Run ``gm`` and ``inner`` node by node on every batch of ``inputs`` at once (``fx.Interpreter``),
+    calling ``refit`` with a consumer's statistics (``_pair_rows``) before its first call runs; a value is
+    dropped after its last use."""
+    nodes = list(gm.graph.nodes)
+    last_use = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    placeholder_index = {n: i for i, n in enumerate(n for n in nodes if n.op == "placeholder")}
+    runners = (fx.Interpreter(gm), fx.Interpreter(inner))
+    envs: list[tuple[dict[fx.Node, Any], dict[fx.Node, Any]]] = [({}, {}) for _ in inputs]
+    for i, node in enumerate(nodes):
+        if node in refit_at:
+            arg = node.args[0]
+            assert isinstance(arg, fx.Node)
+            c, stat = consumers[refit_at[node]], Sum()
+            for env, env_m in envs:
+                stat.update(*_pair_rows(c, env[arg], env_m[twin[arg]], max_rows))
+            refit(node, stat)
+        for (env, env_m), args in zip(envs, inputs, strict=True):
+            if node.op == "placeholder":
+                k = placeholder_index[node]
+                env[node] = env_m[twin[node]] = args[k] if k < len(args) else node.args[0]
+                continue
+            for runner, e, n in ((runners[0], env, node), (runners[1], env_m, twin[node])):
+                runner.env = e
+                e[n] = runner.run_node(n)
+            for dead in node.all_input_nodes:
+                if last_use[dead] == i:
+                    env.pop(dead, None)
+                    env_m.pop(twin[dead], None)
+
+
+def _waves(nodes: Sequence[fx.Node], refit_at: Mapping[fx.Node, str]) -> list[list[fx.Node]]:
+    """The refit nodes in waves: a node's wave is one more than the latest wave among the refit nodes it
+    depends on, so no refit changes the input of another refit of its wave."""
+    depth: dict[fx.Node, int] = {}
+    waves: dict[int, list[fx.Node]] = {}
+    for n in nodes:
+        d = max((depth[a] for a in n.all_input_nodes), default=0)
+        depth[n] = d + (n in refit_at)
+        if n in refit_at:
+            waves.setdefault(depth[n], []).append(n)
+    return [waves[d] for d in sorted(waves)]
+
+
+def _wave_statistics(gm: fx.GraphModule, inner: fx.GraphModule, wave: Sequence[fx.Node],
+                     refit_at: Mapping[fx.Node, str], consumers: Mapping[str, Consumer], batches: Iterable[Batch],
+                     device: torch.device, max_rows: int) -> dict[fx.Node, Sum]:  # fmt: skip
+    """One pass over ``batches`` of both networks, with hooks on the wave's consumers (their first call in
+    each run): per refit node, the statistics ``_walk`` collects for it."""
+    stats = {n: Sum() for n in wave}
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+
+    def hook(key: str, side: int) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def fn(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+            if (key, side) not in seen:  # a copy: an in-place op later in the run may change it
+                seen[(key, side)] = args[0].detach().clone()
+
+        return fn
+
+    hooks = [net.get_submodule(refit_at[n]).register_forward_pre_hook(hook(refit_at[n], side))
+             for n in wave for side, net in enumerate((gm, inner))]  # fmt: skip
+    try:
+        for b in batches:
+            seen.clear()
+            inputs = tuple(t.to(device) for t in b.inputs)
+            gm(*inputs)
+            inner(*inputs)
+            for n in wave:
+                key = refit_at[n]
+                stats[n].update(*_pair_rows(consumers[key], seen[(key, 0)], seen[(key, 1)], max_rows))
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _pair_rows(
+    c: Consumer, x: torch.Tensor, xt: torch.Tensor, max_rows: int
+) -> tuple[list[torch.Tensor], int]:
+    """A consumer's statistics from one batch: ``[xt_S^T xt_S, x^T xt_S]`` over the extended rows
+    (``_rows``; ``S``: the kept columns and the constant, ``_columns``), and the row count."""
+    cols = _columns(c, _weight(c.module), shift=True)  # the constant is the last row: dropped by _refit
+    x, xt = _rows(c.module, x, max_rows), _rows(c.module, xt, max_rows)[:, cols.to(x.device)]
+    return [xt.T @ xt, x.T @ xt], x.shape[0]
+
+
+def _refit(gm: fx.GraphModule, inner: fx.GraphModule, c: Consumer, key: str, stat: Sum, damping: float,
+           reduce: Reduce | None, table: OpTable) -> dict[str, torch.Tensor]:  # fmt: skip
+    """One consumer's refit from its statistics (``_pair_rows``), written into the pruned network ``inner``;
+    returns its overrides (full-size tensors, original coordinates)."""
+    if reduce is not None:
+        stat = stat.reduce(reduce)
+    gram, cross = (t / stat.count for t in stat.result())
+    target = shift_target(gm, c, table)
+    if target is None:  # no shift to fold: the kept columns alone (the constant is the last column)
+        gram, cross = gram[:-1, :-1], cross[:, :-1]
+    w = _weight(c.module).detach().double()
+    shift, new_w = _solve(c, gram, cross, w, damping, shift=target is not None)
+    dtype = _weight(c.module).dtype
+    out = {f"{key}.weight": new_w.to(w.device, dtype)}
+    if target is not None and shift is not None:
+        name, sign = target
+        owner, _, leaf = name.rpartition(".")
+        t = getattr(gm.get_submodule(owner), leaf)
+        out[name] = (t.detach().double() + sign * shift.to(t.device)).to(t.dtype)
+    keep = torch.zeros(new_w.shape[1], dtype=torch.bool, device=new_w.device)
+    keep[c.kept.to(new_w.device)] = True
+    shape = [1, -1] + [1] * (new_w.dim() - 2)
+    _weight(inner.get_submodule(key)).copy_((new_w * keep.view(shape)).to(dtype))  # removed columns zero
+    for name, value in out.items():
+        if name != f"{key}.weight":  # the shift: the bias, or the BatchNorm mean that runs after it
+            owner, _, leaf = name.rpartition(".")
+            getattr(inner.get_submodule(owner), leaf).copy_(value)
+    return out
 
 
 def _apply(gm: fx.GraphModule, overrides: Mapping[str, torch.Tensor]) -> None:

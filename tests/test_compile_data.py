@@ -57,7 +57,7 @@ def test_every_data_score_compiles_to_a_verified_model(score: str) -> None:
 
 
 @pytest.mark.parametrize("cls", [ResidualNet, ConcatNet, FlattenLinearNet])
-@pytest.mark.parametrize("method", ["bias", "lsq", "newton"])
+@pytest.mark.parametrize("method", ["bias", "lsq", "lsq_independent", "newton"])
 def test_compensation_is_covered_by_the_masked_oracle(cls: type[nn.Module], method: str) -> None:
     m = model(cls)
     # round_to=1: the plans these expectations were measured on (with aligned counts the Newton step also

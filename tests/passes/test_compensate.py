@@ -320,3 +320,86 @@ def test_two_simulated_processes_compensate_as_the_whole_data(split_setup, metho
         assert list(got.overrides) == list(want.overrides)
         for key, value in want.overrides.items():
             torch.testing.assert_close(got.overrides[key], value, rtol=1e-5, atol=1e-6)
+
+
+class Chain(nn.Module):
+    """``b`` reads ``a``'s channels and ``c`` reads ``b``'s: with both pruned, ``b`` is refitted, so the input
+    ``c`` sees in the pruned network differs from the original one on the kept channels too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 10)
+        self.b = nn.Linear(10, 10)
+        self.c = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_lsq_refits_each_consumer_on_the_input_the_pruned_network_gives_it() -> None:
+    """``"lsq"``: ``c``'s kept columns and bias are ``torch.linalg.lstsq``'s optimum of reproducing the
+    original ``c`` output from the input ``c`` receives *in the pruned model* (read with a hook on the pruned
+    GraphModule); ``"lsq_independent"`` (the refit on the original network's inputs) is not, there. ``b``'s
+    refit, whose input no refit changes, is the same under both."""
+    torch.manual_seed(0)
+    model = Chain().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(32, 6, generator=g) for _ in range(3)]
+    r = _compile(model, data, "lsq", target=0.4)
+    independent = _compile(model, data, "lsq_independent", target=0.4)
+    assert r.plan == independent.plan
+    kept, _ = _kept_and_removed(r, "c", 10)
+    _kept_and_removed(r, "b", 10)
+    torch.testing.assert_close(r.graph_module.b.weight, independent.graph_module.b.weight)
+    xt = torch.cat(_inputs_of(r.graph_module, "c", data)).double()  # the kept channels only
+    assert xt.shape[1] == len(kept)
+    x = torch.cat(_inputs_of(model, "c", data)).double()
+    w, b = model.c.weight.detach().double(), model.c.bias.detach().double()
+    target = x @ w.T + b
+    assert (xt - x[:, kept]).abs().max() > 1e-2  # b's refit changed c's input
+
+    def loss(mod: nn.Module) -> float:
+        return float((xt @ mod.weight.detach().double().T + mod.bias.detach().double() - target).pow(2).sum())
+
+    sol = torch.linalg.lstsq(torch.cat([xt, torch.ones(len(xt), 1, dtype=xt.dtype)], 1), target).solution
+    loss_opt = float((xt @ sol[:-1] + sol[-1] - target).pow(2).sum())
+    loss_fit, loss_independent = loss(r.graph_module.c), loss(independent.graph_module.c)
+    assert loss_opt <= loss_fit <= loss_opt * 1.001 + 1e-12, (loss_opt, loss_fit)
+    assert loss_independent > 1.05 * loss_fit, (loss_independent, loss_fit)
+
+
+class NormedChain(nn.Module):
+    """A LayerNorm over the pruned channels of ``a`` (the pruned model normalises over the kept ones), and
+    ``c`` called twice on ``b``'s channels (refitted from its first call)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 12)
+        self.norm = nn.LayerNorm(12)
+        self.b = nn.Linear(12, 10)
+        self.c = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b(torch.relu(self.norm(self.a(x)))))
+        return self.c(h) + self.c(h * h)
+
+
+@pytest.mark.parametrize("method", ["lsq", "lsq_independent"])
+def test_lsq_on_a_norm_over_pruned_channels_and_a_module_called_twice_keeps_the_oracle(method: str) -> None:
+    """The pruned model equals the masked oracle with the compensation's overrides (1e-5), the norm over
+    pruned channels is in the plan's statistics sites, both ``b`` and ``c`` are refitted, and the refit
+    lowers the error of the output against the original on the calibration data."""
+    torch.manual_seed(0)
+    model = NormedChain().eval()
+    g = torch.Generator().manual_seed(2)
+    data = [torch.randn(32, 6, generator=g) for _ in range(3)]
+    r = _compile(model, data, method, target=0.5)
+    assert r.plan.stats and {"b.weight", "c.weight"} <= set(r.compensation.overrides)
+    masked = fxprune.masked_model(model, r.plan, r.compensation.overrides)
+    none = _compile(model, data, "none", target=0.5)
+    with torch.no_grad():
+        for x in data:
+            torch.testing.assert_close(r.graph_module(x), masked(x), rtol=1e-5, atol=1e-5)
+        err = sum(float((r.graph_module(x) - model(x)).pow(2).sum()) for x in data)
+        err_none = sum(float((none.graph_module(x) - model(x)).pow(2).sum()) for x in data)
+    assert err < 0.5 * err_none, (err, err_none)
