@@ -14,6 +14,7 @@ __all__ = [
     "NumericalError",
     "PassContractError",
     "PipelineError",
+    "ScoreNotApplicable",
     "TargetError",
     "TraceError",
     "UnsupportedOpError",
@@ -45,6 +46,12 @@ class TargetError(FxpruneError, ValueError):
 
 class InputError(FxpruneError, ValueError):
     """An argument passed to fxprune is unusable (wrong type, or the example input does not run)."""
+
+
+class ScoreNotApplicable(InputError):
+    """The chosen score cannot model this model (e.g. ``score="obs"``: a reader of a pruned channel that lsq
+    cannot refit, or a per-sample output too large to factor its Hessian); the message says which and what
+    to use instead."""
 
 
 class VerificationError(FxpruneError, RuntimeError):

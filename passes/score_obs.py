@@ -83,7 +83,7 @@ from fxprune.passes.plan import build_plan
 from fxprune.passes.stats import Joint, Sum
 
 from fxprune.calib import Batch
-from fxprune.errors import InputError, NumericalError
+from fxprune.errors import NumericalError, ScoreNotApplicable
 
 __all__ = ["ConsumerLayout", "OBSScore", "consumer_layouts", "output_hessian_factors"]
 
@@ -111,7 +111,7 @@ def consumer_layouts(loss: MaskedLoss) -> list[ConsumerLayout]:
     on a plan that touches every group), in a fixed order.
 
     Raises:
-        InputError: a group's channels are read by something lsq cannot refit (not an ``nn.Linear`` or
+        ScoreNotApplicable: a group's channels are read by something lsq cannot refit (not an ``nn.Linear`` or
             ``nn.Conv2d`` module with its own weight, a grouped conv, string padding); the message names it.
     """
     groups = loss.groups
@@ -124,7 +124,7 @@ def consumer_layouts(loss: MaskedLoss) -> list[ConsumerLayout]:
             unsupported[key] = f"{type(c.module).__name__} (lsq unfolds nn.Conv2d and nn.Linear inputs only)"
     if unsupported:
         listed = "; ".join(f"{k}: {why}" for k, why in sorted(unsupported.items()))
-        raise InputError(
+        raise ScoreNotApplicable(
             f"score='obs' models each consumer that lsq compensation refits, but prunable channels are also "
             f"read by: {listed}. Use score='fisher', or pin the groups they read (exclude=)"
         )
@@ -138,7 +138,7 @@ def consumer_layouts(loss: MaskedLoss) -> list[ConsumerLayout]:
             for s in g.sites:
                 if s.role == "in" and s.param == f"{key}.weight":
                     if s.dim != 1:
-                        raise InputError(
+                        raise ScoreNotApplicable(
                             f"score='obs': {s.param} reads group {g.id} along dim {s.dim}, not 1"
                         )
                     pos = (
@@ -183,11 +183,11 @@ def output_hessian_factors(
     eigenvalues clipped to 0, the Gauss-Newton matrix is PSD); directions zero in every sample are dropped.
 
     Raises:
-        InputError: an output without the batch dim, or more than ``max_outputs`` elements per sample.
+        ScoreNotApplicable: an output without the batch dim, or more than ``max_outputs`` elements per sample.
     """
     n = outs[0].shape[0] if outs[0].dim() else -1
     if any(o.dim() == 0 or o.shape[0] != n for o in outs):
-        raise InputError(
+        raise ScoreNotApplicable(
             f"score='obs' needs every model output batch-first (dim 0 = the samples), got shapes "
             f"{[tuple(o.shape) for o in outs]}; use score='fisher'"
         )
@@ -205,7 +205,7 @@ def _factors(outs: Sequence[torch.Tensor], loss_of: Callable[[list[torch.Tensor]
     sizes = [leaves[i][0].numel() for i in used]
     total = sum(sizes)
     if total > max_outputs:
-        raise InputError(
+        raise ScoreNotApplicable(
             f"score='obs' factors each sample's {total}-element output Hessian, more than "
             f"max_outputs={max_outputs}; raise max_outputs= or use score='fisher'"
         )

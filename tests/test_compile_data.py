@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from conftest import assert_unchanged, randomize_norms, snapshot
-from fxprune.models_zoo.toy import ConcatNet, FlattenLinearNet, ResidualNet
+from fxprune.models_zoo.toy import ConcatNet, FlattenLinearNet, GroupedNet, ResidualNet
 from fxprune.passes.score import GroupScore
 from fxprune.passes.scores import SCORES, get_score
 
@@ -274,6 +274,17 @@ def test_auto_score_is_fisher_with_labels_and_magnitude_otherwise() -> None:
     with pytest.raises(fxprune.InputError, match="probes"):
         fxprune.compile(m, X, 0.5, data=labelled(2), probes=2, **kw)  # fisher takes no probes=
     assert_unchanged(m, before)
+
+
+def test_obs_on_a_reader_lsq_cannot_refit_is_a_typed_error_naming_it() -> None:
+    """A grouped conv reads pruned channels, which lsq cannot refit: ``score="obs"`` raises
+    ``ScoreNotApplicable`` (an ``InputError``) naming it and the score to use; fisher compiles it."""
+    m = model(GroupedNet)
+    kw: dict = {"progress": False, "latency_runs": 0, "data": labelled(2)}
+    with pytest.raises(fxprune.ScoreNotApplicable, match=r"groups=4.*score='fisher'"):
+        fxprune.compile(m, X, 0.5, score="obs", **kw)
+    fisher = fxprune.compile(m, X, 0.5, score="fisher", **kw)
+    assert fisher.plan.kept and fisher.verification is not None and fisher.verification.passed
 
 
 def test_a_score_class_of_ones_own_decides_the_plan() -> None:
