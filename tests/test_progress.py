@@ -91,14 +91,20 @@ def test_compile_prints_score_lines_and_respects_progress_false(
     assert _lines(capsys.readouterr().err) == []
 
 
-def test_compensation_prints_lines_when_asked(every_step: None, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("method", ["lsq", "lsq_independent"])
+def test_compensation_prints_lines_when_asked(
+    every_step: None, capsys: pytest.CaptureFixture[str], method: str
+) -> None:
+    """lsq_independent reads the batches in one pass (a line per batch), then refits each consumer; lsq
+    walks all batches at once, a line per consumer refitted."""
     model, x = ResidualNet().eval(), torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    kw = {"score": "magnitude", "data": _data(), "compensate": "lsq", "verify": False}
+    kw = {"score": "magnitude", "data": _data(), "compensate": method, "verify": False}
     fxprune.compile(model, x, 0.5, progress=False, **kw)
     assert _lines(capsys.readouterr().err) == []  # progress=False: silent
     r = fxprune.compile(model, x, 0.5, progress=True, **kw)
     lines = _lines(capsys.readouterr().err)
-    assert [m["k"] for m in lines if m["desc"] == "compensate lsq: batch"] == ["1", "2", "3"]
-    consumers = [m for m in lines if m["desc"] == "compensate lsq: consumer"]
+    batches = [m["k"] for m in lines if m["desc"] == f"compensate {method}: batch"]
+    assert batches == (["1", "2", "3"] if method == "lsq_independent" else [])
+    consumers = [m for m in lines if m["desc"] == f"compensate {method}: consumer"]
     assert consumers and consumers[-1]["k"] == consumers[-1]["n"]
     assert r.compensation is not None and r.compensation.overrides
