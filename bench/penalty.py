@@ -112,6 +112,10 @@ def tp_at_target(base: nn.Module, x: torch.Tensor, target: float, reg: float) ->
 # --- the run ----------------------------------------------------------------------------------------------
 
 
+#: the training arms besides plain training
+ARMS = ("onthefly", "group_lasso", "tp_sparse")
+
+
 def run_model(name: str, seed: int, data: Digits, args: argparse.Namespace,
               emit: Callable[[dict[str, Any]], None]) -> None:  # fmt: skip
     x1 = data.x_test[:1]
@@ -133,7 +137,7 @@ def run_model(name: str, seed: int, data: Digits, args: argparse.Namespace,
         acc, flops, _ = compiled(plain, t, "default")
         emit({**common, "arm": "plain", "target": t, "how": "default", "acc": acc, "flops": flops})
 
-    for t in args.targets:
+    for t in args.targets if "onthefly" in args.arms else []:
         pen = fxprune.penalty(plain, x1, t, kind="onthefly")  # the analysis only: plain is not modified
         model, secs = _train(name, data, args.epochs, seed, penalty=pen, after_step=pen.step)
         report = pen.report(model)
@@ -148,16 +152,17 @@ def run_model(name: str, seed: int, data: Digits, args: argparse.Namespace,
             emit({**common, "arm": f"onthefly@{t}", "target": t, "how": how, "acc": acc, "flops": flops,
                   "jaccard": jac})  # fmt: skip
 
-    pen = fxprune.penalty(plain, x1, min(args.targets), kind="group_lasso", strength=args.lasso_strength)
-    model, secs = _train(name, data, args.epochs, seed, penalty=pen, after_step=pen.step)
-    emit({**common, "arm": "group_lasso", "target": 1.0, "how": "unpruned", "acc": _acc(model, data),
-          "flops": 1.0, "train_s": secs, "strength": pen.strength})  # fmt: skip
-    for t in args.targets:
-        for how in ("magnitude+bias", "default"):
-            acc, flops, _ = compiled(model, t, how)
-            emit({**common, "arm": "group_lasso", "target": t, "how": how, "acc": acc, "flops": flops})
+    if "group_lasso" in args.arms:
+        pen = fxprune.penalty(plain, x1, min(args.targets), kind="group_lasso", strength=args.lasso_strength)
+        model, secs = _train(name, data, args.epochs, seed, penalty=pen, after_step=pen.step)
+        emit({**common, "arm": "group_lasso", "target": 1.0, "how": "unpruned", "acc": _acc(model, data),
+              "flops": 1.0, "train_s": secs, "strength": pen.strength})  # fmt: skip
+        for t in args.targets:
+            for how in ("magnitude+bias", "default"):
+                acc, flops, _ = compiled(model, t, how)
+                emit({**common, "arm": "group_lasso", "target": t, "how": how, "acc": acc, "flops": flops})
 
-    for reg in args.tp_regs:
+    for reg in args.tp_regs if "tp_sparse" in args.arms else []:
         model, secs = tp_sparse_train(name, data, args.epochs, seed, reg, x1)
         emit({**common, "arm": f"tp_sparse({reg:g})", "target": 1.0, "how": "unpruned",
               "acc": _acc(model, data), "flops": 1.0, "train_s": secs})  # fmt: skip
@@ -243,6 +248,8 @@ def main() -> None:
         "--lasso-strength", type=float, default=None, help="group_lasso's (default: the library's)"
     )
     ap.add_argument("--tp-regs", nargs="*", type=float, default=list(TP_REGS))
+    ap.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS,
+                    help="which trainings to run (plain always: the others are measured against it)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--resume", action="store_true", help="keep the (model, seed) runs already in --out")
     ap.add_argument("--quick", action="store_true")
