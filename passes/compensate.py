@@ -14,8 +14,9 @@ new full tensor) so the masked-equivalence oracle can apply the same change to t
   the cross moment of the original input with it. Consumers are refitted in graph order while both networks
   are run over the calibration batches, so the error of the layers above is corrected where it arrives
   instead of accumulating through depth (SparseGPT / OBC refit on the pruned model's inputs). Held batches
-  (a list) are walked node by node all at once, holding every batch's live activations of both networks;
-  streamed ones are read once per wave of consumers (``_sequential_lsq``).
+  (a list) are walked node by node all at once, holding every batch's live activations of both networks
+  (when they fit in ``WALK_BYTES``); streamed ones, or too many, are read once per wave of consumers
+  (``_sequential_lsq``: the same refits).
 - ``"lsq_independent"`` — the same refit of every consumer at once on the *original* network's inputs
   (``C = D``): one pass with hooks, nothing held, but the errors of consecutive layers add up (on the digits
   ResNet-20 at 10% of the FLOPs, fisher scores: 0.29 accuracy against 0.96 for ``"lsq"``).
@@ -34,6 +35,7 @@ of it; ``reduce`` (e.g. ``torch.distributed.all_reduce``) makes them global in a
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -49,7 +51,7 @@ from fxprune.passes.masking import progress as show_progress
 from fxprune.passes.stats import Reduce, Sum
 
 from fxprune.calib import Batch, Calibration
-from fxprune.data import ChannelGroup, PrunePlan
+from fxprune.data import META_VALUE, ChannelGroup, PrunePlan, TensorValue
 from fxprune.errors import InputError
 from fxprune.trace import copy_graph_module
 
@@ -346,9 +348,10 @@ def _sequential_lsq(gm: fx.GraphModule, consumers: Mapping[str, Consumer], plan:
     several nodes is refitted from its first call.
 
     Held batches (a list or tuple) are walked node by node, all at once (``_walk``): one run of each
-    network, holding every batch's live values of both. Streamed batches are read once per wave of
-    consumers (``_waves``: those with no consumer between them and the last wave), with hooks, one batch at a
-    time: the same refits, at one pass over the data per wave."""
+    network, holding every batch's live values of both, when their estimate (``_live_bytes``) fits in
+    ``WALK_BYTES``. Streamed batches, or held ones above it, are read once per wave of consumers (``_waves``:
+    those with no consumer between them and the last wave), with hooks, one batch at a time: the same
+    refits, at one pass over the data per wave."""
     from fxprune.verify import StatsMasked, masked_model
 
     masked = masked_model(gm, plan)
@@ -369,9 +372,16 @@ def _sequential_lsq(gm: fx.GraphModule, consumers: Mapping[str, Consumer], plan:
         overrides.update(_refit(gm, inner, consumers[key], key, stat, damping, reduce, table))
         next(ticks, None)
 
+    held = isinstance(batches, (list, tuple))
+    if held:  # the walk holds every batch's live values of both networks: too many, and it goes in waves
+        samples = sum(b.size for b in batches)
+        too_big = torch.tensor([float(2 * _live_bytes(gm, samples) > WALK_BYTES)])
+        if reduce is not None:  # the same path in every process: their statistics are reduced in its order
+            reduce(too_big)
+        held = not bool(too_big.item())
     norms = masked.kept_norms() if isinstance(masked, StatsMasked) else nullcontext()
     with torch.no_grad(), norms:
-        if isinstance(batches, (list, tuple)):
+        if held:
             _walk(gm, inner, twin, refit_at, consumers, [tuple(t.to(device) for t in b.inputs) for b in batches],
                   max_rows, refit)  # fmt: skip
         else:
@@ -382,6 +392,38 @@ def _sequential_lsq(gm: fx.GraphModule, consumers: Mapping[str, Consumer], plan:
     for _ in ticks:  # the line of the last step is printed when the iterator finishes
         pass
     return overrides
+
+
+#: the most bytes of live values the sequential lsq walk may hold (both networks, every batch), as estimated
+#: by ``_live_bytes``; above it, it reads the batches once per wave instead
+WALK_BYTES = 4 * 2**30
+
+
+def _live_bytes(gm: fx.GraphModule, samples: int) -> int:
+    """The peak bytes of the tensors alive at once while ``gm`` runs ``samples`` samples: from the shapes
+    the last ``shape_propagate`` recorded (``META_VALUE``, at the example's batch size), scaled by the sample
+    count over the example's. 0 when no shapes were recorded."""
+    nodes = list(gm.graph.nodes)
+    last_use = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+
+    def size(value: Any) -> int:
+        if isinstance(value, TensorValue):
+            return math.prod(value.shape) * torch.empty((), dtype=getattr(torch, value.dtype)).element_size()
+        return sum(size(v) for v in value) if isinstance(value, tuple) else 0
+
+    first = next((n for n in nodes if n.op == "placeholder"), None)
+    value = first.meta.get(META_VALUE) if first is not None else None
+    example = value.shape[0] if isinstance(value, TensorValue) and value.shape else 1
+    live: dict[fx.Node, int] = {}
+    peak = 0
+    for i, n in enumerate(nodes):
+        if n.op != "get_attr":
+            live[n] = size(n.meta.get(META_VALUE))
+        peak = max(peak, sum(live.values()))
+        for a in n.all_input_nodes:
+            if last_use[a] == i:
+                live.pop(a, None)
+    return peak * samples // max(1, example)
 
 
 def _walk(gm: fx.GraphModule, inner: fx.GraphModule, twin: Mapping[fx.Node, fx.Node],

@@ -403,3 +403,26 @@ def test_lsq_on_a_norm_over_pruned_channels_and_a_module_called_twice_keeps_the_
         err = sum(float((r.graph_module(x) - model(x)).pow(2).sum()) for x in data)
         err_none = sum(float((none.graph_module(x) - model(x)).pow(2).sum()) for x in data)
     assert err < 0.5 * err_none, (err, err_none)
+
+
+def test_lsq_reads_held_batches_in_waves_when_the_walk_would_hold_too_much(monkeypatch) -> None:
+    """Held batches whose live activations exceed ``WALK_BYTES`` are read one at a time, once per wave of
+    consumers, as a stream is: the same overrides as the walk that holds them all (float64 sums in another
+    order: rtol 1e-6)."""
+    from fxprune.passes import compensate as comp
+
+    torch.manual_seed(0)
+    model = Chain().eval()
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(32, 6, generator=g) for _ in range(3)]
+    walked = _compile(model, data, "lsq", target=0.4)
+    waves: list[int] = []
+    real = comp._waves
+    monkeypatch.setattr(comp, "_waves", lambda *a: waves.append(1) or real(*a))
+    assert not waves
+    monkeypatch.setattr(comp, "WALK_BYTES", 0)
+    in_waves = _compile(model, data, "lsq", target=0.4)
+    assert waves and in_waves.plan == walked.plan
+    assert set(in_waves.compensation.overrides) == set(walked.compensation.overrides)
+    for key, value in walked.compensation.overrides.items():
+        torch.testing.assert_close(in_waves.compensation.overrides[key], value, rtol=1e-6, atol=1e-7)
