@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from fxprune.passes import op_table
 from fxprune.passes.family import CompensationRole, OpTable
 from fxprune.passes.masking import progress as show_progress
+from fxprune.passes.oracle import StatsMasked, masked_model
 from fxprune.passes.stats import Reduce, Sum
 
 from fxprune.calib import Batch, Calibration
@@ -340,7 +341,7 @@ def _sequential_lsq(gm: fx.GraphModule, consumers: Mapping[str, Consumer], plan:
     """``"lsq"``: the overrides of every consumer, refitted in graph order on the pruned network's inputs.
 
     Two networks see every batch: ``gm`` as it is (the target outputs) and the masked oracle of the plan
-    (``fxprune.verify.masked_model``: the pruned network, in the original coordinates). At the first call of
+    (``passes.oracle.masked_model``: the pruned network, in the original coordinates). At the first call of
     each consumer, the sums of ``[x~ 1]^T [x~ 1]`` and ``[x 1]^T [x~ 1]`` over every batch (``x``: its input in
     ``gm``, ``x~``: in the pruned network, kept columns; one ``Sum``, all-reduced by ``reduce``) give its
     refit (``_solve``), which the pruned network takes (removed columns zero) before anything downstream of
@@ -352,8 +353,6 @@ def _sequential_lsq(gm: fx.GraphModule, consumers: Mapping[str, Consumer], plan:
     ``WALK_BYTES``. Streamed batches, or held ones above it, are read once per wave of consumers (``_waves``:
     those with no consumer between them and the last wave), with hooks, one batch at a time: the same
     refits, at one pass over the data per wave."""
-    from fxprune.verify import StatsMasked, masked_model
-
     masked = masked_model(gm, plan)
     inner = masked.model if isinstance(masked, StatsMasked) else masked
     assert isinstance(inner, fx.GraphModule)
