@@ -414,14 +414,15 @@ def _live_bytes(gm: fx.GraphModule, samples: int) -> int:
     value = first.meta.get(META_VALUE) if first is not None else None
     example = value.shape[0] if isinstance(value, TensorValue) and value.shape else 1
     live: dict[fx.Node, int] = {}
-    peak = 0
+    total = peak = 0
     for i, n in enumerate(nodes):
-        if n.op != "get_attr":
+        if n.op != "get_attr":  # parameters are not held per batch
             live[n] = size(n.meta.get(META_VALUE))
-        peak = max(peak, sum(live.values()))
+            total += live[n]
+        peak = max(peak, total)
         for a in n.all_input_nodes:
             if last_use[a] == i:
-                live.pop(a, None)
+                total -= live.pop(a, 0)
     return peak * samples // max(1, example)
 
 
