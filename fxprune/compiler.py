@@ -165,7 +165,8 @@ def compile(  # noqa: A001
             ``ifso_code``, ``obs`` (group OBS with K-FAC curvature: the loss after lsq compensation,
             ``passes/score_obs.py``; the most accurate at high compression, and the slowest); or ``"auto"``
             (default): ``fisher`` with labelled ``data``, else ``magnitude`` (``passes.score.auto_score``:
-            chosen on ``bench/quality.py``). ``result.score`` names the pass that ran. Score-specific options (``probes=``, ``damping=``...) go in ``**score_options``.
+            chosen on ``bench/quality.py``). ``result.score`` names the pass that ran. Score-specific
+            options (``probes=``, ``damping=``...) go in ``**score_options``.
         data: calibration batches for data-driven scores and compensation: an iterable of model inputs, or
             of ``(inputs, targets)`` pairs. Without targets (or without data: the example input is then the
             only batch) scores use the label-free output-matching loss (``fxprune.calib``).
@@ -177,7 +178,7 @@ def compile(  # noqa: A001
             original output from the input the pruned, already refitted network gives it (consumers in graph
             order), so errors do not pile up through depth; ``lsq_independent`` refits every consumer on the
             original network's inputs (one pass, less memory; on the digits ResNet-20 at 0.1 of the FLOPs
-            0.29 accuracy where ``lsq`` keeps 0.96). Either one's layer-wise error is at most the mean
+            with fisher scores, 0.29 accuracy where ``lsq`` keeps 0.96). Either one's layer-wise error is at most the mean
             fold's (one feasible point of the same least-squares problem); on the digits bench
             (``bench/quality.py``) lsq was the only method that recovered accuracy without fine-tuning. A
             consumer with no bias and no BatchNorm after it (pre-activation convs, transformers' bias-free
