@@ -70,9 +70,10 @@ def auto_score(labelled: bool) -> str:
     With labelled data, ``fisher`` (group Fisher / OBD on the shared mask): with the sequential lsq refit,
     0.984 / 0.967 / 0.980 accuracy at 0.5 of the FLOPs on ResNet-20 / MobileNetV2 / DenseNet, within 0.007 of
     ``obs`` (group OBS, joint), which wins at 0.1 of the FLOPs (0.980 / 0.920 / 0.911 against fisher's 0.962 /
-    0.716 / 0.896) but whose greedy joint order does not scale: on a 1000-class ResNet-18 at 64x64 (one batch
-    of 8, one thread) fisher scored in 0.7 s and obs in 810 s, 97% of it in the greedy order; and the best
-    rank correlation with the measured loss change there, where ``influence`` ranked worst. Without labels
+    0.716 / 0.896) but whose greedy joint order grows with the cube of a layer's width: on a 1000-class
+    ResNet-18 at 64x64 (one batch of 8, one thread) fisher scored in 0.4 s and obs in 57 s, most of it in the
+    greedy order; and the best rank correlation with the measured loss change there, where ``influence``
+    ranked worst. Without labels
     the label-free output-matching loss has a zero per-sample gradient at ``m = 1``, so its Fisher is
     identically zero; ``magnitude`` needs no data.
     """
