@@ -9,8 +9,8 @@ so its peak resident memory (``ru_maxrss``) is its own; the configurations run i
 rounds in a rotating order. Reported per configuration: the median and range of the score and compensate
 stages' wall seconds (``result.timings``) and their sum, its ratio to the baseline's (the first
 configuration, by default fisher + ``lsq_independent``: the default of fxprune before the sequential lsq),
-and the peak RSS. Prints a table and writes JSON. (``obs:lsq`` is not in the defaults: on resnet50 its
-greedy joint order would run for hours.)
+and the peak RSS. Prints a table and writes JSON. (``obs:lsq`` is not in the defaults: on resnet50 it took
+285 s, 11x the default, with 5.8 GB peak RSS.)
 """
 
 from __future__ import annotations
