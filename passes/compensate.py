@@ -58,11 +58,13 @@ from fxprune.trace import copy_graph_module
 
 __all__ = [
     "COMPENSATIONS",
+    "WALK_BYTES",
     "Compensation",
     "Consumer",
     "compensate",
     "consumer_statistics",
     "find_consumers",
+    "live_bytes",
     "shift_target",
 ]
 
@@ -349,7 +351,7 @@ def _sequential_lsq(gm: fx.GraphModule, consumers: Mapping[str, Consumer], plan:
     several nodes is refitted from its first call.
 
     Held batches (a list or tuple) are walked node by node, all at once (``_walk``): one run of each
-    network, holding every batch's live values of both, when their estimate (``_live_bytes``) fits in
+    network, holding every batch's live values of both, when their estimate (``live_bytes``) fits in
     ``WALK_BYTES``. Streamed batches, or held ones above it, are read once per wave of consumers (``_waves``:
     those with no consumer between them and the last wave), with hooks, one batch at a time: the same
     refits, at one pass over the data per wave."""
@@ -374,7 +376,7 @@ def _sequential_lsq(gm: fx.GraphModule, consumers: Mapping[str, Consumer], plan:
     held = isinstance(batches, (list, tuple))
     if held:  # the walk holds every batch's live values of both networks: too many, and it goes in waves
         samples = sum(b.size for b in batches)
-        too_big = torch.tensor([float(2 * _live_bytes(gm, samples) > WALK_BYTES)])
+        too_big = torch.tensor([float(2 * live_bytes(gm, samples) > WALK_BYTES)])
         if reduce is not None:  # the same path in every process: their statistics are reduced in its order
             reduce(too_big)
         held = not bool(too_big.item())
@@ -394,11 +396,11 @@ def _sequential_lsq(gm: fx.GraphModule, consumers: Mapping[str, Consumer], plan:
 
 
 #: the most bytes of live values the sequential lsq walk may hold (both networks, every batch), as estimated
-#: by ``_live_bytes``; above it, it reads the batches once per wave instead
+#: by ``live_bytes``; above it, it reads the batches once per wave instead
 WALK_BYTES = 4 * 2**30
 
 
-def _live_bytes(gm: fx.GraphModule, samples: int) -> int:
+def live_bytes(gm: fx.GraphModule, samples: int) -> int:
     """The peak bytes of the tensors alive at once while ``gm`` runs ``samples`` samples: from the shapes
     the last ``shape_propagate`` recorded (``META_VALUE``, at the example's batch size), scaled by the sample
     count over the example's. 0 when no shapes were recorded."""

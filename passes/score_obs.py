@@ -50,7 +50,7 @@ Sets (``joint=True``, the default): selection removes many channels of a group a
 together, and two channels that stand in for each other are each cheap alone but not together. So within
 each group the channels are removed greedily (OBC, ZipLM): at each step the one whose removal, given those
 already removed, costs least (``1/2 tr(G W_Q [M_QQ]^-1 W_Q^T)``, summed over its consumers), then every
-consumer's ``W`` takes that refit and ``M = (A + delta I)^-1`` its block downdate (``_greedy_obs``). A
+consumer's ``W`` takes that refit and ``M = (A + delta I)^-1`` its block downdate (``greedy_obs``). A
 channel's score is its marginal cost in that order, kept non-decreasing along it (a running maximum), so the
 selection (lowest scores first) follows the order and the scores it removes from a group sum to the OBS cost
 of removing them together, ``1/2 tr(G W_S [((A + delta I)^-1)_SS]^-1 W_S^T)``. On the digits ResNet-20 at
@@ -85,7 +85,14 @@ from fxprune.passes.stats import Joint, Sum
 from fxprune.calib import Batch
 from fxprune.errors import NumericalError, ScoreNotApplicable
 
-__all__ = ["ConsumerLayout", "OBSScore", "consumer_layouts", "output_hessian_factors"]
+__all__ = [
+    "ConsumerLayout",
+    "Factors",
+    "OBSScore",
+    "consumer_layouts",
+    "greedy_obs",
+    "output_hessian_factors",
+]
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +289,7 @@ def _ridge_obs(
 
 
 @dataclass(frozen=True)
-class _Factors:
+class Factors:
     """One consumer's curvature, ready to score: its extended weight ``[W 0]`` (``out x d``, ``d`` with the
     constant when lsq refits a shift), ``M = (A + delta I)^-1``, ``delta``, ``G``, and per group it reads
     the weight columns of each channel (``channels x q``)."""
@@ -294,7 +301,7 @@ class _Factors:
     cols: tuple[tuple[int, torch.Tensor], ...]
 
     @classmethod
-    def of(cls, lay: ConsumerLayout, gram_stat: Sum, g: torch.Tensor, damping: float) -> _Factors:
+    def of(cls, lay: ConsumerLayout, gram_stat: Sum, g: torch.Tensor, damping: float) -> Factors:
         """From the merged Gram (``consumer_statistics``) and the merged ``G``.
 
         Raises:
@@ -322,7 +329,7 @@ class _Factors:
         return cls(w_ext, torch.cholesky_inverse(chol), g.to(gram.device), delta, cols)
 
 
-def _greedy_obs(reads: Sequence[tuple[_Factors, torch.Tensor]], size: int, flush: int = 32) -> torch.Tensor:
+def greedy_obs(reads: Sequence[tuple[Factors, torch.Tensor]], size: int, flush: int = 32) -> torch.Tensor:
     """Marginal costs of removing one group's channels one after another in the greedy OBS order (OBC):
     at each step the channel whose removal costs least, summed over the consumers that read it,
     ``1/2 tr(G W_Q [M_QQ]^-1 W_Q^T)``; then every consumer's ``W`` takes that channel's refit
@@ -479,12 +486,12 @@ class OBSScore(MaskScorePass):
         for lay, gram_stat, g in zip(layouts, grams, curvature.mean(), strict=True):
             if gram_stat.empty or gram_stat.count == 0:  # never called: removing its inputs changes nothing
                 continue
-            factors.append(_Factors.of(lay, gram_stat, g, damping))
+            factors.append(Factors.of(lay, gram_stat, g, damping))
         if self.options["joint"]:
             for gid, sl in loss.slices.items():
                 reads = [(f, cols) for f in factors for rid, cols in f.cols if rid == gid]
                 if reads:
-                    score[sl] = _greedy_obs(reads, sl.stop - sl.start).to(score.device)
+                    score[sl] = greedy_obs(reads, sl.stop - sl.start).to(score.device)
             return score, None
         for f in factors:
             for gid, cols in f.cols:

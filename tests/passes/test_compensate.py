@@ -431,7 +431,7 @@ def test_lsq_reads_held_batches_in_waves_when_the_walk_would_hold_too_much(monke
 def test_the_walks_memory_estimate_is_the_peak_of_live_activations_scaled_to_the_samples() -> None:
     """``Chain`` on 4 samples (float32): x (4x6), then a, relu, b, relu (4x10 each, two alive at a time) and
     c (4x3): the peak is two 4x10 tensors, 320 bytes; 8 samples hold twice that."""
-    from fxprune.passes.compensate import _live_bytes
+    from fxprune.passes.compensate import live_bytes
 
     x = torch.randn(4, 6)
     state = fxprune.COMPILE.until("dependency").run(
@@ -441,5 +441,5 @@ def test_the_walks_memory_estimate_is_the_peak_of_live_activations_scaled_to_the
             options=fxprune.CompileOptions(target_flops=0.5, progress=False),
         )  # fmt: skip
     )
-    assert _live_bytes(state.gm, 4) == 2 * 4 * 10 * 4
-    assert _live_bytes(state.gm, 8) == 2 * _live_bytes(state.gm, 4)
+    assert live_bytes(state.gm, 4) == 2 * 4 * 10 * 4
+    assert live_bytes(state.gm, 8) == 2 * live_bytes(state.gm, 4)

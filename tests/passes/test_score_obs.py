@@ -375,10 +375,10 @@ def _greedy_reference(reads: list, size: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("flush", [1, 3, 1000])
 def test_the_lazy_greedy_order_equals_full_downdates_at_every_step(flush: int) -> None:
-    """``_greedy_obs`` keeps ``M`` as ``M_0 - U U^T`` and brings ``M_0`` up to date every ``flush`` channels:
+    """``greedy_obs`` keeps ``M`` as ``M_0 - U U^T`` and brings ``M_0`` up to date every ``flush`` channels:
     the marginal costs equal those of the full downdate at every step (rtol 1e-9), on two consumers of
     random well-conditioned factors reading 12 channels of 4 columns each."""
-    from fxprune.passes.score_obs import _Factors, _greedy_obs
+    from fxprune.passes.score_obs import Factors, greedy_obs
 
     g = torch.Generator().manual_seed(0)
     reads = []
@@ -389,8 +389,8 @@ def test_the_lazy_greedy_order_equals_full_downdates_at_every_step(flush: int) -
         root = torch.randn(out, out, generator=g, dtype=torch.float64)
         w = torch.randn(out, d, generator=g, dtype=torch.float64)
         cols = torch.arange(48).reshape(12, 4)
-        reads.append((_Factors(w, m, root @ root.T, 1e-2, ((0, cols),)), cols))
+        reads.append((Factors(w, m, root @ root.T, 1e-2, ((0, cols),)), cols))
     want = _greedy_reference(reads, 12)
-    got = _greedy_obs(reads, 12, flush=flush)
+    got = greedy_obs(reads, 12, flush=flush)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=0.0)
     assert len(set(want.tolist())) > 6  # a real order, not ties
