@@ -19,14 +19,13 @@ from fxprune.data import flatten_structure
 from fxprune.errors import ExportError, InputError
 from fxprune.onnx_writer import Unsupported, write_onnx
 from fxprune.passes.family import OpTable
-from fxprune.passes.oracle import StatsMasked, masked_model
+from fxprune.passes.oracle import masked_model  # re-exported: fxprune.verify.masked_model
 from fxprune.passes.runtime import default_threads, ort_provider, ort_session, session_provider
 from fxprune.trace import is_container_call, mha_slow_path
 
 __all__ = [
     "LatencyReport",
     "LatencyStats",
-    "StatsMasked",
     "Verification",
     "default_threads",
     "export_onnx",

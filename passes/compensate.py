@@ -160,11 +160,7 @@ def consumer_statistics(gm: fx.GraphModule, consumers: Mapping[str, Consumer], b
             flat = x.movedim(chan, -1).reshape(-1, x.shape[chan])
             parts = [flat.sum(0)]
             if lsq:
-                rows = _features(c.module, x)
-                if rows.shape[0] > max_rows:
-                    idx = torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(0))[:max_rows]
-                    rows = rows[idx.to(rows.device)]
-                rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1).double()
+                rows = _rows(c.module, x, max_rows)
                 parts.append(rows.T @ rows)
             stat.update(parts, count=flat.shape[0])
 
@@ -195,6 +191,15 @@ def shift_target(gm: fx.GraphModule, c: Consumer, table: OpTable) -> tuple[str, 
         if table.compensation_role(bn) is CompensationRole.RUNNING_MEAN and running_mean is not None:
             return f"{users[0].target}.running_mean", -1.0
     return None
+
+
+def _shifted(gm: fx.GraphModule, target: tuple[str, float], shift: torch.Tensor) -> torch.Tensor:
+    """The new value of a shift target (``shift_target``: the bias, or the BatchNorm mean, and its sign)
+    once the consumer's output moves by ``shift``."""
+    name, sign = target
+    owner, _, leaf = name.rpartition(".")
+    t = getattr(gm.get_submodule(owner), leaf)
+    return (t.detach().double() + sign * shift.to(t.device)).to(t.dtype)
 
 
 def _weight(mod: nn.Module) -> torch.Tensor:
@@ -253,7 +258,6 @@ def compensate(
     stats = consumer_statistics(new, consumers, batches, lsq, max_rows)
     if reduce is not None:
         stats = {key: stat.reduce(reduce) for key, stat in stats.items()}
-    state = dict(new.state_dict(keep_vars=True))
     for key, c in show_progress(list(consumers.items()), progress, f"compensate {method}: consumer"):
         stat = stats[key]
         if stat.count == 0 or stat.empty:
@@ -277,10 +281,7 @@ def compensate(
             fitted, new_weight = _lsq(c, stat, w2, damping)
             assert fitted is not None
             shift = fitted
-        name, sign = target
-        t = state[name]
-        value = (t.detach().double() + sign * shift.to(t.device)).to(t.dtype)
-        result.overrides[name] = value
+        result.overrides[target[0]] = _shifted(new, target, shift)
         if new_weight is not None:
             result.overrides[f"{key}.weight"] = new_weight.to(w2.device, _weight(c.module).dtype)
     _apply(new, result.overrides)
@@ -405,7 +406,7 @@ def live_bytes(gm: fx.GraphModule, samples: int) -> int:
     the last ``shape_propagate`` recorded (``META_VALUE``, at the example's batch size), scaled by the sample
     count over the example's. 0 when no shapes were recorded."""
     nodes = list(gm.graph.nodes)
-    last_use = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    last_use = _last_use(nodes)
 
     def size(value: Any) -> int:
         if isinstance(value, TensorValue):
@@ -428,6 +429,11 @@ def live_bytes(gm: fx.GraphModule, samples: int) -> int:
     return peak * samples // max(1, example)
 
 
+def _last_use(nodes: Sequence[fx.Node]) -> dict[fx.Node, int]:
+    """Per node, the position (in ``nodes``) of the last node that reads it."""
+    return {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+
+
 def _walk(gm: fx.GraphModule, inner: fx.GraphModule, twin: Mapping[fx.Node, fx.Node],
           refit_at: Mapping[fx.Node, str], consumers: Mapping[str, Consumer], inputs: Sequence[tuple[Any, ...]],
           max_rows: int, refit: Callable[[fx.Node, Sum], None]) -> None:  # fmt: skip
@@ -435,7 +441,7 @@ def _walk(gm: fx.GraphModule, inner: fx.GraphModule, twin: Mapping[fx.Node, fx.N
     calling ``refit`` with a consumer's statistics (``_pair_rows``) before its first call runs; a value is
     dropped after its last use."""
     nodes = list(gm.graph.nodes)
-    last_use = {a: i for i, n in enumerate(nodes) for a in n.all_input_nodes}
+    last_use = _last_use(nodes)
     placeholder_index = {n: i for i, n in enumerate(n for n in nodes if n.op == "placeholder")}
     runners = (fx.Interpreter(gm), fx.Interpreter(inner))
     envs: list[tuple[dict[fx.Node, Any], dict[fx.Node, Any]]] = [({}, {}) for _ in inputs]
@@ -531,10 +537,7 @@ def _refit(gm: fx.GraphModule, inner: fx.GraphModule, c: Consumer, key: str, sta
     dtype = _weight(c.module).dtype
     out = {f"{key}.weight": new_w.to(w.device, dtype)}
     if target is not None and shift is not None:
-        name, sign = target
-        owner, _, leaf = name.rpartition(".")
-        t = getattr(gm.get_submodule(owner), leaf)
-        out[name] = (t.detach().double() + sign * shift.to(t.device)).to(t.dtype)
+        out[target[0]] = _shifted(gm, target, shift)
     keep = torch.zeros(new_w.shape[1], dtype=torch.bool, device=new_w.device)
     keep[c.kept.to(new_w.device)] = True
     shape = [1, -1] + [1] * (new_w.dim() - 2)

@@ -31,7 +31,10 @@ Without damping the optimum (Optimal Brain Surgeon with that equality constraint
 
 reached at ``dW_S = -W_Q [(A^-1)_QQ]^-1 (A^-1)_QS = W_Q A_QS A_SS^-1``, the same ``dW_S`` for every ``G``: the
 least-squares refit of the kept columns and shift to the consumer's original output, which is what lsq
-compensation sets. So the score is the predicted loss *after* the compensation that compile applies. The
+compensation sets. So the score is the predicted loss *after* the compensation that compile applies: exactly
+``compensate="lsq_independent"`` (every consumer refitted on the original inputs), and ``"lsq"`` (the default,
+in graph order on the pruned network's inputs) wherever no consumer of the removed channels feeds another
+one; where one does, ``"lsq"`` also corrects the later one's changed input, which the score leaves out. The
 constant ``1/2`` is the quadratic model's; ``dL`` is in loss units (``cost_exponent = 1``).
 
 Damping: lsq solves the ridge ``W' = W A_:S (A_SS + delta I)^-1`` (towards zero), and the score evaluates
